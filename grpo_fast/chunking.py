@@ -1,0 +1,43 @@
+"""How many token rows go into one ``[C, V]`` logits tile."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Bytes the tile and its fp32 temporaries may take; GRPO_FAST_CHUNK_BUDGET_MB overrides.
+DEFAULT_BUDGET_MB = {"cpu": 96, "cuda": 1024}
+# fp32 temporaries per logit in the worst pass (scaled logits, probabilities, logsumexp scratch).
+_FP32_TEMPS = 3
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    env = os.environ.get("GRPO_FAST_CHUNK_BUDGET_MB")
+    if env:
+        try:
+            mb = float(env)
+        except ValueError as err:
+            raise ValueError(f"GRPO_FAST_CHUNK_BUDGET_MB must be a number of MiB, got {env!r}") from err
+        if mb <= 0:
+            raise ValueError(f"GRPO_FAST_CHUNK_BUDGET_MB must be positive, got {env!r}")
+    else:
+        mb = DEFAULT_BUDGET_MB.get(device.type, DEFAULT_BUDGET_MB["cpu"])
+    return int(mb * 2**20)
+
+
+def auto_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per tile under the memory budget; a multiple of 16 when there is room (GEMM-friendly)."""
+    per_row = vocab * (_FP32_TEMPS * 4 + torch.empty((), dtype=dtype).element_size())
+    rows = max(1, chunk_budget_bytes(device) // per_row)
+    if rows >= 16:
+        rows -= rows % 16
+    return int(max(1, min(rows, num_tokens)))
+
+
+def resolve_chunk_size(chunk_size: int | None, num_tokens: int, vocab: int, dtype, device) -> int:
+    if chunk_size is None:
+        return auto_chunk_size(num_tokens, vocab, dtype, device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size

@@ -1,0 +1,1 @@
+"""Sub-commands of the grpo-fast CLI."""

@@ -1,0 +1,216 @@
+"""The chunk loop: GEMM a ``[C, V]`` tile, run the backend's chunk pass, fold the gradient GEMMs in.
+
+The whole GRPO objective and its gradients come out of one pass over the vocabulary for
+token-level ratios (6*N*H*V FLOPs); sequence-level ratios (GSPO) pay one extra no-grad forward
+pass for the per-sequence ratios. Never more than one logits tile is alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunk_ops import ChunkOps
+from .config import GRPOConfig
+from .objective import TokenBatch, loss_and_metrics, sequence_grad, token_grad
+from .parallel import VocabShard, combine_stats
+
+
+def metric_names(cfg: GRPOConfig) -> list[str]:
+    names = ["kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"]
+    return names + ["cispo_clip_ratio"] if cfg.loss_type == "cispo" else names
+
+
+@dataclass
+class _Grads:
+    hidden: Tensor | None
+    weight: Tensor | None  # fp32 accumulator
+    bias: Tensor | None  # fp32 accumulator
+
+    @classmethod
+    def allocate(cls, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, ...]) -> _Grads:
+        acc = dict(dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+        return cls(
+            hidden=torch.empty_like(hidden) if needs[0] else None,
+            weight=torch.zeros(weight.shape, **acc) if needs[1] else None,
+            bias=torch.zeros(weight.shape[0], **acc) if (bias is not None and needs[2]) else None,
+        )
+
+    def accumulate(self, dlogits: Tensor, h_chunk: Tensor, weight: Tensor, start: int, end: int) -> None:
+        if self.hidden is not None:
+            torch.mm(dlogits, weight, out=self.hidden[start:end])
+        if self.weight is not None:
+            if dlogits.dtype == self.weight.dtype:
+                self.weight.addmm_(dlogits.t(), h_chunk)
+            else:  # half-precision GEMM (fp32 accumulate inside), summed across chunks in fp32
+                self.weight.add_(torch.mm(dlogits.t(), h_chunk))
+        if self.bias is not None:
+            self.bias.add_(dlogits.sum(0, dtype=self.bias.dtype))
+
+    def final(self, weight: Tensor, bias: Tensor | None, shard: VocabShard | None) -> tuple[Tensor | None, ...]:
+        if shard is not None and self.hidden is not None:
+            shard.all_reduce_(self.hidden)  # each rank holds its vocab shard's part of dL/dh
+        gw = self.weight.to(weight.dtype) if self.weight is not None else None
+        gb = self.bias.to(bias.dtype) if self.bias is not None else None
+        return self.hidden, gw, gb
+
+
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(h, weight, bias)
+
+
+def _stats(
+    ops: ChunkOps, logits: Tensor, targets: Tensor, temperature: float, shard: VocabShard | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, logp, entropy) over the whole vocabulary, combining shards when the head is split."""
+    if shard is None:
+        return ops.stats(logits, targets, temperature)
+    return combine_stats(ops.partial_stats(logits, targets, temperature), shard)
+
+
+def logprob_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    temperature: float,
+    ops: ChunkOps,
+    chunk: int,
+    shard: VocabShard | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """No-grad per-token logsumexp, log-prob and entropy, fp32 [n] each."""
+    n = hidden.shape[0]
+    out = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
+    for s, e in _chunks(n, chunk):
+        lse, logp, ent = _stats(ops, _logits(hidden[s:e], weight, bias), targets[s:e], temperature, shard)
+        out[0, s:e], out[1, s:e], out[2, s:e] = lse, logp, ent
+    return out[0], out[1], out[2]
+
+
+def grad_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    g: Tensor,
+    temperature: float,
+    ops: ChunkOps,
+    chunk: int,
+    grads: _Grads,
+) -> None:
+    """Gradients for a known g = dLoss/dlogp (recomputes each tile)."""
+    for s, e in _chunks(hidden.shape[0], chunk):
+        h = hidden[s:e]
+        dl = ops.grad_(_logits(h, weight, bias), targets[s:e], lse[s:e], g[s:e], temperature)
+        grads.accumulate(dl, h, weight, s, e)
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    targets: Tensor  # ids local to this rank's vocab shard (global ids without a shard)
+    batch: TokenBatch
+    cfg: GRPOConfig
+    ops: ChunkOps
+    chunk: int
+    shard: VocabShard | None = None
+
+
+def run_grpo(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan, needs: tuple[bool, ...]
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...]]:
+    """Loss, metrics and the gradients w.r.t. hidden, weight, bias, in one walk over the tokens."""
+    cfg, batch, ops, chunk, targets, shard = plan.cfg, plan.batch, plan.ops, plan.chunk, plan.targets, plan.shard
+    n, temperature = hidden.shape[0], cfg.temperature
+    grads = _Grads.allocate(hidden, weight, bias, needs)
+    if cfg.importance_sampling_level == "token":
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        for s, e in _chunks(n, chunk):
+            h, t = hidden[s:e], targets[s:e]
+            old = batch.old_logp[s:e] if batch.old_logp is not None else None
+            ref = batch.ref_logp[s:e] if batch.ref_logp is not None else None
+            adv, w = batch.adv[s:e], batch.loss_w[s:e]
+            logits = _logits(h, weight, bias)
+            if shard is None:
+                lp, ent, dl = ops.token_pass_(logits, t, old, ref, adv, w, cfg)
+            else:  # the softmax statistics need every shard before g, so no fused pass
+                lse, lp, ent = _stats(ops, logits, t, temperature, shard)
+                dl = ops.grad_(logits, t, lse, token_grad(lp, old, ref, adv, w, cfg), temperature)
+            logp[s:e], entropy[s:e] = lp, ent
+            grads.accumulate(dl, h, weight, s, e)
+    else:
+        lse, logp, entropy = logprob_pass(hidden, weight, bias, targets, temperature, ops, chunk, shard)
+        g = sequence_grad(logp, batch, cfg)
+        grad_pass(hidden, weight, bias, targets, lse, g, temperature, ops, chunk, grads)
+    loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
+    return loss, metrics, grads.final(weight, bias, shard)
+
+
+def _scaled(grad: Tensor | None, scale: Tensor, is_one: bool) -> Tensor | None:
+    if grad is None or is_one:
+        return grad
+    return grad * scale.to(grad.dtype)
+
+
+class FusedGRPOLoss(torch.autograd.Function):
+    """Forward does all the work; backward only scales the gradients it left behind."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan):
+        loss, metrics, grads = run_grpo(hidden, weight, bias, plan, ctx.needs_input_grad[:3])
+        ctx.grads = grads
+        metric_vec = torch.stack([metrics[k] for k in metric_names(plan.cfg)])
+        ctx.mark_non_differentiable(metric_vec)
+        return loss, metric_vec
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_metrics: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("grpo_fast's fused loss keeps its gradients for a single backward; run forward again")
+        grads, ctx.grads = ctx.grads, None
+        is_one = bool(grad_loss == 1)
+        gh, gw, gb = (_scaled(g, grad_loss, is_one) for g in grads)
+        return gh, gw, gb, None
+
+
+@dataclass(frozen=True)
+class LogprobPlan:
+    targets: Tensor  # ids local to this rank's vocab shard (global ids without a shard)
+    temperature: float
+    ops: ChunkOps
+    chunk: int
+    shard: VocabShard | None = None
+
+
+class FusedLogprobs(torch.autograd.Function):
+    """Per-token log-probs and entropy; a backward through logp recomputes the tiles chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LogprobPlan):
+        lse, logp, entropy = logprob_pass(
+            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard
+        )
+        ctx.plan = plan
+        ctx.save_for_backward(hidden, weight, bias, lse)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
+        hidden, weight, bias, lse = ctx.saved_tensors
+        plan: LogprobPlan = ctx.plan
+        grads = _Grads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
+        grad_pass(
+            hidden, weight, bias, plan.targets, lse, grad_logp.float(), plan.temperature, plan.ops, plan.chunk, grads
+        )
+        gh, gw, gb = grads.final(weight, bias, plan.shard)
+        return gh, gw, gb, None

@@ -1,0 +1,119 @@
+"""Public ``grpo_loss`` and ``GRPOLoss``: the GRPO objective from hidden states, never holding [N, V] logits."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import backends
+from .chunking import resolve_chunk_size
+from .config import GRPOConfig
+from .fused import FusedGRPOLoss, LossPlan, metric_names
+from .objective import TokenBatch, reduction_weights, segment_sum
+from .parallel import setup_shard, shared_chunk_size
+from .validation import validate_loss_inputs
+
+
+def grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    bias: Tensor | None = None,
+    config: GRPOConfig | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    *,
+    seq_ids: Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    process_group: object | None = None,
+    vocab_start: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO loss of TRL's GRPOTrainer and its metrics, with gradients to hidden, weight and bias.
+
+    hidden ``[B, T, H]`` with targets/mask/old_logp/ref_logp ``[B, T]``, or packed ``[N, H]`` with ``[N]``
+    tensors and ``seq_ids [N]`` (sequence of each token); weight ``[V, H]``; advantages ``[B]``.
+    ``num_items_in_batch`` is the dapo/cispo normalizer (unmasked tokens of the global batch); default:
+    this batch's. Masked positions may hold any target id. Returns ``(loss, metrics)``, metrics a dict
+    of 0-dim tensors: kl, entropy, clip_ratio_low, clip_ratio_high, clip_ratio_region.
+
+    Vocab-parallel: with ``process_group``, ``weight`` (and ``bias``) hold this rank's rows of the head,
+    ``[vocab_start, vocab_start + V_r)`` (default: shards in rank order); every other input is the same
+    on all ranks. Loss, metrics and the hidden gradient come out identical on every rank, the weight
+    gradient is the local shard's.
+    """
+    cfg = config if config is not None else GRPOConfig()
+    shard = setup_shard(process_group, hidden, weight, bias, vocab_start)
+    inputs, weight, bias = validate_loss_inputs(
+        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, cfg, num_items_in_batch, seq_ids,
+        vocab=shard.vocab if shard is not None else None,
+    )
+    name = backends.resolve(backend, inputs.hidden.device, "grpo_loss")
+    num_seqs = inputs.advantages.shape[0]
+    seq_len = segment_sum(inputs.mask, inputs.seq_ids, num_seqs)
+
+    # Masked tokens never reach the loss: drop them before the GEMMs (their hidden grad stays 0).
+    keep = (inputs.mask != 0).nonzero().squeeze(1)
+    compact = keep.numel() < inputs.mask.numel()
+    pick = (lambda x: x.index_select(0, keep)) if compact else (lambda x: x)  # noqa: E731
+    seq_ids, mask = pick(inputs.seq_ids), pick(inputs.mask)
+    batch = TokenBatch(
+        seq_ids=seq_ids,
+        mask=mask,
+        adv=inputs.advantages[seq_ids],
+        old_logp=pick(inputs.old_logp) if inputs.old_logp is not None else None,
+        ref_logp=pick(inputs.ref_logp) if inputs.ref_logp is not None else None,
+        seq_adv=inputs.advantages,
+        seq_len=seq_len,
+        loss_w=reduction_weights(mask, seq_ids, seq_len, cfg, inputs.num_items),
+    )
+    h = pick(inputs.hidden)
+    chunk = resolve_chunk_size(chunk_size, h.shape[0], weight.shape[0], h.dtype, h.device)
+    targets = pick(inputs.targets) - (shard.start if shard is not None else 0)
+    plan = LossPlan(targets, batch, cfg, backends.chunk_ops(name), shared_chunk_size(chunk, shard, h.device), shard)
+    loss, metric_vec = FusedGRPOLoss.apply(h, weight, bias, plan)
+    return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))
+
+
+class GRPOLoss(nn.Module):
+    """``grpo_loss`` with its config (and backend/chunk size) held by the module."""
+
+    def __init__(
+        self,
+        config: GRPOConfig | None = None,
+        *,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        process_group: object | None = None,
+    ):
+        super().__init__()
+        self.config = config if config is not None else GRPOConfig()
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.process_group = process_group
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        mask: Tensor,
+        advantages: Tensor,
+        old_logp: Tensor | None = None,
+        ref_logp: Tensor | None = None,
+        bias: Tensor | None = None,
+        num_items_in_batch: int | float | Tensor | None = None,
+        seq_ids: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return grpo_loss(
+            hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, self.config, num_items_in_batch,
+            seq_ids=seq_ids, backend=self.backend, chunk_size=self.chunk_size, process_group=self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, backend={self.backend!r}"
+
+
+__all__ = ["grpo_loss", "GRPOLoss"]

@@ -1,0 +1,245 @@
+"""Input checks of the public API: each names the argument and what was expected, before any kernel runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import GRPOConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _shape(x: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def check_tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(name: str, x: Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+
+
+def check_same_device(device: torch.device, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {device}; put all inputs on one device")
+
+
+def check_lm_head(hidden: Tensor, weight: object, bias: object) -> tuple[Tensor, Tensor | None]:
+    """hidden [..., H] and weight [V, H] of one float dtype and device; bias [V] or None."""
+    check_tensor("hidden", hidden)
+    weight = check_tensor("weight", weight)
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM head [V, H], got shape {_shape(weight)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim must equal weight's H={weight.shape[1]} (weight is [V, H]); "
+            f"got hidden {_shape(hidden)}, weight {_shape(weight)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row, got V=0")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if bias is not None:
+        bias = check_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V]=[{weight.shape[0]}], got {_shape(bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) must have weight's dtype ({weight.dtype})")
+    check_same_device(hidden.device, weight=weight, bias=bias)
+    return weight, bias
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+    return float(temperature)
+
+
+def check_targets(targets: object, shape: torch.Size, vocab: int, valid: Tensor | None = None) -> Tensor:
+    """Integer ids of the given shape, in [0, V) wherever ``valid`` (the mask) is set."""
+    targets = check_tensor("targets", targets)
+    if targets.dtype not in INT_DTYPES:
+        raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
+    if targets.shape != shape:
+        raise ValueError(f"targets must have shape {list(shape)} (hidden without its last dim), got {_shape(targets)}")
+    checked = targets if valid is None else targets[valid]
+    if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
+        lo, hi = int(checked.min()), int(checked.max())
+        where = "" if valid is None else " at unmasked positions"
+        raise ValueError(f"targets{where} must lie in [0, V={vocab}), got values in [{lo}, {hi}]")
+    return targets
+
+
+def check_logp(name: str, x: object, shape: torch.Size) -> Tensor | None:
+    if x is None:
+        return None
+    x = check_tensor(name, x)
+    check_float(name, x)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have targets' shape {list(shape)}, got {_shape(x)}")
+    return x.float()
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """grpo_loss's inputs, flattened to [N] tokens and B sequences."""
+
+    hidden: Tensor  # [N, H]
+    targets: Tensor  # [N] int64 (0 where masked)
+    mask: Tensor  # [N] fp32
+    seq_ids: Tensor  # [N] int64
+    advantages: Tensor  # [B] fp32
+    old_logp: Tensor | None
+    ref_logp: Tensor | None
+    num_items: Tensor | None  # 0-dim fp32
+
+
+def _check_num_items(num_items: object, device: torch.device) -> Tensor | None:
+    if num_items is None:
+        return None
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {_shape(num_items)}")
+        value = float(num_items)
+    elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
+        value = float(num_items)
+    else:
+        raise TypeError(f"num_items_in_batch must be an int, float or 0-dim tensor, got {type(num_items).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"num_items_in_batch must be a non-negative count, got {value!r}")
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def validate_loss_inputs(
+    hidden: object,
+    weight: object,
+    targets: object,
+    mask: object,
+    advantages: object,
+    old_logp: object,
+    ref_logp: object,
+    bias: object,
+    cfg: object,
+    num_items_in_batch: object,
+    seq_ids: object,
+    vocab: int | None = None,
+) -> tuple[LossInputs, Tensor, Tensor | None]:
+    """``vocab``: the global vocabulary when ``weight`` is one shard of a vocab-parallel head."""
+    if not isinstance(cfg, GRPOConfig):
+        raise TypeError(f"config must be a grpo_fast.GRPOConfig, got {type(cfg).__name__}")
+    hidden = check_tensor("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape {_shape(hidden)}")
+    weight, bias = check_lm_head(hidden, weight, bias)
+    vocab = weight.shape[0] if vocab is None else vocab
+    token_shape = hidden.shape[:-1]
+    device = hidden.device
+
+    mask = check_tensor("mask", mask)
+    if mask.shape != token_shape:
+        raise ValueError(f"mask must have shape {list(token_shape)} (hidden without its last dim), got {_shape(mask)}")
+    if mask.dtype == torch.bool or mask.dtype in INT_DTYPES or mask.dtype in FLOAT_DTYPES:
+        mask_f = mask.float()
+    else:
+        raise TypeError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
+    if mask_f.numel() and (not torch.isfinite(mask_f).all() or bool((mask_f < 0).any())):
+        raise ValueError("mask must hold finite non-negative values (1 = token counts, 0 = padding)")
+    targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0)
+
+    advantages = check_tensor("advantages", advantages)
+    check_float("advantages", advantages)
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages.squeeze(1)
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be [B] (one per sequence), got shape {_shape(advantages)}")
+    if hidden.dim() == 3:
+        if advantages.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"advantages must have one value per sequence, B={hidden.shape[0]}, got {advantages.shape[0]}"
+            )
+        if seq_ids is not None:
+            raise ValueError("seq_ids is only for packed [N, H] hidden; [B, T, H] already says the sequences")
+        num_seqs, length = hidden.shape[0], hidden.shape[1]
+        seq_ids_t = torch.arange(num_seqs, device=device).repeat_interleave(length)
+    else:
+        if seq_ids is None:
+            raise ValueError("packed [N, H] hidden needs seq_ids [N]: the sequence index of every token")
+        seq_ids_t = check_tensor("seq_ids", seq_ids)
+        if seq_ids_t.dtype not in INT_DTYPES or seq_ids_t.shape != token_shape:
+            raise ValueError(f"seq_ids must be an integer tensor of shape {list(token_shape)}, got "
+                             f"{seq_ids_t.dtype} {_shape(seq_ids_t)}")
+        num_seqs = advantages.shape[0]
+        if seq_ids_t.numel() and (int(seq_ids_t.min()) < 0 or int(seq_ids_t.max()) >= num_seqs):
+            raise ValueError(f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)")
+        seq_ids_t = seq_ids_t.long()
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages must be finite (group_advantages maps unscorable completions to 0)")
+
+    old = check_logp("old_logp", old_logp, token_shape)
+    ref = check_logp("ref_logp", ref_logp, token_shape)
+    if cfg.beta != 0.0 and ref is None:
+        raise ValueError(f"beta={cfg.beta} needs ref_logp (the reference model's per-token log-probs)")
+    check_same_device(device, mask=mask, targets=targets, advantages=advantages, old_logp=old, ref_logp=ref,
+                      seq_ids=seq_ids_t)
+    num_items = _check_num_items(num_items_in_batch, device)
+
+    flat_mask = mask_f.reshape(-1)
+    inputs = LossInputs(
+        hidden=hidden.reshape(-1, hidden.shape[-1]),
+        targets=torch.where(flat_mask != 0, targets.reshape(-1).long(), 0),
+        mask=flat_mask,
+        seq_ids=seq_ids_t.reshape(-1),
+        advantages=advantages.float(),
+        old_logp=old.reshape(-1) if old is not None else None,
+        ref_logp=ref.reshape(-1) if ref is not None else None,
+        num_items=num_items,
+    )
+    return inputs, weight, bias
+
+
+def validate_advantage_inputs(
+    rewards: object, group_size: object, scale: object, eps: object, reward_weights: object
+) -> tuple[Tensor, Tensor, int]:
+    """rewards -> [M, R] fp32, weights -> [R] fp32, and the group size."""
+    rewards = check_tensor("rewards", rewards)
+    check_float("rewards", rewards)
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be [B*G] or [B*G, R] (R reward functions), got shape {_shape(rewards)}")
+    rewards2d = rewards.float().reshape(rewards.shape[0], -1)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards2d.shape[0] % group_size:
+        raise ValueError(
+            f"group_size={group_size} must divide the number of completions, {rewards2d.shape[0]} "
+            "(rewards hold B prompts x G completions)"
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    num_funcs = rewards2d.shape[1]
+    if reward_weights is None:
+        weights = torch.ones(num_funcs, dtype=torch.float32, device=rewards.device)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=rewards.device)
+        if weights.shape != (num_funcs,):
+            raise ValueError(f"reward_weights must have one weight per reward function, [{num_funcs}], "
+                             f"got {_shape(weights)}")
+        if not torch.isfinite(weights).all():
+            raise ValueError("reward_weights must be finite")
+    return rewards2d.contiguous(), weights, group_size

@@ -1,0 +1,167 @@
+"""grpo_loss of every CPU backend against the fp64 truth: all loss types, levels, dtypes, forward and grads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grpo_fast as gf
+from grpo_fast import backends
+from grpo_fast.config import LOSS_TYPES
+
+from .helpers import assert_within, cast, grads, make_batch
+
+
+def cpu_backends(op: str) -> list[str]:
+    """Backends that run `op` on CPU tensors here (Triton's interpreter runs has its own, smaller tests)."""
+    out = []
+    for name in ("torch", "native"):
+        try:
+            backends.resolve(name, torch.device("cpu"), op)
+        except ValueError:
+            continue
+        out.append(name)
+    return out
+
+
+LOSS_BACKENDS = cpu_backends("grpo_loss")
+
+
+def run_loss(batch: dict, cfg: gf.GRPOConfig, fn, **kw):
+    args = {k: batch.get(k) for k in ("old_logp", "ref_logp", "bias")}
+    loss, metrics = fn(batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
+                       config=cfg, **args, **kw)
+    return loss, metrics, grads(loss, batch)
+
+
+def check_against_truth(batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, backend: str, **kw) -> None:
+    truth = run_loss(cast(batch64, torch.float64), cfg, gf.reference.grpo_loss)
+    same = run_loss(cast(batch64, dtype), cfg, gf.reference.grpo_loss)
+    got = run_loss(cast(batch64, dtype), cfg, gf.grpo_loss, backend=backend, **kw)
+    assert_within("loss", got[0], same[0], truth[0], dtype)
+    assert set(got[1]) == set(truth[1])
+    for k in truth[1]:
+        assert_within(f"metric {k}", got[1][k], same[1][k], truth[1][k], dtype)
+    for k in truth[2]:
+        assert got[2][k].dtype == dtype and got[2][k].shape == truth[2][k].shape
+        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_matches_truth(backend, dtype, level, loss_type, beta):
+    cfg = gf.GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_high=0.28,
+                        max_completion_length=40, temperature=0.8)
+    batch = make_batch(seed=hash((level, loss_type, beta)) % 1000, dtype=torch.float64, with_ref=beta > 0)
+    check_against_truth(batch, cfg, dtype, backend, chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
+def test_on_policy_without_old_logp(backend, loss_type):
+    cfg = gf.GRPOConfig(loss_type=loss_type, beta=0.04, epsilon_high=5.0 if loss_type == "cispo" else 0.28)
+    batch = make_batch(seed=3, dtype=torch.float64, with_old=False)
+    check_against_truth(batch, cfg, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("options", [dict(delta=1.2), dict(use_bias_correction_kl=False, beta=0.1),
+                                     dict(epsilon_low=0.05, epsilon_high=0.05),
+                                     dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5, loss_type="sapo")])
+def test_options(backend, options):
+    cfg = gf.GRPOConfig(**{"beta": 0.04, **options})
+    check_against_truth(make_batch(seed=5, dtype=torch.float64), cfg, torch.float32, backend, chunk_size=7)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("num_items", [None, 17, 1000.0, torch.tensor(250)])
+def test_num_items_in_batch(backend, num_items):
+    batch = make_batch(seed=6, dtype=torch.float64)
+    cfg = gf.GRPOConfig(loss_type="dapo", beta=0.04)
+    args = dict(bias=batch["bias"], old_logp=batch["old_logp"], ref_logp=batch["ref_logp"], config=cfg,
+                num_items_in_batch=num_items)
+    common = (batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"])
+    want, _ = gf.reference.grpo_loss(*common, **args)
+    got, _ = gf.grpo_loss(*common, **args, backend=backend)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_packed_input_matches_padded(backend, level):
+    """[N, H] + seq_ids gives the [B, T, H] answer (tokens of sequences interleaved on purpose)."""
+    batch = make_batch(seed=7, dtype=torch.float64, B=4, T=9)
+    cfg = gf.GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04)
+    B, T, H = batch["hidden"].shape
+    perm = torch.randperm(B * T, generator=torch.Generator().manual_seed(0))
+    seq_ids = torch.arange(B).repeat_interleave(T)[perm]
+    flat = lambda x: x.reshape(B * T, *x.shape[2:])[perm]  # noqa: E731
+    want = run_loss(batch, cfg, gf.reference.grpo_loss)
+    packed = dict(batch, hidden=flat(batch["hidden"]), targets=flat(batch["targets"]), mask=flat(batch["mask"]),
+                  old_logp=flat(batch["old_logp"]), ref_logp=flat(batch["ref_logp"]))
+    for fn, kw in ((gf.reference.grpo_loss, {}), (gf.grpo_loss, dict(backend=backend))):
+        got = run_loss(packed, cfg, fn, seq_ids=seq_ids, **kw)
+        # fp64 inputs; the fused path keeps fp32 per-token statistics, hence ~1e-7 absolute.
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[2]["hidden"], flat(want[2]["hidden"]), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got[2]["weight"], want[2]["weight"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_all_masked_gives_zero_loss_and_grads(backend, loss_type):
+    batch = cast(make_batch(seed=8, dtype=torch.float64), torch.float32)
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    cfg = gf.GRPOConfig(loss_type=loss_type, beta=0.04, max_completion_length=40)
+    loss, metrics, g = run_loss(batch, cfg, gf.grpo_loss, backend=backend)
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(v) and v.item() == 0.0 for v in metrics.values())
+    assert all(torch.count_nonzero(v) == 0 for v in g.values())
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_float_mask_weights_and_frozen_head(backend):
+    """Fractional mask values weight tokens as in TRL; a frozen weight gets no gradient work."""
+    batch = make_batch(seed=9, dtype=torch.float64)
+    batch["mask"] = batch["mask"] * torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.float64)
+    batch = cast(batch, torch.float32)
+    batch["weight"].requires_grad_(False)
+    batch.pop("bias")
+    cfg = gf.GRPOConfig(loss_type="bnpo", beta=0.04)
+    common = (batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"])
+    kw = dict(old_logp=batch["old_logp"], ref_logp=batch["ref_logp"], config=cfg)
+    want, _ = gf.reference.grpo_loss(*common, **kw)
+    (gw,) = torch.autograd.grad(want, batch["hidden"])
+    got, _ = gf.grpo_loss(*common, **kw, backend=backend)
+    (gg,) = torch.autograd.grad(got, batch["hidden"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gg, gw, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_backward_scales_by_upstream_grad_and_module(backend):
+    batch = cast(make_batch(seed=10, dtype=torch.float64), torch.float32)
+    loss_fn = gf.GRPOLoss(gf.GRPOConfig(beta=0.04), backend=backend)
+    args = (batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
+            batch["old_logp"], batch["ref_logp"], batch["bias"])
+    loss, _ = loss_fn(*args)
+    (g1,) = torch.autograd.grad(loss, batch["hidden"])
+    loss, _ = loss_fn(*args)
+    (g3,) = torch.autograd.grad(3.0 * loss, batch["hidden"])
+    torch.testing.assert_close(g3, 3.0 * g1)
+    assert "backend='" + backend + "'" in repr(loss_fn)
+
+
+def test_auto_chunk_size_respects_budget(monkeypatch):
+    from grpo_fast.chunking import auto_chunk_size
+
+    monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "1")
+    rows = auto_chunk_size(10_000, 1013, torch.float32, torch.device("cpu"))
+    assert 1 <= rows and rows * 1013 * 16 <= 2**20
+    monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "-3")
+    with pytest.raises(ValueError, match="GRPO_FAST_CHUNK_BUDGET_MB"):
+        auto_chunk_size(10, 10, torch.float32, torch.device("cpu"))
