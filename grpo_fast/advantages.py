@@ -26,7 +26,9 @@ def group_advantages(
     apply" and is skipped, a row with no reward at all gets advantage 0. ``scale``: "group" (std within
     the group), "batch" (std over all rows) or "none". The std is Bessel-corrected and NaN-aware.
     """
-    rewards2d, weights, group_size = validate_advantage_inputs(rewards, group_size, scale, eps, reward_weights)
+    rewards2d, weights, group_size = validate_advantage_inputs(
+        rewards, group_size, scale, eps, reward_weights
+    )
     name = backends.resolve(backend, rewards2d.device, "group_advantages")
     if name == "native":
         from . import _native

@@ -1,4 +1,4 @@
-"""Backend choice: "auto" picks the fastest available for the tensors' device, explicit names never fall back."""
+"""Backend choice: "auto" picks the fastest one available; an explicit name never falls back."""
 
 from __future__ import annotations
 

@@ -45,8 +45,9 @@ class BenchCase:
         return self.N // self.B
 
     def config(self) -> gf.GRPOConfig:
-        return gf.GRPOConfig(loss_type=self.loss_type, beta=self.beta, epsilon_high=0.28,
-                             max_completion_length=self.T)
+        return gf.GRPOConfig(
+            loss_type=self.loss_type, beta=self.beta, epsilon_high=0.28, max_completion_length=self.T
+        )
 
 
 def make_inputs(case: BenchCase, seed: int = 0) -> dict:
@@ -55,12 +56,19 @@ def make_inputs(case: BenchCase, seed: int = 0) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     B, T = case.B, case.T
     hidden = (torch.randn(B, T, case.H, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(case.V, case.H, generator=gen) * case.H**-0.5).to(device, dtype).requires_grad_(True)
+    weight = (
+        (torch.randn(case.V, case.H, generator=gen) * case.H**-0.5).to(device, dtype).requires_grad_(True)
+    )
     targets = torch.randint(0, case.V, (B, T), generator=gen).to(device)
     lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
-    inputs = dict(hidden=hidden, weight=weight, targets=targets, mask=mask,
-                  advantages=torch.randn(B, generator=gen).to(device))
+    inputs = dict(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        mask=mask,
+        advantages=torch.randn(B, generator=gen).to(device),
+    )
     # Log-probs of a random model are near -log(V); old/ref sit a little off so ratios are not all 1.
     base = torch.full((B, T), -float(torch.log(torch.tensor(float(case.V)))))
     if case.with_old:
@@ -200,8 +208,9 @@ class Row:
     peak_mb: float
 
 
-def run(cases: list[BenchCase], impls: list[str], iters: int = 5, progress: Callable[[str], None] | None = None
-        ) -> list[Row]:
+def run(
+    cases: list[BenchCase], impls: list[str], iters: int = 5, progress: Callable[[str], None] | None = None
+) -> list[Row]:
     rows = []
     for case in cases:
         flops = 6.0 * case.N * case.H * case.V
@@ -211,30 +220,50 @@ def run(cases: list[BenchCase], impls: list[str], iters: int = 5, progress: Call
                 progress(f"{impl} N={case.N} H={case.H} V={case.V} {case.dtype}")
             ms = time_impl(impl, case, iters=iters)
             mem = peak_mb(impl, case)
-            rows.append(Row(impl, case.N, case.H, case.V, case.dtype, case.beta, ms, flops / ms / 1e9,
-                            (flops / ms) / gemm_rate, mem))
+            rows.append(
+                Row(
+                    impl,
+                    case.N,
+                    case.H,
+                    case.V,
+                    case.dtype,
+                    case.beta,
+                    ms,
+                    flops / ms / 1e9,
+                    (flops / ms) / gemm_rate,
+                    mem,
+                )
+            )
     return rows
 
 
 def format_table(rows: list[Row], baseline: str = "reference") -> str:
     base = {(r.N, r.H, r.V, r.dtype, r.beta): r for r in rows if r.impl == baseline}
-    header = f"{'impl':<18} {'N':>6} {'H':>5} {'V':>7} {'dtype':>8} {'beta':>5} {'ms':>10} {'TFLOP/s':>8} " \
-             f"{'GEMM%':>6} {'peak MB':>9} {'x faster':>8} {'x less mem':>10}"
+    header = (
+        f"{'impl':<18} {'N':>6} {'H':>5} {'V':>7} {'dtype':>8} {'beta':>5} {'ms':>10} {'TFLOP/s':>8} "
+        f"{'GEMM%':>6} {'peak MB':>9} {'x faster':>8} {'x less mem':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         ref = base.get((r.N, r.H, r.V, r.dtype, r.beta))
         speed = f"{ref.ms / r.ms:8.2f}" if ref else f"{'':>8}"
         mem = f"{ref.peak_mb / max(r.peak_mb, 1e-9):10.1f}" if ref else f"{'':>10}"
-        lines.append(f"{r.impl:<18} {r.N:>6} {r.H:>5} {r.V:>7} {r.dtype:>8} {r.beta:>5} {r.ms:>10.1f} "
-                     f"{r.tflops:>8.3f} {100 * r.gemm_ratio:>5.0f}% {r.peak_mb:>9.0f} {speed} {mem}")
+        lines.append(
+            f"{r.impl:<18} {r.N:>6} {r.H:>5} {r.V:>7} {r.dtype:>8} {r.beta:>5} {r.ms:>10.1f} "
+            f"{r.tflops:>8.3f} {100 * r.gemm_ratio:>5.0f}% {r.peak_mb:>9.0f} {speed} {mem}"
+        )
     return "\n".join(lines)
 
 
 def environment() -> dict:
     """Device, library versions and commit, for results on record."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except OSError:
         commit = ""
     try:
@@ -244,8 +273,13 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    return {"device": device, "torch": torch.__version__, "triton": triton_version, "commit": commit,
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def _worker(argv: list[str]) -> None:

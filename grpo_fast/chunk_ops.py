@@ -30,7 +30,9 @@ class ChunkOps(Protocol):
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...
 
-    def grad_(self, logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float) -> Tensor: ...
+    def grad_(
+        self, logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float
+    ) -> Tensor: ...
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor: ...
 
@@ -82,7 +84,9 @@ class TorchChunkOps:
         lse, logp, entropy, _ = self._stats(logits, targets, temperature)
         return lse, logp, entropy
 
-    def _stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _stats(
+        self, logits: Tensor, targets: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         z = _scaled_fp32(logits, temperature)
         lse = torch.logsumexp(z, dim=-1)
         log_probs = z.sub_(lse.unsqueeze(1))  # in place: the tile is ours

@@ -15,7 +15,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grpo-fast", description="Fused GRPO loss: benchmarks, checks, training.")
+    parser = argparse.ArgumentParser(
+        prog="grpo-fast", description="Fused GRPO loss: benchmarks, checks, training."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:

@@ -50,7 +50,9 @@ class _Grads:
         if self.bias is not None:
             self.bias.add_(dlogits.sum(0, dtype=self.bias.dtype))
 
-    def final(self, weight: Tensor, bias: Tensor | None, shard: VocabShard | None) -> tuple[Tensor | None, ...]:
+    def final(
+        self, weight: Tensor, bias: Tensor | None, shard: VocabShard | None
+    ) -> tuple[Tensor | None, ...]:
         if shard is not None and self.hidden is not None:
             shard.all_reduce_(self.hidden)  # each rank holds its vocab shard's part of dL/dh
         gw = self.weight.to(weight.dtype) if self.weight is not None else None
@@ -128,7 +130,14 @@ def run_grpo(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan, needs: tuple[bool, ...]
 ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...]]:
     """Loss, metrics and the gradients w.r.t. hidden, weight, bias, in one walk over the tokens."""
-    cfg, batch, ops, chunk, targets, shard = plan.cfg, plan.batch, plan.ops, plan.chunk, plan.targets, plan.shard
+    cfg, batch, ops, chunk, targets, shard = (
+        plan.cfg,
+        plan.batch,
+        plan.ops,
+        plan.chunk,
+        plan.targets,
+        plan.shard,
+    )
     n, temperature = hidden.shape[0], cfg.temperature
     grads = _Grads.allocate(hidden, weight, bias, needs)
     if cfg.importance_sampling_level == "token":
@@ -175,7 +184,9 @@ class FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_metrics: Tensor):
         if ctx.grads is None:
-            raise RuntimeError("grpo_fast's fused loss keeps its gradients for a single backward; run forward again")
+            raise RuntimeError(
+                "grpo_fast's fused loss keeps its gradients for a single backward; run forward again"
+            )
         grads, ctx.grads = ctx.grads, None
         is_one = bool(grad_loss == 1)
         gh, gw, gb = (_scaled(g, grad_loss, is_one) for g in grads)
@@ -210,7 +221,16 @@ class FusedLogprobs(torch.autograd.Function):
         plan: LogprobPlan = ctx.plan
         grads = _Grads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
         grad_pass(
-            hidden, weight, bias, plan.targets, lse, grad_logp.float(), plan.temperature, plan.ops, plan.chunk, grads
+            hidden,
+            weight,
+            bias,
+            plan.targets,
+            lse,
+            grad_logp.float(),
+            plan.temperature,
+            plan.ops,
+            plan.chunk,
+            grads,
         )
         gh, gw, gb = grads.final(weight, bias, plan.shard)
         return gh, gw, gb, None

@@ -1,4 +1,4 @@
-"""Public ``selective_logprobs``: per-token log-probs (and entropy) straight from hidden states and the LM head."""
+"""Public ``selective_logprobs``: per-token log-probs (and entropy) from hidden states and the LM head."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Public ``grpo_loss`` and ``GRPOLoss``: the GRPO objective from hidden states, never holding [N, V] logits."""
+"""Public ``grpo_loss`` and ``GRPOLoss``: the GRPO objective from hidden states, never the [N, V] logits."""
 
 from __future__ import annotations
 
@@ -47,7 +47,17 @@ def grpo_loss(
     cfg = config if config is not None else GRPOConfig()
     shard = setup_shard(process_group, hidden, weight, bias, vocab_start)
     inputs, weight, bias = validate_loss_inputs(
-        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, cfg, num_items_in_batch, seq_ids,
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        old_logp,
+        ref_logp,
+        bias,
+        cfg,
+        num_items_in_batch,
+        seq_ids,
         vocab=shard.vocab if shard is not None else None,
     )
     name = backends.resolve(backend, inputs.hidden.device, "grpo_loss")
@@ -72,7 +82,9 @@ def grpo_loss(
     h = pick(inputs.hidden)
     chunk = resolve_chunk_size(chunk_size, h.shape[0], weight.shape[0], h.dtype, h.device)
     targets = pick(inputs.targets) - (shard.start if shard is not None else 0)
-    plan = LossPlan(targets, batch, cfg, backends.chunk_ops(name), shared_chunk_size(chunk, shard, h.device), shard)
+    plan = LossPlan(
+        targets, batch, cfg, backends.chunk_ops(name), shared_chunk_size(chunk, shard, h.device), shard
+    )
     loss, metric_vec = FusedGRPOLoss.apply(h, weight, bias, plan)
     return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))
 
@@ -108,8 +120,20 @@ class GRPOLoss(nn.Module):
         seq_ids: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return grpo_loss(
-            hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, self.config, num_items_in_batch,
-            seq_ids=seq_ids, backend=self.backend, chunk_size=self.chunk_size, process_group=self.process_group,
+            hidden,
+            weight,
+            targets,
+            mask,
+            advantages,
+            old_logp,
+            ref_logp,
+            bias,
+            self.config,
+            num_items_in_batch,
+            seq_ids=seq_ids,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

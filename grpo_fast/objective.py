@@ -73,7 +73,9 @@ def sequence_log_ratio(logp: Tensor, batch: TokenBatch) -> Tensor:
     return summed / batch.seq_len.clamp(min=1.0)
 
 
-def per_token_objective(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> tuple[Tensor, Tensor | None, Tensor]:
+def per_token_objective(
+    logp: Tensor, batch: TokenBatch, cfg: GRPOConfig
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Per-token loss (KL included), per-token KL and the clip-metric ratio; differentiable in logp.
 
     The ratio returned is per token for token level and per sequence ([B]) for sequence level.

@@ -46,7 +46,9 @@ def make_shard(group: object, local_vocab: int, device: torch.device, vocab_star
     dist.all_reduce(ends, group=group)
     vocab = int(sizes.sum())
     if int(ends.max()) != vocab:
-        raise ValueError(f"vocab shards [vocab_start, vocab_start + V_r) do not tile [0, {vocab}) across the group")
+        raise ValueError(
+            f"vocab shards [vocab_start, vocab_start + V_r) do not tile [0, {vocab}) across the group"
+        )
     return VocabShard(group=group, start=start, vocab=vocab)
 
 

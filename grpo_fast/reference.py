@@ -90,7 +90,9 @@ def pack_positions(seq_ids: Tensor, num_seqs: int) -> tuple[Tensor, int]:
     return positions, int(counts.max())
 
 
-def _pad(x: Tensor, seq_ids: Tensor, positions: Tensor, num_seqs: int, length: int, fill: float = 0) -> Tensor:
+def _pad(
+    x: Tensor, seq_ids: Tensor, positions: Tensor, num_seqs: int, length: int, fill: float = 0
+) -> Tensor:
     out = x.new_full((num_seqs, length, *x.shape[1:]), fill)
     return out.index_put((seq_ids, positions), x)
 

@@ -32,7 +32,9 @@ def check_float(name: str, x: Tensor) -> None:
 def check_same_device(device: torch.device, **tensors: Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {device}; put all inputs on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but hidden is on {device}; put all inputs on one device"
+            )
 
 
 def check_lm_head(hidden: Tensor, weight: object, bias: object) -> tuple[Tensor, Tensor | None]:
@@ -76,7 +78,9 @@ def check_targets(targets: object, shape: torch.Size, vocab: int, valid: Tensor 
     if targets.dtype not in INT_DTYPES:
         raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
     if targets.shape != shape:
-        raise ValueError(f"targets must have shape {list(shape)} (hidden without its last dim), got {_shape(targets)}")
+        raise ValueError(
+            f"targets must have shape {list(shape)} (hidden without its last dim), got {_shape(targets)}"
+        )
     checked = targets if valid is None else targets[valid]
     if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
         lo, hi = int(checked.min()), int(checked.max())
@@ -119,7 +123,9 @@ def _check_num_items(num_items: object, device: torch.device) -> Tensor | None:
     elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
         value = float(num_items)
     else:
-        raise TypeError(f"num_items_in_batch must be an int, float or 0-dim tensor, got {type(num_items).__name__}")
+        raise TypeError(
+            f"num_items_in_batch must be an int, float or 0-dim tensor, got {type(num_items).__name__}"
+        )
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"num_items_in_batch must be a non-negative count, got {value!r}")
     return torch.tensor(value, dtype=torch.float32, device=device)
@@ -152,7 +158,9 @@ def validate_loss_inputs(
 
     mask = check_tensor("mask", mask)
     if mask.shape != token_shape:
-        raise ValueError(f"mask must have shape {list(token_shape)} (hidden without its last dim), got {_shape(mask)}")
+        raise ValueError(
+            f"mask must have shape {list(token_shape)} (hidden without its last dim), got {_shape(mask)}"
+        )
     if mask.dtype == torch.bool or mask.dtype in INT_DTYPES or mask.dtype in FLOAT_DTYPES:
         mask_f = mask.float()
     else:
@@ -181,8 +189,10 @@ def validate_loss_inputs(
             raise ValueError("packed [N, H] hidden needs seq_ids [N]: the sequence index of every token")
         seq_ids_t = check_tensor("seq_ids", seq_ids)
         if seq_ids_t.dtype not in INT_DTYPES or seq_ids_t.shape != token_shape:
-            raise ValueError(f"seq_ids must be an integer tensor of shape {list(token_shape)}, got "
-                             f"{seq_ids_t.dtype} {_shape(seq_ids_t)}")
+            raise ValueError(
+                f"seq_ids must be an integer tensor of shape {list(token_shape)}, got "
+                f"{seq_ids_t.dtype} {_shape(seq_ids_t)}"
+            )
         num_seqs = advantages.shape[0]
         if seq_ids_t.numel() and (int(seq_ids_t.min()) < 0 or int(seq_ids_t.max()) >= num_seqs):
             raise ValueError(f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)")
@@ -194,8 +204,15 @@ def validate_loss_inputs(
     ref = check_logp("ref_logp", ref_logp, token_shape)
     if cfg.beta != 0.0 and ref is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logp (the reference model's per-token log-probs)")
-    check_same_device(device, mask=mask, targets=targets, advantages=advantages, old_logp=old, ref_logp=ref,
-                      seq_ids=seq_ids_t)
+    check_same_device(
+        device,
+        mask=mask,
+        targets=targets,
+        advantages=advantages,
+        old_logp=old,
+        ref_logp=ref,
+        seq_ids=seq_ids_t,
+    )
     num_items = _check_num_items(num_items_in_batch, device)
 
     flat_mask = mask_f.reshape(-1)
@@ -219,7 +236,9 @@ def validate_advantage_inputs(
     rewards = check_tensor("rewards", rewards)
     check_float("rewards", rewards)
     if rewards.dim() not in (1, 2):
-        raise ValueError(f"rewards must be [B*G] or [B*G, R] (R reward functions), got shape {_shape(rewards)}")
+        raise ValueError(
+            f"rewards must be [B*G] or [B*G, R] (R reward functions), got shape {_shape(rewards)}"
+        )
     rewards2d = rewards.float().reshape(rewards.shape[0], -1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -238,8 +257,10 @@ def validate_advantage_inputs(
     else:
         weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=rewards.device)
         if weights.shape != (num_funcs,):
-            raise ValueError(f"reward_weights must have one weight per reward function, [{num_funcs}], "
-                             f"got {_shape(weights)}")
+            raise ValueError(
+                f"reward_weights must have one weight per reward function, [{num_funcs}], "
+                f"got {_shape(weights)}"
+            )
         if not torch.isfinite(weights).all():
             raise ValueError("reward_weights must be finite")
     return rewards2d.contiguous(), weights, group_size

@@ -23,11 +23,24 @@ def assert_within(name: str, got: Tensor, same_dtype_ref: Tensor, truth: Tensor,
     err, ref_err = max_err(got, truth), max_err(same_dtype_ref, truth)
     scale = truth.double().abs().max().item() if truth.numel() else 0.0
     bound = FACTOR[dtype] * ref_err + ATOL[dtype] * max(scale, 1e-30)
-    assert err <= bound, f"{name}: error {err:.3e} vs fp64 truth exceeds {bound:.3e} (torch {dtype}: {ref_err:.3e})"
+    assert err <= bound, (
+        f"{name}: error {err:.3e} vs fp64 truth exceeds {bound:.3e} (torch {dtype}: {ref_err:.3e})"
+    )
 
 
-def make_batch(B=3, T=37, H=67, V=1013, *, dtype=torch.float32, seed=0, with_old=True, with_ref=True,
-               bias=True, empty_row=True) -> dict:
+def make_batch(
+    B=3,
+    T=37,
+    H=67,
+    V=1013,
+    *,
+    dtype=torch.float32,
+    seed=0,
+    with_old=True,
+    with_ref=True,
+    bias=True,
+    empty_row=True,
+) -> dict:
     """An fp64 GRPO batch on odd, non-tile sizes; cast with `cast`. Row 1 is fully masked."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
@@ -40,8 +53,14 @@ def make_batch(B=3, T=37, H=67, V=1013, *, dtype=torch.float32, seed=0, with_old
         targets[1, :5] = -100  # masked positions may hold any id
     with torch.no_grad():
         logp = gf.reference.selective_logprobs(hidden, weight, targets.clamp(min=0), b)
-    batch = dict(hidden=hidden, weight=weight, bias=b, targets=targets, mask=mask,
-                 advantages=torch.randn(B, generator=g, dtype=torch.float64))
+    batch = dict(
+        hidden=hidden,
+        weight=weight,
+        bias=b,
+        targets=targets,
+        mask=mask,
+        advantages=torch.randn(B, generator=g, dtype=torch.float64),
+    )
     # Old/ref log-probs within ~0.3 nats of the policy's, so some ratios clip and some don't.
     if with_old:
         batch["old_logp"] = (logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()

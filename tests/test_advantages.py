@@ -27,8 +27,9 @@ def test_advantages_match_reference(backend, scale, R, G):
     rewards = rewards_with_nans(7 * G, R, seed=R * 10 + G)
     weights = torch.linspace(0.5, 2.0, R)
     want = gf.reference.group_advantages(rewards, G, scale, 1e-4, weights)
-    got = gf.group_advantages(rewards if R > 1 else rewards[:, 0], G, scale=scale, reward_weights=weights.tolist(),
-                              backend=backend)
+    got = gf.group_advantages(
+        rewards if R > 1 else rewards[:, 0], G, scale=scale, reward_weights=weights.tolist(), backend=backend
+    )
     assert got.dtype == torch.float32 and got.shape == (7 * G,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got[1] == 0  # no reward applies -> advantage 0

@@ -14,8 +14,15 @@ BACKENDS = cpu_backends("selective_logprobs")
 
 
 def run(fn, batch, temperature, **kw):
-    logp, ent = fn(batch["hidden"], batch["weight"], batch["targets"], batch.get("bias"), temperature,
-                   return_entropy=True, **kw)
+    logp, ent = fn(
+        batch["hidden"],
+        batch["weight"],
+        batch["targets"],
+        batch.get("bias"),
+        temperature,
+        return_entropy=True,
+        **kw,
+    )
     weights = torch.linspace(-1, 1, logp.numel(), dtype=torch.float64).reshape(logp.shape)
     names = [k for k in ("hidden", "weight", "bias") if batch.get(k) is not None]
     g = torch.autograd.grad((logp.double() * weights).sum(), [batch[k] for k in names])
@@ -23,7 +30,9 @@ def run(fn, batch, temperature, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("temperature, bias", [(1.0, False), (0.7, True)])
 def test_logprobs_match_truth(backend, dtype, temperature, bias):
     base = make_batch(seed=21, dtype=torch.float64, bias=bias, empty_row=False)

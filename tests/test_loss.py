@@ -1,4 +1,4 @@
-"""grpo_loss of every CPU backend against the fp64 truth: all loss types, levels, dtypes, forward and grads."""
+"""grpo_loss of every CPU backend against the fp64 truth: all loss types, levels, dtypes, values and grads."""
 
 from __future__ import annotations
 
@@ -29,8 +29,16 @@ LOSS_BACKENDS = cpu_backends("grpo_loss")
 
 def run_loss(batch: dict, cfg: gf.GRPOConfig, fn, **kw):
     args = {k: batch.get(k) for k in ("old_logp", "ref_logp", "bias")}
-    loss, metrics = fn(batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
-                       config=cfg, **args, **kw)
+    loss, metrics = fn(
+        batch["hidden"],
+        batch["weight"],
+        batch["targets"],
+        batch["mask"],
+        batch["advantages"],
+        config=cfg,
+        **args,
+        **kw,
+    )
     return loss, metrics, grads(loss, batch)
 
 
@@ -53,8 +61,14 @@ def check_against_truth(batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, b
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_matches_truth(backend, dtype, level, loss_type, beta):
-    cfg = gf.GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_high=0.28,
-                        max_completion_length=40, temperature=0.8)
+    cfg = gf.GRPOConfig(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=beta,
+        epsilon_high=0.28,
+        max_completion_length=40,
+        temperature=0.8,
+    )
     batch = make_batch(seed=hash((level, loss_type, beta)) % 1000, dtype=torch.float64, with_ref=beta > 0)
     check_against_truth(batch, cfg, dtype, backend, chunk_size=16)
 
@@ -68,9 +82,15 @@ def test_on_policy_without_old_logp(backend, loss_type):
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("options", [dict(delta=1.2), dict(use_bias_correction_kl=False, beta=0.1),
-                                     dict(epsilon_low=0.05, epsilon_high=0.05),
-                                     dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5, loss_type="sapo")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(delta=1.2),
+        dict(use_bias_correction_kl=False, beta=0.1),
+        dict(epsilon_low=0.05, epsilon_high=0.05),
+        dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5, loss_type="sapo"),
+    ],
+)
 def test_options(backend, options):
     cfg = gf.GRPOConfig(**{"beta": 0.04, **options})
     check_against_truth(make_batch(seed=5, dtype=torch.float64), cfg, torch.float32, backend, chunk_size=7)
@@ -81,8 +101,13 @@ def test_options(backend, options):
 def test_num_items_in_batch(backend, num_items):
     batch = make_batch(seed=6, dtype=torch.float64)
     cfg = gf.GRPOConfig(loss_type="dapo", beta=0.04)
-    args = dict(bias=batch["bias"], old_logp=batch["old_logp"], ref_logp=batch["ref_logp"], config=cfg,
-                num_items_in_batch=num_items)
+    args = dict(
+        bias=batch["bias"],
+        old_logp=batch["old_logp"],
+        ref_logp=batch["ref_logp"],
+        config=cfg,
+        num_items_in_batch=num_items,
+    )
     common = (batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"])
     want, _ = gf.reference.grpo_loss(*common, **args)
     got, _ = gf.grpo_loss(*common, **args, backend=backend)
@@ -100,8 +125,14 @@ def test_packed_input_matches_padded(backend, level):
     seq_ids = torch.arange(B).repeat_interleave(T)[perm]
     flat = lambda x: x.reshape(B * T, *x.shape[2:])[perm]  # noqa: E731
     want = run_loss(batch, cfg, gf.reference.grpo_loss)
-    packed = dict(batch, hidden=flat(batch["hidden"]), targets=flat(batch["targets"]), mask=flat(batch["mask"]),
-                  old_logp=flat(batch["old_logp"]), ref_logp=flat(batch["ref_logp"]))
+    packed = dict(
+        batch,
+        hidden=flat(batch["hidden"]),
+        targets=flat(batch["targets"]),
+        mask=flat(batch["mask"]),
+        old_logp=flat(batch["old_logp"]),
+        ref_logp=flat(batch["ref_logp"]),
+    )
     for fn, kw in ((gf.reference.grpo_loss, {}), (gf.grpo_loss, dict(backend=backend))):
         got = run_loss(packed, cfg, fn, seq_ids=seq_ids, **kw)
         # fp64 inputs; the fused path keeps fp32 per-token statistics, hence ~1e-7 absolute.
@@ -126,8 +157,9 @@ def test_all_masked_gives_zero_loss_and_grads(backend, loss_type):
 def test_float_mask_weights_and_frozen_head(backend):
     """Fractional mask values weight tokens as in TRL; a frozen weight gets no gradient work."""
     batch = make_batch(seed=9, dtype=torch.float64)
-    batch["mask"] = batch["mask"] * torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(1),
-                                               dtype=torch.float64)
+    batch["mask"] = batch["mask"] * torch.rand(
+        batch["mask"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     batch = cast(batch, torch.float32)
     batch["weight"].requires_grad_(False)
     batch.pop("bias")
@@ -146,8 +178,16 @@ def test_float_mask_weights_and_frozen_head(backend):
 def test_backward_scales_by_upstream_grad_and_module(backend):
     batch = cast(make_batch(seed=10, dtype=torch.float64), torch.float32)
     loss_fn = gf.GRPOLoss(gf.GRPOConfig(beta=0.04), backend=backend)
-    args = (batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
-            batch["old_logp"], batch["ref_logp"], batch["bias"])
+    args = (
+        batch["hidden"],
+        batch["weight"],
+        batch["targets"],
+        batch["mask"],
+        batch["advantages"],
+        batch["old_logp"],
+        batch["ref_logp"],
+        batch["bias"],
+    )
     loss, _ = loss_fn(*args)
     (g1,) = torch.autograd.grad(loss, batch["hidden"])
     loss, _ = loss_fn(*args)

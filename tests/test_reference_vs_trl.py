@@ -35,26 +35,52 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
     from collections import defaultdict
 
     def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
-        logp, ent = gf.reference.selective_logprobs(batch["hidden"], batch["weight"], batch["targets"].clamp(min=0),
-                                                    batch["bias"], cfg.temperature, return_entropy=True)
+        logp, ent = gf.reference.selective_logprobs(
+            batch["hidden"],
+            batch["weight"],
+            batch["targets"].clamp(min=0),
+            batch["bias"],
+            cfg.temperature,
+            return_entropy=True,
+        )
         return logp, ent, None
 
     B, T = batch["targets"].shape
-    args = SimpleNamespace(use_bias_correction_kl=cfg.use_bias_correction_kl, delta=cfg.delta,
-                           sapo_temperature_pos=cfg.sapo_temperature_pos,
-                           sapo_temperature_neg=cfg.sapo_temperature_neg, steps_per_generation=1)
+    args = SimpleNamespace(
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        delta=cfg.delta,
+        sapo_temperature_pos=cfg.sapo_temperature_pos,
+        sapo_temperature_neg=cfg.sapo_temperature_neg,
+        steps_per_generation=1,
+    )
     trainer = SimpleNamespace(
-        _get_per_token_logps_and_entropies=logps_and_entropies, top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta,
-        args=args, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.eps_high,
-        use_vllm=False, vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=cfg.max_completion_length,
-        accelerator=_Accelerator(), _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _get_per_token_logps_and_entropies=logps_and_entropies,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=cfg.importance_sampling_level,
+        beta=cfg.beta,
+        args=args,
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.eps_high,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=cfg.max_completion_length,
+        accelerator=_Accelerator(),
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
         _metrics={"train": defaultdict(list)},
     )
-    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
-                  completion_ids=batch["targets"], completion_mask=batch["mask"], advantages=batch["advantages"],
-                  num_items_in_batch=torch.tensor(num_items))
+    inputs = dict(
+        prompt_ids=torch.zeros(B, 1, dtype=torch.long),
+        prompt_mask=torch.ones(B, 1, dtype=torch.long),
+        completion_ids=batch["targets"],
+        completion_mask=batch["mask"],
+        advantages=batch["advantages"],
+        num_items_in_batch=torch.tensor(num_items),
+    )
     if "old_logp" in batch:
         inputs["old_per_token_logps"] = batch["old_logp"]
     if cfg.beta:
@@ -67,23 +93,43 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
 @pytest.mark.parametrize("beta, delta", [(0.0, None), (0.04, None), (0.04, 1.3)])
 def test_reference_loss_equals_trl(level, loss_type, beta, delta):
-    cfg = gf.GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta,
-                        epsilon_high=3.0 if loss_type == "cispo" else 0.28, max_completion_length=40,
-                        temperature=0.9)
+    cfg = gf.GRPOConfig(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=beta,
+        delta=delta,
+        epsilon_high=3.0 if loss_type == "cispo" else 0.28,
+        max_completion_length=40,
+        temperature=0.9,
+    )
     batch = cast(make_batch(seed=11, dtype=torch.float64), torch.float64)
     num_items = float(batch["mask"].sum()) + 5.0
     want, trl_metrics = trl_loss(batch, cfg, num_items)
     want_grads = torch.autograd.grad(want, [batch["hidden"], batch["weight"], batch["bias"]])
-    got, metrics = gf.reference.grpo_loss(batch["hidden"], batch["weight"], batch["targets"], batch["mask"],
-                                          batch["advantages"], batch["old_logp"], batch.get("ref_logp"),
-                                          batch["bias"], cfg, num_items_in_batch=num_items)
+    got, metrics = gf.reference.grpo_loss(
+        batch["hidden"],
+        batch["weight"],
+        batch["targets"],
+        batch["mask"],
+        batch["advantages"],
+        batch["old_logp"],
+        batch.get("ref_logp"),
+        batch["bias"],
+        cfg,
+        num_items_in_batch=num_items,
+    )
     got_grads = torch.autograd.grad(got, [batch["hidden"], batch["weight"], batch["bias"]])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
-    names = {"entropy": "entropy", "kl": "kl", "clip_ratio_low": "clip_ratio/low_mean",
-             "clip_ratio_high": "clip_ratio/high_mean", "clip_ratio_region": "clip_ratio/region_mean",
-             "cispo_clip_ratio": "cispo_clip_ratio"}
+    names = {
+        "entropy": "entropy",
+        "kl": "kl",
+        "clip_ratio_low": "clip_ratio/low_mean",
+        "clip_ratio_high": "clip_ratio/high_mean",
+        "clip_ratio_region": "clip_ratio/region_mean",
+        "cispo_clip_ratio": "cispo_clip_ratio",
+    }
     for ours, theirs in names.items():
         if theirs in trl_metrics:
             assert metrics[ours].item() == pytest.approx(trl_metrics[theirs][0], rel=1e-9, abs=1e-12), ours
@@ -104,8 +150,11 @@ def test_reference_advantages_equal_trl_lines():
         summed = (rewards * weights).nansum(1)
         summed[torch.isnan(rewards).all(1)] = float("nan")
         mean = torch.nanmean(summed.view(-1, G), 1).repeat_interleave(G)
-        std = (nanstd(summed.view(-1, G), dim=1).repeat_interleave(G) if scale != "batch"
-               else nanstd(summed).expand_as(summed))
+        std = (
+            nanstd(summed.view(-1, G), dim=1).repeat_interleave(G)
+            if scale != "batch"
+            else nanstd(summed).expand_as(summed)
+        )
         want = summed - mean
         if scale != "none":
             want = want / (std + 1e-4)

@@ -13,42 +13,61 @@ B, T, H, V = 2, 5, 8, 11
 @pytest.fixture
 def ok():
     g = torch.Generator().manual_seed(0)
-    return dict(hidden=torch.randn(B, T, H, generator=g), weight=torch.randn(V, H, generator=g),
-                targets=torch.randint(0, V, (B, T), generator=g), mask=torch.ones(B, T, dtype=torch.long),
-                advantages=torch.randn(B, generator=g))
+    return dict(
+        hidden=torch.randn(B, T, H, generator=g),
+        weight=torch.randn(V, H, generator=g),
+        targets=torch.randint(0, V, (B, T), generator=g),
+        mask=torch.ones(B, T, dtype=torch.long),
+        advantages=torch.randn(B, generator=g),
+    )
 
 
 def loss(args, **kw):
     return gf.grpo_loss(**{**args, **kw})
 
 
-@pytest.mark.parametrize("change, exc, match", [
-    (dict(hidden=torch.randn(H)), ValueError, r"hidden must be \[B, T, H\]"),
-    (dict(hidden=torch.randn(B, T, H + 1)), ValueError, r"hidden's last dim must equal weight's H"),
-    (dict(weight=torch.randn(V, H, 1)), ValueError, r"weight must be the LM head \[V, H\]"),
-    (dict(weight=torch.randn(V, H, dtype=torch.float64)), TypeError, r"hidden \(torch.float32\) and weight"),
-    (dict(hidden=torch.randint(0, 3, (B, T, H))), TypeError, r"hidden must be a floating tensor"),
-    (dict(targets=torch.randint(0, V, (B, T + 1))), ValueError, r"targets must have shape \[2, 5\]"),
-    (dict(targets=torch.full((B, T), V)), ValueError, r"targets at unmasked positions must lie in \[0, V=11\)"),
-    (dict(targets=torch.full((B, T), -1)), ValueError, r"must lie in \[0, V=11\)"),
-    (dict(targets=torch.zeros(B, T)), TypeError, r"targets must be an integer tensor"),
-    (dict(mask=torch.ones(B, T + 1)), ValueError, r"mask must have shape \[2, 5\]"),
-    (dict(mask=-torch.ones(B, T)), ValueError, r"mask must hold finite non-negative"),
-    (dict(advantages=torch.randn(B + 1)), ValueError, r"advantages must have one value per sequence, B=2"),
-    (dict(advantages=torch.randn(B, T)), ValueError, r"advantages must be \[B\]"),
-    (dict(advantages=torch.tensor([0.0, float("nan")])), ValueError, r"advantages must be finite"),
-    (dict(old_logp=torch.randn(B, T + 1)), ValueError, r"old_logp must have targets' shape"),
-    (dict(ref_logp=torch.randn(B)), ValueError, r"ref_logp must have targets' shape"),
-    (dict(bias=torch.randn(V + 1)), ValueError, r"bias must be \[V\]=\[11\]"),
-    (dict(num_items_in_batch=-1), ValueError, r"num_items_in_batch must be a non-negative"),
-    (dict(num_items_in_batch="12"), TypeError, r"num_items_in_batch must be an int"),
-    (dict(config={"loss_type": "dapo"}), TypeError, r"config must be a grpo_fast.GRPOConfig"),
-    (dict(config=gf.GRPOConfig(beta=0.1)), ValueError, r"beta=0.1 needs ref_logp"),
-    (dict(seq_ids=torch.zeros(B * T, dtype=torch.long)), ValueError, r"seq_ids is only for packed"),
-    (dict(backend="cuda"), ValueError, r"backend must be one of"),
-    (dict(backend="triton"), ValueError, r"backend='triton' cannot run grpo_loss"),
-    (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(hidden=torch.randn(H)), ValueError, r"hidden must be \[B, T, H\]"),
+        (dict(hidden=torch.randn(B, T, H + 1)), ValueError, r"hidden's last dim must equal weight's H"),
+        (dict(weight=torch.randn(V, H, 1)), ValueError, r"weight must be the LM head \[V, H\]"),
+        (
+            dict(weight=torch.randn(V, H, dtype=torch.float64)),
+            TypeError,
+            r"hidden \(torch.float32\) and weight",
+        ),
+        (dict(hidden=torch.randint(0, 3, (B, T, H))), TypeError, r"hidden must be a floating tensor"),
+        (dict(targets=torch.randint(0, V, (B, T + 1))), ValueError, r"targets must have shape \[2, 5\]"),
+        (
+            dict(targets=torch.full((B, T), V)),
+            ValueError,
+            r"targets at unmasked positions must lie in \[0, V=11\)",
+        ),
+        (dict(targets=torch.full((B, T), -1)), ValueError, r"must lie in \[0, V=11\)"),
+        (dict(targets=torch.zeros(B, T)), TypeError, r"targets must be an integer tensor"),
+        (dict(mask=torch.ones(B, T + 1)), ValueError, r"mask must have shape \[2, 5\]"),
+        (dict(mask=-torch.ones(B, T)), ValueError, r"mask must hold finite non-negative"),
+        (
+            dict(advantages=torch.randn(B + 1)),
+            ValueError,
+            r"advantages must have one value per sequence, B=2",
+        ),
+        (dict(advantages=torch.randn(B, T)), ValueError, r"advantages must be \[B\]"),
+        (dict(advantages=torch.tensor([0.0, float("nan")])), ValueError, r"advantages must be finite"),
+        (dict(old_logp=torch.randn(B, T + 1)), ValueError, r"old_logp must have targets' shape"),
+        (dict(ref_logp=torch.randn(B)), ValueError, r"ref_logp must have targets' shape"),
+        (dict(bias=torch.randn(V + 1)), ValueError, r"bias must be \[V\]=\[11\]"),
+        (dict(num_items_in_batch=-1), ValueError, r"num_items_in_batch must be a non-negative"),
+        (dict(num_items_in_batch="12"), TypeError, r"num_items_in_batch must be an int"),
+        (dict(config={"loss_type": "dapo"}), TypeError, r"config must be a grpo_fast.GRPOConfig"),
+        (dict(config=gf.GRPOConfig(beta=0.1)), ValueError, r"beta=0.1 needs ref_logp"),
+        (dict(seq_ids=torch.zeros(B * T, dtype=torch.long)), ValueError, r"seq_ids is only for packed"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of"),
+        (dict(backend="triton"), ValueError, r"backend='triton' cannot run grpo_loss"),
+        (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int"),
+    ],
+)
 def test_grpo_loss_rejects(ok, change, exc, match, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton on CPU only under the interpreter
     with pytest.raises(exc, match=match):
@@ -63,8 +82,12 @@ def test_masked_targets_may_hold_ignore_index(ok):
 
 
 def test_packed_needs_seq_ids_in_range(ok):
-    packed = dict(ok, hidden=ok["hidden"].reshape(B * T, H), targets=ok["targets"].reshape(-1),
-                  mask=ok["mask"].reshape(-1))
+    packed = dict(
+        ok,
+        hidden=ok["hidden"].reshape(B * T, H),
+        targets=ok["targets"].reshape(-1),
+        mask=ok["mask"].reshape(-1),
+    )
     with pytest.raises(ValueError, match=r"packed \[N, H\] hidden needs seq_ids"):
         loss(packed)
     with pytest.raises(ValueError, match=r"seq_ids must lie in \[0, B=2\)"):
@@ -73,17 +96,20 @@ def test_packed_needs_seq_ids_in_range(ok):
         loss(packed, seq_ids=torch.zeros(B * T))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(loss_type="ppo"), r"loss_type must be one of"),
-    (dict(importance_sampling_level="batch"), r"importance_sampling_level must be one of"),
-    (dict(loss_type="dr_grpo"), r"dr_grpo' needs max_completion_length"),
-    (dict(temperature=0.0), r"temperature must be a positive"),
-    (dict(temperature=-1.0), r"temperature must be a positive"),
-    (dict(epsilon_low=-0.1), r"epsilon_low must be a non-negative"),
-    (dict(delta=0.0), r"delta must be a positive"),
-    (dict(beta=float("nan")), r"beta must be a non-negative"),
-    (dict(max_completion_length=0), r"max_completion_length must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss_type="ppo"), r"loss_type must be one of"),
+        (dict(importance_sampling_level="batch"), r"importance_sampling_level must be one of"),
+        (dict(loss_type="dr_grpo"), r"dr_grpo' needs max_completion_length"),
+        (dict(temperature=0.0), r"temperature must be a positive"),
+        (dict(temperature=-1.0), r"temperature must be a positive"),
+        (dict(epsilon_low=-0.1), r"epsilon_low must be a non-negative"),
+        (dict(delta=0.0), r"delta must be a positive"),
+        (dict(beta=float("nan")), r"beta must be a non-negative"),
+        (dict(max_completion_length=0), r"max_completion_length must be a positive int"),
+    ],
+)
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gf.GRPOConfig(**kwargs)
@@ -96,31 +122,52 @@ def test_config_is_frozen():
     assert cfg.eps_high == cfg.epsilon_low == 0.2
 
 
-@pytest.mark.parametrize("change, exc, match", [
-    (dict(temperature=0), ValueError, r"temperature must be positive"),
-    (dict(temperature="1"), TypeError, r"temperature must be a float"),
-    (dict(targets=torch.full((B, T), V)), ValueError, r"targets must lie in \[0, V=11\)"),
-    (dict(targets=torch.zeros(B, T)), TypeError, r"targets must be an integer tensor"),
-    (dict(weight=torch.randn(V, H + 2)), ValueError, r"hidden's last dim must equal weight's H=10"),
-    (dict(bias=torch.randn(V).double()), TypeError, r"bias \(torch.float64\) must have weight's dtype"),
-    (dict(hidden=[1.0]), TypeError, r"hidden must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(temperature=0), ValueError, r"temperature must be positive"),
+        (dict(temperature="1"), TypeError, r"temperature must be a float"),
+        (dict(targets=torch.full((B, T), V)), ValueError, r"targets must lie in \[0, V=11\)"),
+        (dict(targets=torch.zeros(B, T)), TypeError, r"targets must be an integer tensor"),
+        (dict(weight=torch.randn(V, H + 2)), ValueError, r"hidden's last dim must equal weight's H=10"),
+        (dict(bias=torch.randn(V).double()), TypeError, r"bias \(torch.float64\) must have weight's dtype"),
+        (dict(hidden=[1.0]), TypeError, r"hidden must be a torch.Tensor"),
+    ],
+)
 def test_selective_logprobs_rejects(ok, change, exc, match):
     args = {"hidden": ok["hidden"], "weight": ok["weight"], "targets": ok["targets"], **change}
     with pytest.raises(exc, match=match):
         gf.selective_logprobs(**args)
 
 
-@pytest.mark.parametrize("args, exc, match", [
-    (dict(rewards=torch.randn(6), group_size=4), ValueError, r"group_size=4 must divide the number of completions, 6"),
-    (dict(rewards=torch.randn(6), group_size=0), ValueError, r"group_size must be a positive int"),
-    (dict(rewards=torch.randn(6, 2, 1), group_size=2), ValueError, r"rewards must be \[B\*G\] or \[B\*G, R\]"),
-    (dict(rewards=torch.arange(6), group_size=2), TypeError, r"rewards must be a floating tensor"),
-    (dict(rewards=torch.randn(6), group_size=2, scale="global"), ValueError, r"scale must be 'group', 'batch'"),
-    (dict(rewards=torch.randn(6, 2), group_size=2, reward_weights=[1.0]), ValueError,
-     r"reward_weights must have one weight per reward function, \[2\]"),
-    (dict(rewards=torch.randn(6), group_size=2, eps=-1.0), ValueError, r"eps must be a non-negative"),
-])
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (
+            dict(rewards=torch.randn(6), group_size=4),
+            ValueError,
+            r"group_size=4 must divide the number of completions, 6",
+        ),
+        (dict(rewards=torch.randn(6), group_size=0), ValueError, r"group_size must be a positive int"),
+        (
+            dict(rewards=torch.randn(6, 2, 1), group_size=2),
+            ValueError,
+            r"rewards must be \[B\*G\] or \[B\*G, R\]",
+        ),
+        (dict(rewards=torch.arange(6), group_size=2), TypeError, r"rewards must be a floating tensor"),
+        (
+            dict(rewards=torch.randn(6), group_size=2, scale="global"),
+            ValueError,
+            r"scale must be 'group', 'batch'",
+        ),
+        (
+            dict(rewards=torch.randn(6, 2), group_size=2, reward_weights=[1.0]),
+            ValueError,
+            r"reward_weights must have one weight per reward function, \[2\]",
+        ),
+        (dict(rewards=torch.randn(6), group_size=2, eps=-1.0), ValueError, r"eps must be a non-negative"),
+    ],
+)
 def test_group_advantages_rejects(args, exc, match):
     with pytest.raises(exc, match=match):
         gf.group_advantages(**args)

@@ -39,14 +39,35 @@ def _worker(rank: int, world: int, init_file: str, backend: str) -> None:
             cfg = gf.GRPOConfig(**options)
             batch = cast(make_batch(seed=40 + i, dtype=torch.float64, V=1013), torch.float32)
             rows = _shard_rows(batch["weight"].shape[0], world, rank)
-            args = (batch["targets"], batch["mask"], batch["advantages"], batch["old_logp"], batch["ref_logp"])
-            want, want_m = gf.grpo_loss(batch["hidden"], batch["weight"], *args, bias=batch["bias"], config=cfg,
-                                        backend=backend, chunk_size=16)
+            args = (
+                batch["targets"],
+                batch["mask"],
+                batch["advantages"],
+                batch["old_logp"],
+                batch["ref_logp"],
+            )
+            want, want_m = gf.grpo_loss(
+                batch["hidden"],
+                batch["weight"],
+                *args,
+                bias=batch["bias"],
+                config=cfg,
+                backend=backend,
+                chunk_size=16,
+            )
             wh, ww, wb = torch.autograd.grad(want, [batch["hidden"], batch["weight"], batch["bias"]])
             w_local = batch["weight"][rows].detach().clone().requires_grad_(True)
             b_local = batch["bias"][rows].detach().clone().requires_grad_(True)
-            got, got_m = gf.grpo_loss(batch["hidden"], w_local, *args, bias=b_local, config=cfg, backend=backend,
-                                      chunk_size=16 + rank, process_group=dist.group.WORLD)
+            got, got_m = gf.grpo_loss(
+                batch["hidden"],
+                w_local,
+                *args,
+                bias=b_local,
+                config=cfg,
+                backend=backend,
+                chunk_size=16 + rank,
+                process_group=dist.group.WORLD,
+            )
             gh, gw, gb = torch.autograd.grad(got, [batch["hidden"], w_local, b_local])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
             for k in want_m:
@@ -58,11 +79,14 @@ def _worker(rank: int, world: int, init_file: str, backend: str) -> None:
         # selective_logprobs: values, entropy and the gradient through the log-probs.
         h = batch["hidden"].detach().requires_grad_(True)
         tgt = batch["targets"].clamp(min=0)
-        want_lp, want_ent = gf.selective_logprobs(h, batch["weight"], tgt, return_entropy=True, backend=backend)
+        want_lp, want_ent = gf.selective_logprobs(
+            h, batch["weight"], tgt, return_entropy=True, backend=backend
+        )
         (want_g,) = torch.autograd.grad(want_lp.sum(), h)
         w_local = batch["weight"][rows].detach()
-        got_lp, got_ent = gf.selective_logprobs(h, w_local, tgt, return_entropy=True, backend=backend,
-                                                process_group=dist.group.WORLD)
+        got_lp, got_ent = gf.selective_logprobs(
+            h, w_local, tgt, return_entropy=True, backend=backend, process_group=dist.group.WORLD
+        )
         (got_g,) = torch.autograd.grad(got_lp.sum(), h)
         torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_ent, want_ent, rtol=1e-5, atol=1e-6)
@@ -80,7 +104,10 @@ def test_vocab_parallel_equals_single_process(world, tmp_path):
 
 def test_process_group_needs_initialized_distributed():
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
-        gf.selective_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
-                              process_group=object())
+        gf.selective_logprobs(
+            torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), process_group=object()
+        )
     with pytest.raises(ValueError, match="vocab_start is only meaningful with process_group"):
-        gf.selective_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), vocab_start=3)
+        gf.selective_logprobs(
+            torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), vocab_start=3
+        )
