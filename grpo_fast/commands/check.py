@@ -1,0 +1,240 @@
+"""``grpo-fast check``: every backend this machine can run, against the reference, as a pass/fail table.
+
+Each op runs on a few odd shapes (not multiples of any tile size). Its error against an fp64 truth
+(the reference on fp64 inputs) may exceed the error of the reference itself in the same dtype by
+at most ``FACTOR`` times plus ``ATOL`` times the truth's magnitude: the rule the test-suite uses.
+Backends that cannot run an op on a device are listed as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+import grpo_fast as gf
+from grpo_fast import backends
+
+BACKENDS = ("torch", "native", "triton")
+OPS = ("grpo_loss", "selective_logprobs", "group_advantages")
+FACTOR = 2.0
+ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# (B, T, H, V) for the LM-head ops; (groups, G, reward functions) for group_advantages.
+LM_SHAPES = ((3, 37, 67, 1013), (2, 130, 96, 4099))
+ADV_SHAPES = ((5, 7, 1), (16, 8, 3))
+LOSS_CONFIGS = {
+    "dapo+kl": gf.GRPOConfig(loss_type="dapo", beta=0.04, epsilon_high=0.28),
+    "grpo-seq": gf.GRPOConfig(loss_type="grpo", importance_sampling_level="sequence", temperature=0.7),
+}
+
+
+@dataclass
+class Row:
+    backend: str
+    device: str
+    op: str
+    case: str = ""
+    dtype: str = ""
+    abs_err: float = 0.0
+    rel_err: float = 0.0
+    status: str = "PASS"  # PASS, "FAIL: <outputs>", "ERROR: <exception>" or "skipped: <reason>"
+
+    def cells(self) -> list[str]:
+        if self.status.startswith("skipped"):
+            return [self.backend, self.device, self.op, "", "", "", "", self.status]
+        return [
+            self.backend,
+            self.device,
+            self.op,
+            self.case,
+            self.dtype,
+            f"{self.abs_err:.2e}",
+            f"{self.rel_err:.2e}",
+            self.status,
+        ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        action="append",
+        choices=["cpu", "cuda"],
+        help="devices to check (default: cpu, and cuda when available)",
+    )
+    parser.add_argument(
+        "--backend", action="append", choices=BACKENDS, help="backends to check (default: all)"
+    )
+    parser.add_argument("--op", action="append", choices=OPS, help="ops to check (default: all)")
+
+
+def _lm_batch(shape: tuple[int, ...], seed: int) -> dict[str, Tensor]:
+    """An fp64 batch on the CPU; row 1 (if any) fully masked, masked ids may be -100."""
+    B, T, H, V = shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 2 * H**-0.5
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).long()
+    if B > 1:
+        mask[1] = 0
+        targets[1, :3] = -100
+    with torch.no_grad():
+        logp = gf.reference.selective_logprobs(hidden, weight, targets.clamp(min=0), bias)
+    noise = lambda: 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        mask=mask,
+        advantages=torch.randn(B, generator=g, dtype=torch.float64),
+        old_logp=(logp + noise()).float(),
+        ref_logp=(logp + noise()).float(),
+    )
+
+
+def _leaves(batch: dict[str, Tensor], dtype: torch.dtype, device: str) -> dict[str, Tensor]:
+    out = {k: v.to(device) for k, v in batch.items()}
+    for k in ("hidden", "weight", "bias"):
+        out[k] = batch[k].to(device, dtype).requires_grad_(True)
+    out["advantages"] = out["advantages"].float()
+    return out
+
+
+def _loss_outputs(fn: Callable, b: dict[str, Tensor], cfg: gf.GRPOConfig) -> list[Tensor]:
+    loss, _ = fn(
+        b["hidden"],
+        b["weight"],
+        b["targets"],
+        b["mask"],
+        b["advantages"],
+        b["old_logp"],
+        b["ref_logp"],
+        b["bias"],
+        cfg,
+    )
+    return [loss.detach(), *torch.autograd.grad(loss, [b["hidden"], b["weight"], b["bias"]])]
+
+
+def _logprob_outputs(fn: Callable, b: dict[str, Tensor]) -> list[Tensor]:
+    logp, entropy = fn(b["hidden"], b["weight"], b["targets"].clamp(min=0), b["bias"], 0.9, True)
+    upstream = torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype, device=logp.device).view_as(logp)
+    return [logp.detach(), entropy, *torch.autograd.grad((logp * upstream).sum(), [b["hidden"], b["weight"]])]
+
+
+LOSS_OUTPUTS = ("loss", "grad hidden", "grad weight", "grad bias")
+LOGPROB_OUTPUTS = ("logp", "entropy", "grad hidden", "grad weight")
+
+
+def _compare(
+    names: tuple[str, ...], got: list[Tensor], ref: list[Tensor], truth: list[Tensor], dtype: torch.dtype
+) -> tuple[float, float, str]:
+    """Worst absolute and relative error, and "PASS" or "FAIL: <outputs out of tolerance>"."""
+    worst_abs, worst_rel, failed = 0.0, 0.0, []
+    for name, g, r, t in zip(names, got, ref, truth, strict=True):
+        t = t.double().cpu()
+        err = (g.double().cpu() - t).abs().max().item() if t.numel() else 0.0
+        ref_err = (r.double().cpu() - t).abs().max().item() if t.numel() else 0.0
+        # The loss is a sum of O(1) terms (normalised advantages) that largely cancel: judge it on that scale.
+        floor = 1.0 if t.dim() == 0 else 1e-30
+        scale = max(t.abs().max().item() if t.numel() else 0.0, floor)
+        if err > FACTOR * ref_err + ATOL.get(dtype, 1e-6) * scale:
+            failed.append(name)
+        worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / scale)
+    return worst_abs, worst_rel, f"FAIL: {', '.join(failed)}" if failed else "PASS"
+
+
+def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
+    rows = []
+    for shape in LM_SHAPES:
+        batch = _lm_batch(shape, seed=sum(shape))
+        configs = LOSS_CONFIGS.items() if op == "grpo_loss" else [("", None)]
+        for label, cfg in configs:
+            if op == "grpo_loss":
+                fast, reference = partial(gf.grpo_loss, backend=name), gf.reference.grpo_loss
+                run = partial(_loss_outputs, cfg=cfg)
+            else:
+                fast, reference = (
+                    partial(gf.selective_logprobs, backend=name),
+                    gf.reference.selective_logprobs,
+                )
+                run = _logprob_outputs
+            truth = run(reference, _leaves(batch, torch.float64, "cpu"))
+            ref = run(reference, _leaves(batch, dtype, device))
+            got = run(fast, _leaves(batch, dtype, device))
+            outputs = LOSS_OUTPUTS if op == "grpo_loss" else LOGPROB_OUTPUTS
+            abs_err, rel_err, status = _compare(outputs, got, ref, truth, dtype)
+            case = "x".join(map(str, shape)) + (f" {label}" if label else "")
+            rows.append(
+                Row(name, device, op, case, str(dtype).removeprefix("torch."), abs_err, rel_err, status)
+            )
+    return rows
+
+
+def _check_advantages(name: str, device: str) -> list[Row]:
+    rows = []
+    for groups, G, R in ADV_SHAPES:
+        g = torch.Generator().manual_seed(groups * G + R)
+        rewards = torch.rand(groups * G, R, generator=g, dtype=torch.float64)
+        rewards[torch.rand(groups * G, R, generator=g) < 0.1] = float("nan")  # "does not apply"
+        rewards[:G] = 0.5  # a group of equal rewards: advantage 0
+        weights = torch.linspace(0.5, 1.5, R, dtype=torch.float64)
+        truth = gf.reference.group_advantages(rewards, G, "group", 1e-4, weights)
+        ref = gf.reference.group_advantages(
+            rewards.float().to(device), G, "group", 1e-4, weights.float().to(device)
+        )
+        got = gf.group_advantages(rewards.float().to(device), G, reward_weights=weights.float(), backend=name)
+        abs_err, rel_err, status = _compare(("advantages",), [got], [ref], [truth], torch.float32)
+        rows.append(
+            Row(name, device, "group_advantages", f"{groups}x{G}x{R}", "float32", abs_err, rel_err, status)
+        )
+    return rows
+
+
+def check(backend_names: list[str], devices: list[str], ops: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    for device in devices:
+        dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
+        for name in backend_names:
+            for op in ops:
+                try:
+                    backends.resolve(name, torch.device(device), op)
+                except ValueError as err:
+                    reason = str(err).split(": ", 1)[-1]
+                    rows.append(Row(name, device, op, status=f"skipped: {reason}"))
+                    continue
+                try:
+                    if op == "group_advantages":
+                        rows += _check_advantages(name, device)
+                    else:
+                        for dtype in dtypes:
+                            rows += _check_lm(name, device, op, dtype)
+                except Exception as err:  # a crashing backend is a finding, not the end of the check
+                    rows.append(Row(name, device, op, status=f"ERROR: {type(err).__name__}: {err}"))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ["backend", "device", "op", "shape", "dtype", "max abs err", "max rel err", "result"]
+    cells = [header] + [r.cells() for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(c, widths, strict=False)) + "  " + c[-1] for c in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    rows = check(args.backend or list(BACKENDS), devices, args.op or list(OPS))
+    print(format_table(rows))
+    failed = [r for r in rows if r.status.startswith(("FAIL", "ERROR"))]
+    ran = [r for r in rows if not r.status.startswith("skipped")]
+    print(f"\n{len(ran) - len(failed)} passed, {len(failed)} failed, {len(rows) - len(ran)} skipped")
+    return 1 if failed else 0

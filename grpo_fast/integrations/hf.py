@@ -1,0 +1,94 @@
+"""Hugging Face causal LMs as grpo_fast wants them: the backbone's final hidden states and the LM head.
+
+The loss needs ``hidden`` after the final norm and the head's ``weight``/``bias``, never the logits.
+The model is expected to compute ``logits = lm_head(hidden)`` with nothing in between; models that
+scale or soft-cap their logits are reported by :func:`unsupported_head` so callers can fall back.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+from torch import Tensor, nn
+
+HIDDEN_KWARG = "grpo_fast_hidden"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (which keeps LoRA layers injected in it)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack whose ``last_hidden_state`` (after the final norm) feeds the LM head."""
+    inner = unwrap(model)
+    base = getattr(inner, "base_model", None)
+    if base is None or base is inner:
+        raise TypeError(
+            f"{type(inner).__name__} has no separate backbone (base_model); grpo_fast needs a "
+            "transformers *ForCausalLM model whose LM head is applied to the backbone's hidden states"
+        )
+    return base
+
+
+def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the output layer (the embedding matrix when tied)."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"{type(inner).__name__} has no linear LM head (get_output_embeddings().weight)")
+    return weight, getattr(head, "bias", None)
+
+
+def unsupported_head(model: nn.Module) -> str | None:
+    """Why ``lm_head(hidden)`` is not this model's logits (soft-capping, logit scaling), or None."""
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its logits (final_logit_softcapping)"
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            return f"the model scales its logits ({name}={value})"
+    return None
+
+
+def completion_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_completion: int
+) -> Tensor:
+    """Final hidden states ``[B, K, H]`` of the positions that predict the last K tokens of input_ids."""
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state[:, -num_completion - 1 : -1]
+
+
+def add_hidden_forward(model: nn.Module) -> None:
+    """Let ``model(..., grpo_fast_hidden=True)`` return the backbone's output instead of logits.
+
+    Going through ``model(...)`` rather than calling the backbone directly keeps wrappers (DDP, FSDP,
+    PEFT) in the loop, the same way TRL reaches its fused LM head. Idempotent.
+    """
+    if getattr(model.forward, "_grpo_fast_hidden", False):
+        return
+    inner_forward = model.forward
+
+    @functools.wraps(type(model).forward)  # keeps the signature that generate() validates kwargs against
+    def forward(self, *args, **kwargs):
+        if not kwargs.pop(HIDDEN_KWARG, False):
+            return inner_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return backbone(self)(*args, **kwargs)
+
+    forward._grpo_fast_hidden = True
+    model.forward = types.MethodType(forward, model)
+
+
+def match_head_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Cast the head to hidden's dtype (as autocast would for the LM head); gradients flow back to it."""
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+    return weight, bias

@@ -1,0 +1,117 @@
+"""``grpo-fast train``: a YAML config and/or one flag per TrainConfig option; no arguments runs the demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from .config import CHOICES, TrainConfig, allowed_types, field_types
+
+METAVARS = {int: "N", float: "X", str: "STR"}
+
+EPILOG = """examples:
+  grpo-fast train                                   # the built-in demo, writes runs/demo/
+  grpo-fast train --config configs/demo.yaml --max-steps 100
+  grpo-fast train --model ./my-model --dataset prompts.jsonl --reward my_rewards:accuracy \\
+                  --learning-rate 1e-6 --output-dir runs/mine
+  grpo-fast train --output-dir runs/mine --resume   # continue from the latest checkpoint
+
+Flags override the YAML file. A reward function that fails skips its step; after
+--max-reward-failures failures in a row the run saves a checkpoint and stops (exit code 1).
+Ctrl-C saves a checkpoint and exits (130)."""
+
+
+def _optional(kind: type):
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--config", metavar="YAML", help="options as a YAML mapping (see configs/)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT",
+    )
+    group = parser.add_argument_group("training options (each also a YAML key)")
+    types = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        scalars, elem = allowed_types(types[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"]
+        if "default" not in help_text and default not in (None, []):
+            help_text += f" (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if list in scalars:
+            kind = elem
+            kw.update(nargs="+", type=elem) if f.name != "rewards" else kw.update(action="append")
+        elif bool in scalars:
+            kind = bool
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kind = next(t for t in scalars if t is not type(None))
+            kw["type"] = _optional(kind) if type(None) in scalars else kind
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        elif kind is not bool:
+            kw["metavar"] = "MODULE:FUNCTION" if f.name == "rewards" else METAVARS[kind]
+        group.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loop import Trainer
+    from .reporting import read_metrics
+    from .rewards import RewardError
+
+    try:  # bad options, model, dataset or rewards: one clear line, no traceback
+        cfg = config_from_args(args)
+        print(
+            f"grpo-fast train: model {cfg.model}, dataset {cfg.dataset}, rewards {', '.join(cfg.rewards)}, "
+            f"{cfg.max_steps} steps of {cfg.prompts_per_step}x{cfg.num_generations} completions, "
+            f"loss {cfg.loss_type}, output {cfg.output_dir}",
+            flush=True,
+        )
+        trainer = Trainer(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"grpo-fast train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train(resume=args.resume)
+    except RewardError as err:
+        print(f"grpo-fast train: stopped: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:  # --resume of a missing or incomplete checkpoint
+        print(f"grpo-fast train: error: {err}", file=sys.stderr)
+        return 2
+    rows = read_metrics(result.metrics_path)
+    if rows:
+        window = min(20, len(rows))
+        first = sum(r["reward_mean"] for r in rows[:window]) / window
+        last = sum(r["reward_mean"] for r in rows[-window:]) / window
+        print(f"mean reward: first {window} steps {first:.3f}, last {window} steps {last:.3f}")
+    print(f"metrics: {result.metrics_path}" + (f"\nplot: {result.plot_path}" if result.plot_path else ""))
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}")
+    if result.interrupted:
+        print(f"interrupted at step {result.steps}; continue with --resume")
+        return 130
+    return 0

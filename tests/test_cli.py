@@ -1,0 +1,168 @@
+"""The ``grpo-fast`` command line: --help everywhere, ``train`` errors and a short run, ``check``'s table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_fast import cli
+from grpo_fast.commands import check
+from grpo_fast.trainer.reporting import read_metrics
+
+from .test_trainer import one_thread  # noqa: F401 - autouse fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["check"], ["bench"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: grpo-fast" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "grpo_fast.cli", "train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0 and "--learning-rate" in out.stdout and "--resume" in out.stdout
+
+
+def test_train_flags_cover_every_option():
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        [
+            "train",
+            "--reward",
+            "a:b",
+            "--reward",
+            "c:d",
+            "--reward-weights",
+            "1",
+            "2",
+            "--no-progress",
+            "--bf16",
+            "--delta",
+            "none",
+            "--epsilon-high",
+            "0.3",
+        ]
+    )
+    from grpo_fast.trainer.cli import config_from_args
+
+    cfg = config_from_args(args)
+    assert cfg.rewards == ["a:b", "c:d"] and cfg.reward_weights == [1.0, 2.0]
+    assert cfg.progress is False and cfg.bf16 is True and cfg.delta is None and cfg.epsilon_high == 0.3
+
+
+def test_train_short_demo_run(tmp_path, capsys):
+    code = cli.main(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            "--prompts-per-step",
+            "2",
+            "--num-generations",
+            "4",
+            "--print-completions-every",
+            "2",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sample completions" in out and "mean reward: first 3 steps" in out
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3 and (tmp_path / "reward_kl.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, flags, message",
+    [
+        ("max_step: 3\n", [], "unknown option 'max_step'; did you mean 'max_steps'"),
+        ("loss_type: ppo\n", [], "loss_type must be one of"),
+        ("", ["--reward", "nowhere_module_q:fn"], "cannot import module 'nowhere_module_q'"),
+        ("", ["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
+    ],
+)
+def test_train_bad_input_is_one_clear_line(tmp_path, capsys, yaml_text, flags, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text + f"output_dir: {tmp_path / 'run'}\n")
+    assert cli.main(["train", "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_train_model_dir_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                str(tmp_path),
+                "--dataset",
+                "demo",
+                "--reward",
+                "grpo_fast.trainer.demo:reward",
+            ]
+        )
+        == 2
+    )
+    assert "has a config.json but no weights" in capsys.readouterr().err
+
+
+def test_check_table_lists_every_backend_and_exit_code(capsys):
+    assert cli.main(["check", "--op", "group_advantages"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["backend", "device", "op"]
+    assert {line.split()[0] for line in lines[2:] if line.strip() and "passed" not in line} == set(
+        check.BACKENDS
+    )
+    assert "PASS" in lines[2]
+
+
+def test_check_lists_unavailable_backends_as_skipped(monkeypatch, capsys):
+    real = check.backends.resolve
+
+    def resolve(name, device, op):
+        if name == "native":
+            raise ValueError("backend='native' cannot run group_advantages: grpo_fast._C is not built")
+        return real(name, device, op)
+
+    monkeypatch.setattr(check.backends, "resolve", resolve)
+    assert cli.main(["check", "--op", "group_advantages", "--backend", "native"]) == 0
+    assert "skipped: grpo_fast._C is not built" in capsys.readouterr().out
+
+
+def test_check_reports_a_wrong_backend_as_fail(monkeypatch, capsys):
+    real = check.gf.group_advantages
+    monkeypatch.setattr(check.gf, "group_advantages", lambda *a, **kw: real(*a, **kw) + 1e-3)
+    assert cli.main(["check", "--op", "group_advantages", "--backend", "torch"]) == 1
+    assert "FAIL: advantages" in capsys.readouterr().out
+
+
+def test_check_lm_ops_run_and_pass_loss_rows():
+    rows = check.check(["torch"], ["cpu"], ["grpo_loss"])
+    assert len(rows) == len(check.LM_SHAPES) * len(check.LOSS_CONFIGS)
+    assert all(r.status == "PASS" for r in rows), [r.cells() for r in rows]
+    assert all(r.abs_err < 1e-5 for r in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_check_on_cuda_includes_bf16():
+    rows = check.check(["torch"], ["cuda"], ["grpo_loss"])
+    assert {r.dtype for r in rows} == {"float32", "bfloat16"}

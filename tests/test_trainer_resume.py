@@ -1,0 +1,170 @@
+"""Checkpoints lose nothing: a run killed (SIGKILL) and resumed matches one that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_fast.cli import build_parser
+from grpo_fast.trainer import TrainConfig, Trainer, demo
+from grpo_fast.trainer.checkpoint import TENSORS, WEIGHTS, checkpoints, latest_checkpoint
+from grpo_fast.trainer.cli import config_from_args
+from grpo_fast.trainer.reporting import read_metrics
+
+from .test_trainer import one_thread  # noqa: F401 - autouse fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+# Wall-clock measurements differ between runs; every other metric must be identical.
+TIMING = {"tokens_per_s", "step_time_s", "peak_mem_mb"}
+STEPS = 8
+
+
+def slow_reward(prompts, completions, answer, **kwargs):
+    """The demo reward, slowed so that a test can kill the run between two checkpoints."""
+    time.sleep(0.1)
+    return demo.reward(prompts, completions, answer)
+
+
+def _command(run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "grpo_fast.cli",
+        "train",
+        "--output-dir",
+        str(run_dir),
+        "--max-steps",
+        str(STEPS),
+        "--save-every",
+        "1",
+        "--save-total-limit",
+        "3",
+        "--prompts-per-step",
+        "4",
+        "--num-generations",
+        "4",
+        "--num-iterations",
+        "2",
+        "--reward",
+        "tests.test_trainer_resume:slow_reward",
+        "--no-progress",
+        "--print-completions-every",
+        "0",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _deterministic(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = subprocess.Popen(_command(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
+    # The uninterrupted run: the same options through the same parser, in this process (saves a start-up).
+    args = build_parser().parse_args(_command(straight)[3:])
+    assert Trainer(config_from_args(args)).train().steps == STEPS
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(killed) is None or int(latest_checkpoint(killed).name.split("-")[1]) < 3:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint-000003 after 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = len(read_metrics(killed / "metrics.jsonl"))
+    assert stopped_at < STEPS
+
+    resumed = subprocess.run(
+        _command(killed, "--resume"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = read_metrics(straight / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert _deterministic(got) == _deterministic(want)
+    assert not list(killed.glob(".checkpoint-*")), "a temporary checkpoint directory was left behind"
+
+
+def test_checkpoint_files_load_without_pickle(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig.from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "num_generations": 4,
+            "progress": False,
+            "save_every": 1,
+        }
+    )
+    Trainer(cfg).train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-000001", "checkpoint-000002"]
+    last = latest_checkpoint(tmp_path)
+    state = torch.load(last / TENSORS, weights_only=True)
+    assert {"optimizer", "scheduler", "rng"} <= state.keys()
+    assert "lm_head.weight" in load_file(last / WEIGHTS) or "model.embed_tokens.weight" in load_file(
+        last / WEIGHTS
+    )
+
+
+def test_resume_in_process_continues_the_data_and_the_schedule(tmp_path):
+    values = {
+        "output_dir": str(tmp_path),
+        "prompts_per_step": 2,
+        "num_generations": 4,
+        "progress": False,
+        "print_completions_every": 0,
+        "save_every": 0,
+        "max_steps": 4,
+        "warmup_steps": 1,
+    }
+    Trainer(TrainConfig.from_dict(values)).train()
+    straight = read_metrics(tmp_path / "metrics.jsonl")
+
+    cut = tmp_path / "cut"
+    trainer = Trainer(TrainConfig.from_dict({**values, "output_dir": str(cut)}))
+    step = trainer.train_step
+
+    def stop_after_two() -> dict:  # what the Ctrl-C handler does, after step 2
+        row = step()
+        trainer._stop_requested = trainer.step == 1
+        return row
+
+    trainer.train_step = stop_after_two
+    first = trainer.train()
+    assert first.interrupted and first.steps == 2 and first.checkpoint.name == "checkpoint-000002"
+
+    with pytest.warns(UserWarning, match="warmup_steps: 1 -> 0"):  # changed options are reported
+        Trainer(TrainConfig.from_dict({**values, "output_dir": str(cut), "warmup_steps": 0})).resume()
+    result = Trainer(TrainConfig.from_dict({**values, "output_dir": str(cut)})).train(resume=True)
+    assert result.steps == 4 and not result.interrupted
+    assert _deterministic(read_metrics(cut / "metrics.jsonl")) == _deterministic(straight)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    proc = subprocess.Popen(
+        _command(tmp_path, "--save-every", "0"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not read_metrics(tmp_path / "metrics.jsonl"):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    steps = len(read_metrics(tmp_path / "metrics.jsonl"))
+    assert steps < STEPS
+    assert latest_checkpoint(tmp_path).name == f"checkpoint-{steps:06d}"
+    assert "continue with --resume" in out
