@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from functools import cache
 
 import torch
@@ -19,7 +20,7 @@ AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 # Which ops each compiled backend implements today, per device type ("torch" runs everything).
 IMPLEMENTED: dict[str, dict[str, tuple[str, ...]]] = {
     "native": {"cpu": ("group_advantages",), "cuda": ("group_advantages",)},
-    "triton": {"cuda": ()},
+    "triton": {"cuda": OPS},
 }
 # Ops for which "auto" prefers the compiled backend on the CPU (measured faster than "torch").
 AUTO_CPU_NATIVE: tuple[str, ...] = ("group_advantages",)
@@ -35,6 +36,8 @@ def _why_unavailable(name: str, device: torch.device, op: str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_importable():
+            return None  # Triton's interpreter runs the kernels on CPU tensors (tests); "auto" never picks it
         if device.type != "cuda":
             return f"the Triton kernels run on CUDA tensors only, and the inputs are on {device.type}"
         if not triton_importable():
@@ -75,4 +78,8 @@ def chunk_ops(name: str) -> ChunkOps:
     """The per-chunk pass of a backend (the chunk loop around it is shared)."""
     if name == "torch":
         return TorchChunkOps()
+    if name == "triton":
+        from .triton_ops import TritonChunkOps  # imports triton: only when this backend runs
+
+        return TritonChunkOps()
     raise ValueError(f"backend {name!r} has no chunk pass")

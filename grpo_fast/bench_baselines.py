@@ -1,0 +1,261 @@
+"""The GPU benchmark's other implementations, registered into :data:`grpo_fast.bench.IMPLS`.
+
+- ``trl``: TRL 1.16's own path: its fused LM head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``,
+  called as ``add_fused_lm_head`` calls it: the unmasked tokens, 32768-wide vocabulary tiles, entropy
+  requested) and then its torch loss on the per-token log-probs (``GRPOTrainer._compute_loss``'s lines);
+- ``liger``: liger-kernel's ``LigerFusedLinearGRPOLoss`` as TRL configures it (compiled, one sequence
+  per chunk);
+- ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile`` (the
+  loop itself, with its data-dependent chunking, stays eager);
+- ``grpo_fast-triton``: ``grpo_loss(backend="triton")``.
+
+Nothing heavy is imported here: each factory imports its library when the benchmark builds a step.
+:func:`runnable` says which can run on a device (library installed, CUDA where it needs CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import types
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import torch
+from torch import Tensor
+
+import grpo_fast as gf
+
+from . import backends, bench
+from .chunk_ops import TorchChunkOps
+from .config import CLIPPED_LOSS_TYPES, GRPOConfig
+
+# TRL's add_fused_lm_head vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
+TRL_VOCAB_CHUNK = 32768
+
+
+def trl_loss_from_logps(
+    per_token_logps: Tensor,
+    entropies: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    cfg: GRPOConfig,
+    num_items_in_batch: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's ``GRPOTrainer._compute_loss`` after the log-probs ([B, T] tensors; one process, no
+    gradient accumulation, no vLLM correction), with the metrics it logs."""
+    mask = mask.float()
+    advantages = advantages.float().unsqueeze(1)
+    old = per_token_logps.detach() if old_logp is None else old_logp
+    log_ratio = per_token_logps - old
+    if cfg.importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    per_token_kl = None
+    if cfg.beta != 0.0:
+        per_token_kl = torch.exp(ref_logp - per_token_logps) - (ref_logp - per_token_logps) - 1
+        if cfg.use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+    if cfg.loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=cfg.eps_high).detach() * advantages * per_token_logps
+    elif cfg.loss_type in CLIPPED_LOSS_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.eps_high)
+        if cfg.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=cfg.delta)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    else:  # sapo
+        temperatures = torch.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        per_token_loss = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * advantages
+    if per_token_kl is not None:
+        per_token_loss = per_token_loss + cfg.beta * per_token_kl
+    if cfg.loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif cfg.loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif cfg.loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * cfg.max_completion_length)
+    elif cfg.loss_type in ("cispo", "dapo"):
+        items = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token_loss * mask).sum() / items.clamp(min=1.0)
+    else:  # luspo
+        loss = (per_token_loss * mask).sum(-1).mean()
+    with torch.no_grad():
+        denom = mask.sum().clamp(min=1.0)
+        mean = lambda x: (x * mask).sum() / denom  # noqa: E731
+        metrics = {"entropy": mean(entropies)}
+        if per_token_kl is not None:
+            metrics["kl"] = mean(per_token_kl)
+        if cfg.loss_type in CLIPPED_LOSS_TYPES and cfg.importance_sampling_level == "token":
+            low = (coef_1 < 1 - cfg.epsilon_low) & (advantages < 0)
+            high = (coef_1 > 1 + cfg.eps_high) & (advantages > 0)
+            metrics.update(
+                clip_ratio_low=mean(low.float()),
+                clip_ratio_high=mean(high.float()),
+                clip_ratio_region=mean((low | high).float()),
+            )
+    return loss, metrics
+
+
+def _ensure_trl_trainer_utils() -> None:
+    """ChunkedLogProbFunction.backward imports ``maybe_gather_lm_head_ctx`` from ``trl.trainer.utils``,
+    which imports ``datasets`` and more. Where those are missing (a bare GPU image), stand in a module
+    with that one helper, as TRL defines it without DeepSpeed ZeRO-3: a null context."""
+    try:
+        import trl.trainer.utils  # noqa: F401
+    except ImportError as err:
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        stub.__doc__ = f"grpo_fast benchmark stand-in: trl.trainer.utils failed to import ({err})"
+        sys.modules["trl.trainer.utils"] = stub
+        print(f"grpo_fast.bench_baselines: {stub.__doc__}", file=sys.stderr)
+
+
+def _trl(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    _ensure_trl_trainer_utils()
+    cfg = case.config()
+    hidden, weight, targets, mask = inputs["hidden"], inputs["weight"], inputs["targets"], inputs["mask"]
+    keep = mask.bool()
+
+    def step() -> None:
+        hidden.grad = weight.grad = None
+        logps, entropy, *_ = ChunkedLogProbFunction.apply(
+            hidden[keep],
+            weight,
+            None,
+            targets[keep],
+            cfg.temperature,
+            TRL_VOCAB_CHUNK,
+            None,
+            1.0,
+            ("entropy",),
+        )
+        per_token_logps = logps.new_zeros(keep.shape).masked_scatter(keep, logps)
+        entropies = entropy.new_zeros(keep.shape).masked_scatter(keep, entropy)
+        loss, _ = trl_loss_from_logps(
+            per_token_logps,
+            entropies,
+            mask,
+            inputs["advantages"],
+            inputs.get("old_logp"),
+            inputs.get("ref_logp"),
+            cfg,
+        )
+        loss.backward()
+
+    return step
+
+
+def _liger(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    cfg = case.config()
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=cfg.beta,
+        compiled=torch.device(case.device).type == "cuda",
+        use_ref_model=cfg.beta != 0.0,
+        chunk_size=1,
+        epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.eps_high,
+        loss_type=cfg.loss_type,
+        max_completion_length=cfg.max_completion_length,
+        importance_sampling_level=cfg.importance_sampling_level,
+        temperature=cfg.temperature,
+        delta=cfg.delta,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+    )
+
+    def step() -> None:
+        inputs["hidden"].grad = inputs["weight"].grad = None
+        out = loss_fn(
+            inputs["hidden"],
+            inputs["weight"],
+            inputs["targets"],
+            inputs["mask"],
+            inputs["advantages"],
+            ref_per_token_logps=inputs.get("ref_logp"),
+            old_per_token_logps=inputs.get("old_logp"),
+        )
+        (out[0] if isinstance(out, tuple) else out).backward()
+
+    return step
+
+
+class CompiledTorchChunkOps(TorchChunkOps):
+    """The "torch" chunk pass with each method under torch.compile (compiled once per process)."""
+
+    name = "torch-compile"
+    _compiled: dict[str, Callable] = {}
+
+    def _fn(self, method: str) -> Callable:
+        if method not in self._compiled:
+            self._compiled[method] = torch.compile(getattr(TorchChunkOps(), method), dynamic=False)
+        return self._compiled[method]
+
+    def stats(self, logits, targets, temperature):
+        return self._fn("stats")(logits, targets, temperature)
+
+    def grad_(self, logits, targets, lse, g, temperature):
+        return self._fn("grad_")(logits, targets, lse, g, temperature)
+
+    def token_pass_(self, logits, targets, old_logp, ref_logp, adv, w, cfg):
+        return self._fn("token_pass_")(logits, targets, old_logp, ref_logp, adv, w, cfg)
+
+
+@contextlib.contextmanager
+def _chunk_pass(ops: TorchChunkOps) -> Iterator[None]:
+    """grpo_loss(backend="torch") with another chunk pass: the public API takes backend names only."""
+    real = backends.chunk_ops
+    with mock.patch.object(backends, "chunk_ops", lambda name: ops if name == "torch" else real(name)):
+        yield
+
+
+def _torch_compile(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+    cfg, ops = case.config(), CompiledTorchChunkOps()
+    fields = ("hidden", "weight", "targets", "mask", "advantages", "old_logp", "ref_logp")
+
+    def step() -> None:
+        inputs["hidden"].grad = inputs["weight"].grad = None
+        with _chunk_pass(ops):
+            loss, _ = gf.grpo_loss(**{k: inputs.get(k) for k in fields}, config=cfg, backend="torch")
+        loss.backward()
+
+    return step
+
+
+def _grpo_fast_triton(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+    return bench._grpo_fast("triton")(inputs, case)
+
+
+# name -> (factory, modules it imports, needs CUDA)
+BASELINES: dict[str, tuple[Callable, tuple[str, ...], bool]] = {
+    "trl": (_trl, ("trl",), True),
+    "liger": (_liger, ("liger_kernel",), True),
+    "torch-compile": (_torch_compile, (), True),
+    "grpo_fast-triton": (_grpo_fast_triton, ("triton",), True),
+}
+
+
+def register() -> None:
+    """Add the baselines to bench.IMPLS (idempotent)."""
+    for name, (factory, _, _) in BASELINES.items():
+        bench.IMPLS.setdefault(name, factory)
+
+
+def runnable(name: str, device: str) -> bool:
+    """Whether implementation `name` can run on `device` here (bench's own ones always can)."""
+    if name not in BASELINES:
+        return name in bench.IMPLS
+    _, modules, needs_cuda = BASELINES[name]
+    if needs_cuda and not (device.startswith("cuda") and torch.cuda.is_available()):
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+register()

@@ -1,0 +1,487 @@
+"""The Triton kernels and the "triton" backend against the fp64 truth, under Triton's interpreter on the CPU.
+
+Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported, and the kernels run
+in numpy on CPU tensors (with CUDA they run on the GPU). The interpreter computes ``tl.dot`` on bfloat16
+wrongly, so these tests use float32 and float16; bfloat16 is covered by tests/test_triton_gpu.py. Sizes
+are odd (not tile multiples) and small: the interpreter runs one program at a time.
+
+Tolerance (tests/helpers.py): the kernel's error against the fp64 truth may exceed the error of
+PyTorch in the same dtype by at most a small per-dtype margin.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip(
+        "no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True
+    )
+
+from grpo_fast.kernels import advantages as adv_kernels  # noqa: E402
+from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs, token_pass  # noqa: E402
+
+import grpo_fast as gf  # noqa: E402
+from grpo_fast import backends, objective  # noqa: E402
+from grpo_fast.chunk_ops import TorchChunkOps  # noqa: E402
+from grpo_fast.config import LOSS_TYPES  # noqa: E402
+from grpo_fast.triton_ops import (  # noqa: E402
+    TritonChunkOps,
+    triton_group_advantages,
+    triton_selective_logprobs,
+)
+
+from .helpers import assert_within, cast, make_batch  # noqa: E402
+from .test_loss import run_loss  # noqa: E402
+
+# The interpreter evaluates both sides of tl.where in numpy, so masked lanes warn about inf - inf.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+DTYPE_IDS = ["fp32", "fp16"]
+C, V, H = 37, 1013, 67
+
+
+def tile(
+    dtype: torch.dtype, seed: int = 0, rows: int = C, cols: int = V
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logits tile with a wide spread (some rows peaked, some flat) and its targets."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.linspace(0.1, 8.0, rows, dtype=torch.float64).unsqueeze(1)
+    logits = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * spread + 3.0).to(dtype)
+    targets = torch.randint(0, cols, (rows,), generator=g)
+    return logits.to(DEVICE), targets.to(DEVICE)
+
+
+def truth_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    z = logits.double() / temperature
+    lse = torch.logsumexp(z, -1)
+    log_probs = z - lse.unsqueeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return lse, log_probs.gather(1, targets.unsqueeze(1)).squeeze(1), entropy
+
+
+def truth_dlogits(logits, targets, lse, g, temperature):
+    z = logits.double() / temperature
+    onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).double()
+    return g.double().unsqueeze(1) / temperature * (onehot - torch.exp(z - lse.double().unsqueeze(1)))
+
+
+# ---------------------------------------------------------------- kernels, one by one
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunk_stats(dtype, temperature):
+    logits, targets = tile(dtype, seed=1)
+    got = chunk_stats.chunk_stats(logits, targets, temperature)
+    same = TorchChunkOps().stats(logits.clone(), targets, temperature)
+    truth = truth_stats(logits, targets, temperature)
+    for name, a, b, t in zip(("lse", "logp", "entropy"), got, same, truth, strict=True):
+        assert a.dtype == torch.float32 and a.shape == (C,)
+        assert_within(name, a, b, t, dtype)
+
+
+def test_chunk_stats_leaves_tile_and_takes_row_stride():
+    logits, targets = tile(torch.float32, seed=2, cols=V + 29)
+    view = logits[:, 5 : 5 + V]  # rows contiguous, row stride V + 29
+    before = logits.clone()
+    got = chunk_stats.chunk_stats(view, targets.clamp(max=V - 1), 0.9)
+    truth = truth_stats(view, targets.clamp(max=V - 1), 0.9)
+    assert torch.equal(logits, before)
+    for a, t in zip(got, truth, strict=True):
+        torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_partial_stats_of_shards_combine_to_whole(dtype):
+    """Vocabulary shards' partials (targets outside a shard read nothing) merge into the whole row's."""
+    logits, targets = tile(dtype, seed=3)
+    cuts = [0, 300, 301, V]
+    parts = [
+        chunk_stats.chunk_partial_stats(logits[:, a:b], targets - a, 0.8)
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    ]
+    for (a, b), p in zip(zip(cuts, cuts[1:], strict=False), parts, strict=True):
+        want = TorchChunkOps().partial_stats(logits[:, a:b], targets - a, 0.8)
+        torch.testing.assert_close(p, want, rtol=2e-5, atol=2e-5)
+    m, s, u, t = torch.stack(parts).double().unbind(1)
+    big_m = m.max(0).values
+    r = torch.exp(m - big_m)
+    big_s = (r * s).sum(0)
+    lse = big_m + big_s.log()
+    entropy = big_s.log() - (r * (u + s * (m - big_m))).sum(0) / big_s
+    truth = truth_stats(logits, targets, 0.8)
+    same = TorchChunkOps().stats(logits.clone(), targets, 0.8)
+    combined = (lse, t.sum(0) - lse, entropy)
+    for name, a, b, want in zip(("lse", "logp", "entropy"), combined, same, truth, strict=True):
+        assert_within(name, a, b, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_chunk_grad_in_place(dtype):
+    logits, targets = tile(dtype, seed=4)
+    lse = TorchChunkOps().stats(logits.clone(), targets, 0.7)[0]
+    g = torch.randn(C, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    targets[3] = -1  # another shard's token: no one-hot term
+    work = logits.clone()
+    out = chunk_grad.chunk_grad_(work, targets, lse, g, 0.7)
+    assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
+    same = TorchChunkOps().grad_(logits.clone(), targets, lse, g, 0.7)
+    truth = truth_dlogits(logits, targets.clamp(min=0), lse, g, 0.7)
+    truth[3] = -g[3].double() / 0.7 * torch.exp(logits[3].double() / 0.7 - lse[3].double())
+    assert_within("dlogits", out, same, truth, dtype)
+
+
+def grpo_cases():
+    """(name, config, with_old, with_ref): every family, ties (on-policy), delta, the KL variants."""
+    yield "dapo", gf.GRPOConfig(loss_type="dapo", epsilon_high=0.28, beta=0.04), True, True
+    yield "dapo-onpolicy", gf.GRPOConfig(loss_type="dapo", beta=0.04), False, True
+    yield "grpo-delta", gf.GRPOConfig(loss_type="grpo", delta=1.1, beta=0.0), True, False
+    yield (
+        "bnpo-nobiascorr",
+        gf.GRPOConfig(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False),
+        True,
+        True,
+    )
+    yield "cispo", gf.GRPOConfig(loss_type="cispo", epsilon_high=1.1, beta=0.04), True, True
+    yield "sapo", gf.GRPOConfig(loss_type="sapo", sapo_temperature_neg=2.0, beta=0.0), True, False
+    yield "sapo-onpolicy", gf.GRPOConfig(loss_type="sapo", beta=0.04), False, True
+    yield "ref-unused", gf.GRPOConfig(loss_type="dapo", beta=0.0), True, True  # beta 0: ref never read
+    # Ratio exactly 1 sits on every closed bound at once: delta = 1 - eps_low = 1 + eps_high = 1.
+    closed = gf.GRPOConfig(loss_type="grpo", delta=1.0, epsilon_low=0.0, epsilon_high=0.0)
+    yield "grpo-closed-bounds", closed, True, False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(grpo_cases()), ids=[c[0] for c in grpo_cases()])
+def test_token_pass(dtype, case):
+    _, cfg, with_old, with_ref = case
+    cfg = gf.GRPOConfig(**{**cfg.__dict__, "temperature": 0.8})
+    logits, targets = tile(dtype, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    _, logp64, _ = truth_stats(logits, targets, cfg.temperature)
+    noise = lambda: 0.3 * torch.randn(C, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    old = (logp64 + noise()).float() if with_old else None
+    ref = (logp64 + noise()).float() if with_ref else None
+    adv = torch.randn(C, generator=gen).to(DEVICE)
+    adv[:4] = 0.0  # zero advantage: ties between the two clipped branches
+    w = torch.rand(C, generator=gen).to(DEVICE) / C
+
+    work = logits.clone()
+    logp, entropy, dl = TritonChunkOps().token_pass_(work, targets, old, ref, adv, w, cfg)
+    assert dl.data_ptr() == work.data_ptr() and dl.dtype == dtype
+    same = TorchChunkOps().token_pass_(logits.clone(), targets, old, ref, adv, w, cfg)
+    lse64, logp64, ent64 = truth_stats(logits, targets, cfg.temperature)
+    g64 = objective.token_grad(
+        logp64,
+        old.double() if old is not None else None,
+        ref.double() if ref is not None else None,
+        adv.double(),
+        w.double(),
+        cfg,
+    )
+    assert_within("logp", logp, same[0], logp64, dtype)
+    assert_within("entropy", entropy, same[1], ent64, dtype)
+    assert_within("dlogits", dl, same[2], truth_dlogits(logits, targets, lse64, g64, cfg.temperature), dtype)
+
+
+def test_token_pass_g_matches_token_grad_exactly_in_fp32():
+    """The kernel's g_t (read off the target column) is objective.token_grad's, branch for branch."""
+    logits, targets = tile(torch.float32, seed=8, cols=64)
+    gen = torch.Generator().manual_seed(9)
+    for _, cfg, with_old, with_ref in grpo_cases():
+        logp = chunk_stats.chunk_stats(logits, targets, 1.0)[1]  # bit for bit the token pass's logp
+        # Ratios spread over both clip bounds and delta, and exactly 1 (ties) for some tokens.
+        old = logp - torch.linspace(-0.6, 0.6, C, device=DEVICE) if with_old else None
+        if old is not None:
+            old[:3] = logp[:3]
+        ref = logp + 0.3 * torch.randn(C, generator=gen).to(DEVICE) if with_ref else None
+        adv = torch.randn(C, generator=gen).to(DEVICE)
+        w = torch.ones(C, device=DEVICE)
+        work = logits.clone()
+        lp, _, dl = TritonChunkOps().token_pass_(work, targets, old, ref, adv, w, cfg)
+        want = objective.token_grad(lp, old, ref if cfg.beta else None, adv, w, cfg)
+        p_target = torch.exp(lp)
+        g = dl.gather(1, targets.unsqueeze(1)).squeeze(1) / (1 - p_target)
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+def test_family_codes_match_objective():
+    assert (token_pass.FAMILY_CLIPPED, token_pass.FAMILY_CISPO, token_pass.FAMILY_SAPO) == (
+        objective.FAMILY_CLIPPED,
+        objective.FAMILY_CISPO,
+        objective.FAMILY_SAPO,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("temperature, bias", [(1.0, False), (0.7, True)])
+def test_fused_logprobs(dtype, temperature, bias):
+    base = make_batch(B=1, T=C, H=H, V=V, seed=11, dtype=torch.float64, bias=bias, empty_row=False)
+    flat = {k: (v.reshape(-1, H) if k == "hidden" else v) for k, v in base.items() if v is not None}
+    flat["targets"] = base["targets"].reshape(-1)
+    x = cast(flat, dtype)
+    with torch.no_grad():
+        logp, ent = logprobs.fused_logprobs(
+            x["hidden"].to(DEVICE),
+            x["weight"].to(DEVICE),
+            x["bias"].to(DEVICE) if bias else None,
+            x["targets"].to(DEVICE),
+            temperature,
+        )
+        args = lambda b: (b["hidden"], b["weight"], b["targets"], b.get("bias"), temperature)  # noqa: E731
+        same = gf.reference.selective_logprobs(*args(x), return_entropy=True)
+        truth = gf.reference.selective_logprobs(*args(cast(flat, torch.float64)), return_entropy=True)
+    assert_within("logp", logp, same[0], truth[0], dtype)
+    assert_within("entropy", ent, same[1], truth[1], dtype)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        logprobs.LogprobsConfig(block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1, splits=1),
+        logprobs.LogprobsConfig(block_n=32, block_v=128, block_k=64, num_warps=4, num_stages=1, splits=5),
+        logprobs.LogprobsConfig(block_n=16, block_v=16, block_k=16, num_warps=4, num_stages=1, splits=1000),
+    ],
+    ids=["one-split", "five-splits", "split-per-tile"],
+)
+def test_fused_logprobs_tilings(config):
+    """Any tiling gives the same answer: splits merge exactly, partial tiles at every edge."""
+    g = torch.Generator().manual_seed(12)
+    n, h, v = 21, 40, 203
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.4
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[0], targets[1] = 0, v - 1  # the first and last column of the vocabulary
+    logp, ent = logprobs.fused_logprobs(
+        hidden.to(DEVICE), weight.to(DEVICE), None, targets.to(DEVICE), 1.3, config=config
+    )
+    want = gf.reference.selective_logprobs(hidden.double(), weight.double(), targets, None, 1.3, True)
+    torch.testing.assert_close(logp.cpu().double(), want[0].double(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.cpu().double(), want[1].double(), rtol=1e-5, atol=2e-5)
+
+
+def rewards_with_nans(m: int, r: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, r, generator=g) * 3
+    x[torch.rand(m, r, generator=g) < 0.2] = float("nan")
+    x[1] = float("nan")  # no reward applies to this completion
+    return x
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("R, G", [(1, 8), (3, 5), (2, 1), (1, 37)])
+def test_group_advantages_kernel(scale, R, G):
+    rewards = rewards_with_nans(6 * G, R, seed=R * 10 + G)
+    rewards[-G:] = 2.5  # a group of equal rewards: advantage 0
+    weights = torch.linspace(0.5, 2.0, R)
+    got = triton_group_advantages(rewards.to(DEVICE), weights.to(DEVICE), G, scale, 1e-4)
+    want = gf.reference.group_advantages(rewards, G, scale, 1e-4, weights)
+    assert got.dtype == torch.float32 and got.shape == (6 * G,)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert got[1] == 0 and torch.all(got[-G:] == 0)
+
+
+def test_group_advantages_kernel_edge_values():
+    """A single completion (batch std of one value is 0), all-NaN groups, infinities (nan_to_num)."""
+    w1 = torch.ones(1)
+    one = torch.tensor([[3.0]])
+    for scale in ("group", "batch", "none"):
+        got = triton_group_advantages(one.to(DEVICE), w1.to(DEVICE), 1, scale, 1e-4)
+        assert got.cpu().tolist() == gf.reference.group_advantages(one, 1, scale, 1e-4, w1).tolist()
+    rewards = torch.tensor([[float("nan")] * 4 + [1.0, float("inf"), 0.0, 2.0] + [1e38, -1e38, 0.0, 1.0]]).T
+    for scale in ("group", "batch", "none"):
+        got = triton_group_advantages(rewards.to(DEVICE), w1.to(DEVICE), 4, scale, 0.0)
+        want = gf.reference.group_advantages(rewards, 4, scale, 0.0, w1)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- launch checks
+
+
+def test_launchers_reject_bad_inputs(monkeypatch):
+    logits, targets = tile(torch.float32, seed=13, rows=4, cols=50)
+    lse = torch.zeros(4, device=DEVICE)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        chunk_stats.chunk_stats(logits.double(), targets, 1.0)
+    with pytest.raises(ValueError, match=r"\[C, V\] tile"):
+        chunk_stats.chunk_stats(logits[0], targets, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        chunk_grad.chunk_grad_(logits.t(), targets, lse, lse, 1.0)
+    with pytest.raises(ValueError, match=r"targets must have shape \[4\]"):
+        chunk_stats.chunk_stats(logits, targets[:3], 1.0)
+    with pytest.raises(TypeError, match="g must be float32"):
+        chunk_grad.chunk_grad_(logits, targets, lse, lse.double(), 1.0)
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        token_pass.token_pass_(logits, targets, None, None, lse, lse, token_pass.TokenTerms(beta=0.1))
+    with pytest.raises(ValueError, match=r"hidden must be \[N, H\]"):
+        logprobs.fused_logprobs(logits, logits[:, :7], None, targets, 1.0)
+    with pytest.raises(ValueError, match="group_size"):
+        adv_kernels.group_advantages(logits, torch.ones(50, device=DEVICE), 3, "group", 1e-4)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            chunk_stats.chunk_stats(logits, targets, 1.0)
+
+
+def test_empty_tile_and_empty_batch():
+    logits, targets = tile(torch.float32, rows=0, cols=30)
+    assert all(x.shape == (0,) for x in chunk_stats.chunk_stats(logits, targets, 1.0))
+    out = logprobs.fused_logprobs(
+        torch.zeros(0, 8, device=DEVICE), torch.ones(30, 8, device=DEVICE), None, targets, 1.0
+    )
+    assert all(x.shape == (0,) for x in out)
+
+
+# ---------------------------------------------------------------- the public API on backend="triton"
+
+
+def test_backend_resolution():
+    device = torch.device(DEVICE)
+    for op in backends.OPS:
+        assert backends.resolve("triton", device, op) == "triton"
+    assert isinstance(backends.chunk_ops("triton"), TritonChunkOps)
+    if DEVICE == "cpu":  # the interpreter is for tests: "auto" never picks it on the CPU
+        assert backends.resolve("auto", device, "grpo_loss") != "triton"
+    else:
+        assert backends.resolve("auto", device, "grpo_loss") == "triton"
+
+
+def check_loss(batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, **kw) -> None:
+    to_dev = lambda b: {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
+    truth = run_loss(cast(batch64, torch.float64), cfg, gf.reference.grpo_loss)
+    same = run_loss(cast(batch64, dtype), cfg, gf.reference.grpo_loss)
+    x = cast(to_dev(batch64), dtype)
+    loss, metrics, g = run_loss(x, cfg, gf.grpo_loss, backend="triton", **kw)
+    got = (loss.cpu(), {k: v.cpu() for k, v in metrics.items()}, {k: v.cpu() for k, v in g.items()})
+    assert_within("loss", got[0], same[0], truth[0], dtype)
+    assert set(got[1]) == set(truth[1])
+    for k in truth[1]:
+        assert_within(f"metric {k}", got[1][k], same[1][k], truth[1][k], dtype)
+    for k in truth[2]:
+        assert got[2][k].dtype == dtype and got[2][k].shape == truth[2][k].shape
+        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_every_type(loss_type, level):
+    cfg = gf.GRPOConfig(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=0.04 if loss_type != "luspo" else 0.0,
+        epsilon_high=0.28,
+        max_completion_length=40,
+        temperature=0.8,
+    )
+    batch = make_batch(
+        B=3, T=11, seed=LOSS_TYPES.index(loss_type), dtype=torch.float64, with_ref=cfg.beta > 0
+    )
+    check_loss(batch, cfg, torch.float32, chunk_size=8)
+
+
+@pytest.mark.parametrize(
+    "loss_type, options",
+    [
+        ("dapo", dict(beta=0.04)),
+        ("cispo", dict(beta=0.04, epsilon_high=5.0)),
+        ("sapo", dict(beta=0.0)),
+        ("grpo", dict(delta=1.2, beta=0.0)),
+    ],
+)
+def test_loss_fp16(loss_type, options):
+    cfg = gf.GRPOConfig(loss_type=loss_type, temperature=0.9, **options)
+    batch = make_batch(B=3, T=11, seed=20, dtype=torch.float64, with_ref=cfg.beta > 0)
+    check_loss(batch, cfg, torch.float16, chunk_size=8)
+
+
+@pytest.mark.parametrize(
+    "options, batch_options",
+    [
+        (dict(loss_type="dapo", beta=0.04), dict(with_old=False)),  # on-policy: ratio 1
+        (dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False), dict(bias=False)),
+        (dict(loss_type="dapo", beta=0.0), dict(with_old=True, with_ref=True)),  # ref given, no KL
+    ],
+    ids=["on-policy", "no-bias-no-correction", "ref-without-beta"],
+)
+def test_loss_options(options, batch_options):
+    cfg = gf.GRPOConfig(epsilon_high=0.28, **options)
+    batch = make_batch(B=3, T=11, seed=21, dtype=torch.float64, **batch_options)
+    check_loss(batch, cfg, torch.float32, chunk_size=16)
+
+
+def test_loss_all_masked():
+    batch = cast(make_batch(B=2, T=5, seed=22, dtype=torch.float64), torch.float32)
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    batch = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    loss, metrics, g = run_loss(batch, gf.GRPOConfig(beta=0.04), gf.grpo_loss, backend="triton")
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+    assert all(torch.count_nonzero(v) == 0 for v in g.values())
+
+
+def run_logprobs(fn, batch, temperature, **kw):
+    """logp, entropy and the gradients of a fixed weighting of logp (tests/test_logprobs.py's, on CPU)."""
+    logp, ent = fn(
+        batch["hidden"], batch["weight"], batch["targets"], batch.get("bias"), temperature,
+        return_entropy=True, **kw,
+    )  # fmt: skip
+    weights = torch.linspace(-1, 1, logp.numel(), dtype=torch.float64, device=logp.device)
+    names = [k for k in ("hidden", "weight", "bias") if batch.get(k) is not None]
+    g = torch.autograd.grad((logp.double() * weights.reshape(logp.shape)).sum(), [batch[k] for k in names])
+    return logp.cpu(), ent.cpu(), {k: v.cpu() for k, v in zip(names, g, strict=True)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_selective_logprobs_with_grad(dtype):
+    """With grad: the chunk loop with the stats and grad kernels (backward recomputes the tiles)."""
+    base = make_batch(B=2, T=13, seed=23, dtype=torch.float64, empty_row=False)
+    truth = run_logprobs(gf.reference.selective_logprobs, cast(base, torch.float64), 0.7)
+    same = run_logprobs(gf.reference.selective_logprobs, cast(base, dtype), 0.7)
+    dev = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in base.items()}
+    got = run_logprobs(gf.selective_logprobs, cast(dev, dtype), 0.7, backend="triton", chunk_size=10)
+    assert_within("logp", got[0], same[0], truth[0], dtype)
+    assert_within("entropy", got[1], same[1], truth[1], dtype)
+    for k in truth[2]:
+        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "tiles"])
+def test_triton_selective_logprobs_entry(fused, monkeypatch):
+    """The no-grad entry point, on both paths (fused GEMM kernel, cuBLAS tiles + stats kernel)."""
+    monkeypatch.setenv("GRPO_FAST_TRITON_FUSED_LOGPROBS", fused)
+    base = make_batch(B=2, T=13, seed=24, dtype=torch.float64, empty_row=False)
+    x = cast(base, torch.float32)
+    hidden = x["hidden"].detach().reshape(-1, H).to(DEVICE)
+    logp, ent = triton_selective_logprobs(
+        hidden, x["weight"].detach().to(DEVICE), x["bias"].detach().to(DEVICE), x["targets"].to(DEVICE), 0.7
+    )
+    want = gf.reference.selective_logprobs(
+        base["hidden"], base["weight"], base["targets"], base["bias"], 0.7, return_entropy=True
+    )
+    assert not logp.requires_grad
+    torch.testing.assert_close(logp.cpu().double(), want[0].double().reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), want[1].double().reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient_work():
+    """Only the inputs that require grad get gradients (the chunk loop skips the weight GEMM)."""
+    base = make_batch(B=2, T=7, seed=25, dtype=torch.float64, bias=False)
+    cfg = gf.GRPOConfig(beta=0.04)
+    keys = ("hidden", "weight", "targets", "mask", "advantages", "old_logp", "ref_logp")
+
+    def loss_and_hidden_grad(batch, fn, **kw):
+        batch["weight"].requires_grad_(False)
+        loss, _ = fn(*(batch[k] for k in keys), config=cfg, **kw)
+        return loss, torch.autograd.grad(loss, [batch["hidden"]])[0]
+
+    dev = cast({k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in base.items()}, torch.float32)
+    loss, gh = loss_and_hidden_grad(dev, gf.grpo_loss, backend="triton")
+    want, gw = loss_and_hidden_grad(cast(base, torch.float64), gf.reference.grpo_loss)
+    assert dev["weight"].grad is None
+    torch.testing.assert_close(loss.double().cpu(), want.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.double().cpu(), gw.double(), rtol=1e-4, atol=1e-6)
