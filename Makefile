@@ -1,7 +1,7 @@
 # grpo_fast developer entry points. `make test` is what CI runs (.ci/run).
 #   make venv / install   .venv with torch, then grpo_fast editable with the dev extras; the extension
 #                         grpo_fast._C is rebuilt whenever setup.py, pyproject.toml or csrc/ change
-#   make demo             the CLI's CPU benchmark
+#   make demo             grpo-fast train on the built-in demo (tiny model, verifiable task, CPU)
 #   make test             pytest
 #   make lint             ruff
 #   make clean            build outputs (keeps .venv); make distclean removes .venv too
@@ -35,7 +35,7 @@ $(STAMP): $(VENV)/pyvenv.cfg $(BUILD_INPUTS)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/grpo-fast bench --device cpu
+	$(VENV)/bin/grpo-fast train
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

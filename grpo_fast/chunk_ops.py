@@ -54,10 +54,11 @@ def _scaled_fp32(logits: Tensor, temperature: float) -> Tensor:
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def _entropy(log_probs: Tensor, probs: Tensor) -> Tensor:
-    # H = -sum(p * log p): no cancellation between two large terms; a batched dot keeps the [C, V]
-    # product from being materialized.
-    return -torch.bmm(probs.unsqueeze(1), log_probs.unsqueeze(2)).reshape(-1)
+def _entropy_(log_probs: Tensor, probs: Tensor) -> Tensor:
+    # H = -sum(p * log p): no cancellation between two large terms. The product overwrites log_probs
+    # (no second [C, V] buffer); a plain sum, not a batched dot: its blocked fp32 accumulation was
+    # measurably less accurate than PyTorch's own at V = 4099.
+    return -log_probs.mul_(probs).sum(-1)
 
 
 def _owned(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
@@ -92,7 +93,7 @@ class TorchChunkOps:
         log_probs = z.sub_(lse.unsqueeze(1))  # in place: the tile is ours
         logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
         probs = torch.exp(log_probs)
-        return lse, logp, _entropy(log_probs, probs), probs
+        return lse, logp, _entropy_(log_probs, probs), probs
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # a copy: tile kept
@@ -100,9 +101,9 @@ class TorchChunkOps:
         shifted = z.sub_(m.unsqueeze(1))
         e = torch.exp(shifted)
         s = e.sum(-1)
-        u = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(2)).reshape(-1)
         index, owned = _owned(targets, z.shape[1])
         t = (shifted.gather(1, index.unsqueeze(1)).squeeze(1) + m) * owned
+        u = shifted.mul_(e).sum(-1)  # in place, after the gather: no second [C, V] buffer
         return torch.stack([m, s, u, t]).float()
 
     def grad_(self, logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float) -> Tensor:

@@ -1,7 +1,6 @@
 """Test helpers: random GRPO batches and the per-dtype tolerance rule.
 
-A backend's error against the fp64 truth may exceed the same-dtype PyTorch reference's error by at
-most a small per-dtype margin: ``err <= FACTOR * ref_err + ATOL * max|truth|``.
+The tolerance rule itself lives in grpo_fast.tolerance (shared with `grpo-fast check`).
 """
 
 from __future__ import annotations
@@ -10,21 +9,15 @@ import torch
 from torch import Tensor
 
 import grpo_fast as gf
-
-FACTOR = {torch.float32: 2.0, torch.float16: 2.0, torch.bfloat16: 2.0, torch.float64: 2.0}
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-6}
-
-
-def max_err(a: Tensor, b: Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+from grpo_fast.tolerance import bound, max_err
 
 
 def assert_within(name: str, got: Tensor, same_dtype_ref: Tensor, truth: Tensor, dtype: torch.dtype) -> None:
     err, ref_err = max_err(got, truth), max_err(same_dtype_ref, truth)
     scale = truth.double().abs().max().item() if truth.numel() else 0.0
-    bound = FACTOR[dtype] * ref_err + ATOL[dtype] * max(scale, 1e-30)
-    assert err <= bound, (
-        f"{name}: error {err:.3e} vs fp64 truth exceeds {bound:.3e} (torch {dtype}: {ref_err:.3e})"
+    limit = bound(ref_err, max(scale, 1e-30), dtype)
+    assert err <= limit, (
+        f"{name}: error {err:.3e} vs fp64 truth exceeds {limit:.3e} (torch {dtype}: {ref_err:.3e})"
     )
 
 

@@ -2,7 +2,7 @@
 
 Each op runs on a few odd shapes (not multiples of any tile size). Its error against an fp64 truth
 (the reference on fp64 inputs) may exceed the error of the reference itself in the same dtype by
-at most ``FACTOR`` times plus ``ATOL`` times the truth's magnitude: the rule the test-suite uses.
+at most the margin of :mod:`grpo_fast.tolerance`: the rule the test-suite uses.
 Backends that cannot run an op on a device are listed as skipped, with the reason.
 """
 
@@ -18,11 +18,10 @@ from torch import Tensor
 
 import grpo_fast as gf
 from grpo_fast import backends
+from grpo_fast.tolerance import bound, max_err
 
 BACKENDS = ("torch", "native", "triton")
 OPS = ("grpo_loss", "selective_logprobs", "group_advantages")
-FACTOR = 2.0
-ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # (B, T, H, V) for the LM-head ops; (groups, G, reward functions) for group_advantages.
 LM_SHAPES = ((3, 37, 67, 1013), (2, 130, 96, 4099))
 ADV_SHAPES = ((5, 7, 1), (16, 8, 3))
@@ -138,12 +137,11 @@ def _compare(
     worst_abs, worst_rel, failed = 0.0, 0.0, []
     for name, g, r, t in zip(names, got, ref, truth, strict=True):
         t = t.double().cpu()
-        err = (g.double().cpu() - t).abs().max().item() if t.numel() else 0.0
-        ref_err = (r.double().cpu() - t).abs().max().item() if t.numel() else 0.0
+        err, ref_err = max_err(g, t), max_err(r, t)
         # The loss is a sum of O(1) terms (normalised advantages) that largely cancel: judge it on that scale.
         floor = 1.0 if t.dim() == 0 else 1e-30
         scale = max(t.abs().max().item() if t.numel() else 0.0, floor)
-        if err > FACTOR * ref_err + ATOL.get(dtype, 1e-6) * scale:
+        if err > bound(ref_err, scale, dtype):
             failed.append(name)
         worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / scale)
     return worst_abs, worst_rel, f"FAIL: {', '.join(failed)}" if failed else "PASS"

@@ -1,0 +1,40 @@
+"""The accuracy rule every backend is held to, shared by the test-suite and ``grpo-fast check``.
+
+A backend's error against the fp64 truth may exceed the error of the plain PyTorch reference run in
+the same dtype by at most a small per-dtype margin::
+
+    err <= FACTOR[dtype] * ref_err + ATOL[dtype] * scale
+
+where ``scale`` is the truth's largest magnitude. The margin is relative to the reference's own
+error, so a kernel is never asked to beat what the dtype allows, only to not be worse than PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FACTOR: dict[torch.dtype, float] = {
+    torch.float64: 2.0,
+    torch.float32: 2.0,
+    torch.float16: 2.0,
+    torch.bfloat16: 2.0,
+}
+ATOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-6,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    """Largest absolute difference, computed in fp64 on the CPU (0 for empty tensors)."""
+    if not a.numel():
+        return 0.0
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
+
+
+def bound(ref_err: float, scale: float, dtype: torch.dtype) -> float:
+    """The largest error allowed for a backend whose same-dtype reference is ``ref_err`` off."""
+    return FACTOR[dtype] * ref_err + ATOL[dtype] * scale
