@@ -166,3 +166,10 @@ def test_check_lm_ops_run_and_pass_loss_rows():
 def test_check_on_cuda_includes_bf16():
     rows = check.check(["torch"], ["cuda"], ["grpo_loss"])
     assert {r.dtype for r in rows} == {"float32", "bfloat16"}
+
+
+def test_bench_refuses_an_implementation_the_device_cannot_run():
+    if torch.cuda.is_available():
+        pytest.skip("every implementation may run here")
+    with pytest.raises(SystemExit, match="--impl trl cannot run on cpu"):
+        cli.main(["bench", "--device", "cpu", "--impl", "trl"])

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .. import bench
+from .. import bench, bench_baselines  # the latter registers TRL, Liger, torch-compile, triton
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--impl",
         action="append",
         choices=sorted(bench.IMPLS),
-        help="implementations to run (default: all that can run on the device)",
+        help="implementations to run (default: all that can run on the device; TRL, Liger, "
+        "torch-compile and grpo_fast-triton need CUDA)",
     )
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per implementation (median)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
@@ -69,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
     cases = _cases(args, device)
-    impls = args.impl or bench.available_impls(device)
+    impls = args.impl or [i for i in bench.IMPLS if bench_baselines.runnable(i, device)]
+    blocked = [i for i in impls if not bench_baselines.runnable(i, device)]
+    if blocked:
+        raise SystemExit(f"--impl {', '.join(blocked)} cannot run on {device} here (needs CUDA or a library)")
     env = bench.environment()
     print(f"grpo-fast bench on {env['device']}, torch {env['torch']}, {env['date']}", flush=True)
     rows = bench.run(
