@@ -138,12 +138,17 @@ class FastGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         num_items, divide_by = None, 1.0
         if self.loss_type in ("cispo", "dapo"):
-            # TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window.
-            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            # TRL: num_items_in_batch (the generation batch's tokens, all-gathered over processes) spans
+            # the generation batch; rescale it to one accumulation window of one process. DDP then
+            # averages the processes' gradients: the sum of their token losses over the global count.
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
-                num_items = (
-                    num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                normalizer = (
+                    normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
                 )
+            # grpo_loss clamps its normaliser at 1; TRL's may be below 1 (a few tokens, many processes).
+            num_items = normalizer.clamp(min=1.0)
+            divide_by = normalizer / num_items
         elif mode == "train":
             divide_by = self.current_gradient_accumulation_steps
         old_logp = inputs.get("old_per_token_logps")

@@ -17,6 +17,7 @@ EPILOG = """examples:
   grpo-fast train --model ./my-model --dataset prompts.jsonl --reward my_rewards:accuracy \\
                   --learning-rate 1e-6 --output-dir runs/mine
   grpo-fast train --output-dir runs/mine --resume   # continue from the latest checkpoint
+  torchrun --nproc-per-node 8 -m grpo_fast.cli train --config my.yaml   # data parallel (DDP)
 
 Flags override the YAML file. A reward function that fails skips its step; after
 --max-reward-failures failures in a row the run saves a checkpoint and stops (exit code 1).
@@ -78,13 +79,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun, each process joins the process group here and leaves it on the way out."""
+    from .distributed import ProcessGroupFromEnv
+
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"grpo-fast train: error: {err}", file=sys.stderr)
+        return 2
+    with ProcessGroupFromEnv(cfg.device):
+        return _run(args, cfg)
+
+
+def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    import torch.distributed as dist
+
     from .loop import Trainer
     from .reporting import read_metrics
     from .rewards import RewardError
 
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    say = print if main else (lambda *a, **k: None)
     try:  # bad options, model, dataset or rewards: one clear line, no traceback
-        cfg = config_from_args(args)
-        print(
+        say(
             f"grpo-fast train: model {cfg.model}, dataset {cfg.dataset}, rewards {', '.join(cfg.rewards)}, "
             f"{cfg.max_steps} steps of {cfg.prompts_per_step}x{cfg.num_generations} completions, "
             f"loss {cfg.loss_type}, output {cfg.output_dir}",
@@ -102,16 +119,16 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # --resume of a missing or incomplete checkpoint
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2
-    rows = read_metrics(result.metrics_path)
+    rows = read_metrics(result.metrics_path) if main else []
     if rows:
         window = min(20, len(rows))
         first = sum(r["reward_mean"] for r in rows[:window]) / window
         last = sum(r["reward_mean"] for r in rows[-window:]) / window
-        print(f"mean reward: first {window} steps {first:.3f}, last {window} steps {last:.3f}")
-    print(f"metrics: {result.metrics_path}" + (f"\nplot: {result.plot_path}" if result.plot_path else ""))
+        say(f"mean reward: first {window} steps {first:.3f}, last {window} steps {last:.3f}")
+    say(f"metrics: {result.metrics_path}" + (f"\nplot: {result.plot_path}" if result.plot_path else ""))
     if result.checkpoint:
-        print(f"checkpoint: {result.checkpoint}")
+        say(f"checkpoint: {result.checkpoint}")
     if result.interrupted:
-        print(f"interrupted at step {result.steps}; continue with --resume")
+        say(f"interrupted at step {result.steps}; continue with --resume")
         return 130
     return 0

@@ -44,7 +44,9 @@ class TrainConfig:
     reward_weights: list[float] | None = _opt(None, "one weight per reward function (default: all 1)")
     output_dir: str = _opt("runs/grpo", "run directory: metrics.jsonl, the plot and checkpoints")
     seed: int = _opt(0, "seed of the model init (demo), sampling and data order")
-    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    device: str = _opt(
+        "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available; under torchrun cuda is cuda:LOCAL_RANK)"
+    )
     num_threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
 
     # Sampling.

@@ -8,10 +8,15 @@ from ``gf.grpo_loss``, both on the backbone's final hidden states and the head w
 Failure policy: a reward function that raises or returns bad output skips its step (no update,
 a warning naming the function); after ``max_reward_failures`` such steps in a row the run saves
 a checkpoint and stops with :class:`RewardError`, so ``--resume`` continues once it is fixed.
+
+Under ``torchrun`` (or with torch.distributed initialised by the caller) the step's completions are
+shared by the ranks and the model is wrapped in DDP; see :mod:`grpo_fast.trainer.distributed` for how
+the update stays that of one process on the same global batch.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import math
@@ -28,11 +33,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import grpo_fast as gf
 
-from ..integrations.hf import completion_hidden, lm_head, match_head_dtype, unsupported_head
+from ..integrations.hf import (
+    HIDDEN_KWARG,
+    add_hidden_forward,
+    completion_hidden,
+    lm_head,
+    match_head_dtype,
+    unsupported_head,
+)
 from . import checkpoint as ckpt
+from . import distributed
 from .config import DEMO, TrainConfig
 from .data import PromptDataset, PromptSampler, load_prompts, repeat_each
 from .generation import Rollout, context_length, encode_prompts, prompt_text, sample
@@ -97,14 +111,24 @@ class Trainer:
         reward_funcs: Sequence[RewardFn] | None = None,
     ):
         self.cfg = cfg = config
-        self.device = resolve_device(cfg.device)
+        if distributed.init_from_env(cfg.device):  # torchrun, used as a library: the CLI destroys its own
+            atexit.register(distributed.destroy)
+        self.device = distributed.rank_device(resolve_device(cfg.device))
+        self.group = distributed.Group(self.device)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed + self.group.rank)
         # Cheap checks first: a typo in a reward name should not wait for a model to load.
         self._setup_rewards(reward_funcs)
         self._setup_model(model, tokenizer)
         self._setup_data(dataset)
+        # Several processes: every micro-batch must give each of them a completion (fails now, not later).
+        distributed.Layout.build(
+            cfg.prompts_per_step * cfg.num_generations,
+            cfg.gradient_accumulation_steps,
+            self.group.world,
+            self.group.rank,
+        )
         self.loss_config = cfg.loss_config()
         self.optimizer = self._make_optimizer()
         total_updates = cfg.max_steps * cfg.num_iterations
@@ -164,6 +188,18 @@ class Trainer:
             enable_checkpointing(self.model)
         # The reference is the policy as it starts; built before any --resume loads later weights.
         self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta > 0 else None
+        # Several processes: the loss's forward goes through DDP (its gradient hooks), asking for the
+        # backbone's hidden states; generation and the no-grad log-probs use the bare model.
+        self.ddp: DistributedDataParallel | None = None
+        if self.group.active:
+            add_hidden_forward(self.model)
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                # The LM head gets its gradient from grpo_loss, outside the module's forward graph.
+                find_unused_parameters=False,
+            )
 
     def _setup_data(self, dataset: Any) -> None:
         cfg = self.cfg
@@ -212,7 +248,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ----- one step -----------------------------------------------------------------------------------
-    def rollout(self, indices: list[int]) -> tuple[list[dict[str, Any]], Rollout]:
+    def rollout(
+        self, indices: list[int], select: Tensor | None = None
+    ) -> tuple[list[dict[str, Any]], Rollout]:
+        """Prompt rows of ``indices`` and a completion for each of the ``len(indices) * G`` rows in
+        ``select`` (default: all of them; several processes each generate their share)."""
         cfg, G = self.cfg, self.cfg.num_generations
         rows = [self.data[i] for i in indices]
         prompts = [self.data.prompt(r) for r in rows]
@@ -225,36 +265,78 @@ class Trainer:
             max_completion_length=cfg.max_completion_length,
             source=self.data.source,
         )
-        ids, mask = ids.repeat_interleave(G, 0).to(self.device), mask.repeat_interleave(G, 0).to(self.device)
+        # Padded to the longest prompt of the whole step on every rank: a row's numbers do not
+        # depend on which rank generates it.
+        ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+        select = torch.arange(ids.shape[0]) if select is None else select
+        if len(select) != ids.shape[0]:
+            ids, mask = ids[select], mask[select]
+        out = self.generate(
+            ids.to(self.device), mask.to(self.device), not isinstance(prompts[0], str), select
+        )
+        return rows, out
+
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, conversational: bool, rows: Tensor
+    ) -> Rollout:
+        """One sampled completion per row; ``rows`` are their ids in the step's batch of N completions."""
+        cfg = self.cfg
         with self._autocast():
-            out = sample(
+            return sample(
                 self.model,
                 self.tokenizer,
-                ids,
-                mask,
+                prompt_ids,
+                prompt_mask,
                 max_completion_length=cfg.max_completion_length,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 top_k=cfg.top_k,
                 repetition_penalty=cfg.repetition_penalty,
-                conversational=not isinstance(prompts[0], str),
+                conversational=conversational,
             )
-        return rows, out
 
-    def rewards(self, rows: list[dict[str, Any]], out: Rollout) -> Tensor:
+    def rewards(self, rows: list[dict[str, Any]], out: Rollout, select: Tensor | None = None) -> Tensor:
+        """Rewards ``[n, R]`` of the rollout's completions (rows ``select`` of the step's N)."""
         G = self.cfg.num_generations
         prompts = repeat_each([self.data.prompt(r) for r in rows], G)
         columns = {k: repeat_each(v, G) for k, v in self.data.columns(rows).items()}
+        if select is not None and len(select) != len(prompts):
+            pick = select.tolist()
+            prompts = [prompts[i] for i in pick]
+            columns = {k: [v[i] for i in pick] for k, v in columns.items()}
         ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask, strict=True)]
-        values = score(self.reward_funcs, prompts, out.completions, columns, completion_ids=ids)
+        return score(self.reward_funcs, prompts, out.completions, columns, completion_ids=ids)
+
+    def _warn_not_applicable(self, values: Tensor) -> None:
         for j, name in enumerate(self.reward_names):
             if torch.isnan(values[:, j]).all() and name not in self._warned:
                 self._warned.add(name)
-                warnings.warn(
-                    f"reward function {name!r} returned None/NaN for every completion of step "
-                    f"{self.step + 1}: it applies to none of them (its weight is skipped)",
-                    stacklevel=2,
-                )
+                if self.group.is_main:
+                    warnings.warn(
+                        f"reward function {name!r} returned None/NaN for every completion of step "
+                        f"{self.step + 1}: it applies to none of them (its weight is skipped)",
+                        stacklevel=3,
+                    )
+
+    def _all_rewards(self, rows: list[dict[str, Any]], out: Rollout, layout: distributed.Layout) -> Tensor:
+        """Rewards of all N completions, in step order; a failure on any rank fails the step on all."""
+        if not self.group.active:
+            values = self.rewards(rows, out)
+            self._warn_not_applicable(values)
+            return values
+        error: RewardError | None = None
+        try:
+            values = self.rewards(rows, out, layout.local)
+        except RewardError as err:
+            error = err
+        if self.group.any(error is not None):
+            errors = self.group.gather_objects(None if error is None else (error.name, str(error)))
+            if error is not None:
+                raise error
+            rank, (name, text) = next((r, e) for r, e in enumerate(errors) if e is not None)
+            raise RewardError(name, f"failed on rank {rank}: {text}")
+        values = self.group.gather_rows(values, layout)
+        self._warn_not_applicable(values)
         return values
 
     def _hidden(self, model: nn.Module, rows: Rollout) -> Tensor:
@@ -291,7 +373,14 @@ class Trainer:
         ref: Tensor | None,
         num_items: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        hidden = self._hidden(self.model, rows)
+        if self.ddp is None:
+            hidden = self._hidden(self.model, rows)
+        else:
+            with self._autocast():
+                out = self.ddp(
+                    input_ids=rows.input_ids, attention_mask=rows.attention_mask, **{HIDDEN_KWARG: True}
+                )
+            hidden = out.last_hidden_state[:, -rows.completion_ids.shape[1] - 1 : -1]
         weight, bias = match_head_dtype(hidden, *lm_head(self.model))
         return gf.grpo_loss(
             hidden,
@@ -310,52 +399,97 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """Sample, score, update; raises RewardError (before any update) if a reward function fails."""
-        cfg, G = self.cfg, self.cfg.num_generations
+        cfg, G, group = self.cfg, self.cfg.num_generations, self.group
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         indices = self.sampler.next_batch()
-        rows, out = self.rollout(indices)
-        rewards = self.rewards(rows, out)
+        layout = distributed.Layout.build(
+            len(indices) * G, cfg.gradient_accumulation_steps, group.world, group.rank
+        )
+        if group.active:  # each rank samples differently, reproducibly from any checkpoint
+            torch.manual_seed(distributed.step_seed(cfg.seed, self.step, group.rank))
+        rows, out = self.rollout(indices, layout.local if group.active else None)
+        rewards = self._all_rewards(rows, out, layout)  # all N completions: groups are normalised whole
         advantages = gf.group_advantages(rewards, G, cfg.scale_rewards, reward_weights=self.reward_weights)
+        if group.active:
+            advantages = advantages[layout.local]
         advantages = advantages.to(self.device)
 
         loss_mask = out.completion_mask
         if cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~out.truncated).unsqueeze(1).long()
-        n = loss_mask.shape[0]
-        micro = list(
-            torch.arange(n, device=self.device).tensor_split(min(cfg.gradient_accumulation_steps, n))
-        )
+        micro = [index.to(self.device) for index in layout.local_micro()]
         # Later iterations see a moved policy; the first one's ratio is exactly 1, as in TRL.
         old = self.logprobs(self.model, out, micro) if cfg.num_iterations > 1 else None
         ref = self.logprobs(self.ref_model, out, micro) if self.ref_model is not None else None
-        num_items = loss_mask.sum().float()
+        local_tokens = [float(loss_mask[index].sum()) for index in micro]
+        if group.active:  # tokens of each micro-batch over all ranks; their sum is dapo's normaliser
+            micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
+            num_items = torch.tensor(sum(micro_tokens), dtype=torch.float32, device=self.device)
+            shares = [self._share(j, layout, local_tokens[j], micro_tokens[j]) for j in range(len(micro))]
+        else:
+            num_items = loss_mask.sum().float()
         # dapo/cispo divide by the whole batch's tokens; the others average per micro-batch (as TRL does).
         accumulate = 1.0 if cfg.loss_type in ("dapo", "cispo") else float(len(micro))
+        sequence_level = cfg.importance_sampling_level == "sequence"
 
         losses, grad_norms, stats = [], [], _Mean()
         for _ in range(cfg.num_iterations):
             total = 0.0
-            for index in micro:
-                loss, metrics = self.policy_loss(
-                    out.rows(index),
-                    loss_mask[index],
-                    advantages[index],
-                    old[index] if old is not None else None,
-                    ref[index] if ref is not None else None,
-                    num_items,
-                )
-                (loss / accumulate).backward()
-                total += loss.item() / accumulate
-                stats.add(metrics, float(loss_mask[index].sum()))
+            for j, index in enumerate(micro):
+                # DDP: all-reduce the gradients once, after the last micro-batch of the update.
+                sync = self.ddp is None or j == len(micro) - 1
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    loss, metrics = self.policy_loss(
+                        out.rows(index),
+                        loss_mask[index],
+                        advantages[index],
+                        old[index] if old is not None else None,
+                        ref[index] if ref is not None else None,
+                        num_items,
+                    )
+                    if not group.active:
+                        (loss / accumulate).backward()
+                        total += loss.item() / accumulate
+                        stats.add(metrics, local_tokens[j])
+                        continue
+                    # This rank's part of the micro-batch's loss; DDP averages over ranks, hence * world.
+                    share = shares[j]
+                    (loss * (share * group.world / accumulate)).backward()
+                    total += loss.item() * share / accumulate
+                    # Metrics are token means of each micro-batch, but sequence-level ratios are
+                    # averaged over sequences (weight: this rank's share of them, times the tokens).
+                    seq_weight = len(layout.pieces[j][group.rank]) / len(layout.micro[j]) * micro_tokens[j]
+                    stats.add(
+                        metrics,
+                        local_tokens[j],
+                        {k: seq_weight for k in metrics if "clip_ratio" in k} if sequence_level else None,
+                    )
             grad_norms.append(self._optimizer_step())
             losses.append(total)
 
         reward_total = weighted_sum(rewards, self.reward_weights)
         grouped_std = torch.nan_to_num(gf.reference.nanstd(reward_total.view(-1, G), dim=1), nan=0.0)
         completion_len = out.completion_mask.sum(1).float()
+        len_sum, len_count = float(completion_len.sum()), float(completion_len.numel())
+        truncated = float(out.truncated.float().sum())
+        means = stats.means()
+        if group.active:  # everything a row reports is over all ranks
+            keys = sorted(stats.sums)
+            packed = group.sum(
+                torch.tensor(
+                    [*losses, *(stats.sums[k] for k in keys), stats.weight, len_sum, len_count, truncated],
+                    dtype=torch.float64,
+                )
+            ).tolist()
+            losses = packed[: len(losses)]
+            stats.sums = dict(zip(keys, packed[len(losses) : len(losses) + len(keys)], strict=True))
+            stats.weight, len_sum, len_count, truncated = packed[len(losses) + len(keys) :]
+            means = stats.means()
         elapsed = time.perf_counter() - start
+        timing = torch.tensor([elapsed, peak_memory_mb(self.device)], dtype=torch.float64)
+        elapsed, peak_mem = group.max(timing).tolist()
         row: dict[str, Any] = {
             "step": self.step + 1,
             "reward_mean": _nanmean(reward_total),
@@ -363,21 +497,33 @@ class Trainer:
             **{f"rewards/{name}": _nanmean(rewards[:, j]) for j, name in enumerate(self.reward_names)},
             "frac_reward_zero_std": float((grouped_std < 1e-8).float().mean()),
             "loss": sum(losses) / len(losses),
-            **stats.means(),
+            **means,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.scheduler.get_last_lr()[0],
-            "completion_len": float(completion_len.mean()),
-            "truncated_frac": float(out.truncated.float().mean()),
-            "tokens_per_s": float(completion_len.sum()) / elapsed,
+            "completion_len": len_sum / len_count if group.active else float(completion_len.mean()),
+            "truncated_frac": truncated / len_count if group.active else float(out.truncated.float().mean()),
+            "tokens_per_s": len_sum / elapsed,
             "step_time_s": elapsed,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            "peak_mem_mb": peak_mem,
         }
+        local_rewards = reward_total[layout.local] if group.active else reward_total
+        prompts = repeat_each([self.data.prompt(r) for r in rows], G)
         self.last_samples = (
-            repeat_each([self.data.prompt(r) for r in rows], G),
+            [prompts[i] for i in layout.local.tolist()] if group.active else prompts,
             out.completions,
-            reward_total.tolist(),
+            local_rewards.tolist(),
         )
         return row
+
+    def _share(self, j: int, layout: distributed.Layout, tokens: float, micro_tokens: float) -> float:
+        """This rank's loss on micro-batch j times this is its part of the micro-batch's loss."""
+        loss_type = self.cfg.loss_type
+        if loss_type in ("dapo", "cispo"):  # already divided by the global token count
+            return 1.0
+        if loss_type == "bnpo":  # a token mean over the micro-batch
+            return max(tokens, 1.0) / max(micro_tokens, 1.0)
+        # grpo, sapo, luspo, dr_grpo: a mean over the micro-batch's sequences
+        return len(layout.pieces[j][layout.rank]) / len(layout.micro[j])
 
     def _optimizer_step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -390,22 +536,45 @@ class Trainer:
 
     # ----- the run ------------------------------------------------------------------------------------
     def save(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            tokenizer=self.tokenizer,
-            keep=self.cfg.save_total_limit,
-            state={"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()},
-        )
+        """Write a checkpoint (rank 0 only: the ranks' weights and optimizer states are the same)."""
+        self.group.barrier()
+        path = self.run_dir / f"{ckpt.PREFIX}{self.step:06d}"
+        if self.group.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                tokenizer=self.tokenizer,
+                keep=self.cfg.save_total_limit,
+                # The data position counts prompts of the whole run: any world size can resume it.
+                state={
+                    "sampler": self.sampler.state_dict(),
+                    "config": self.cfg.to_dict(),
+                    "world_size": self.group.world,
+                },
+            )
+        self.group.barrier()
+        return path
 
     def resume(self, path: str | Path | None = None) -> Path | None:
-        """Load ``path`` (or the run's latest checkpoint); None when there is nothing to resume."""
-        path = Path(path) if path is not None else ckpt.latest_checkpoint(self.run_dir)
+        """Load ``path`` (or the run's latest checkpoint); None when there is nothing to resume.
+
+        Several processes: rank 0 picks the checkpoint and every rank loads it (so the run directory
+        must be on a filesystem that every node sees).
+        """
+        if path is None:
+            latest = ckpt.latest_checkpoint(self.run_dir) if self.group.is_main else None
+            path = self.group.broadcast_object(latest)
         if path is None:
             return None
+        path = Path(path)
+        if self.group.active and not path.is_dir():
+            raise FileNotFoundError(
+                f"rank {self.group.rank} cannot see checkpoint {path}: with several nodes the output "
+                "directory must be on a filesystem that all of them share"
+            )
         state = ckpt.load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -423,28 +592,33 @@ class Trainer:
 
     def train(self, resume: bool | str | Path = False) -> TrainResult:
         """Run to ``max_steps``; Ctrl-C finishes the current step, saves a checkpoint and returns."""
-        cfg = self.cfg
-        ckpt.clean_partial(self.run_dir)
+        cfg, main = self.cfg, self.group.is_main
+        if main:
+            ckpt.clean_partial(self.run_dir)
+        self.group.barrier()
         resumed = self.resume(None if resume is True else resume) if resume else None
-        if resume and resumed is None:
+        if resume and resumed is None and main:
             print(f"no checkpoint in {self.run_dir} to resume from; starting a new run", flush=True)
-        if resumed is None:
-            self._forget_old_run()
-        self.metrics.start(resume_step=self.step if resumed else None)
-        progress = Progress(cfg.max_steps, self.step, cfg.progress)
+        self.group.barrier()  # every rank has read the checkpoint (or found none) before any is removed
+        if main:
+            if resumed is None:
+                self._forget_old_run()
+            self.metrics.start(resume_step=self.step if resumed else None)
+        progress = Progress(cfg.max_steps, self.step, cfg.progress and main)
         last_saved: Path | None = resumed
         failures = 0
         try:
             with self._stop_on_sigint(progress):
-                while self.step < cfg.max_steps and not self._stop_requested:
+                while self.step < cfg.max_steps and not self._stop_all_ranks():
                     try:
                         row = self.train_step()
                     except RewardError as err:
                         failures += 1
                         self.optimizer.zero_grad(set_to_none=True)
-                        progress.write(
-                            f"step {self.step + 1} skipped ({failures}/{cfg.max_reward_failures}): {err}"
-                        )
+                        if main:
+                            progress.write(
+                                f"step {self.step + 1} skipped ({failures}/{cfg.max_reward_failures}): {err}"
+                            )
                         if failures >= cfg.max_reward_failures:
                             path = self.save()
                             raise RewardError(
@@ -455,10 +629,11 @@ class Trainer:
                         continue
                     failures = 0
                     self.step += 1
-                    self.metrics.write(row)
+                    if main:
+                        self.metrics.write(row)
                     progress.update(row)
                     every = cfg.print_completions_every
-                    if every and self.step % every == 0:
+                    if every and self.step % every == 0 and main:
                         progress.write(
                             format_samples(self.step, *self.last_samples, cfg.num_completions_to_print)
                         )
@@ -468,8 +643,14 @@ class Trainer:
                     last_saved = self.save()
         finally:
             progress.close()
-        plot = plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
+        plot = plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE) if main else None
         return TrainResult(self.step, self._stop_requested, last_saved, self.metrics.path, plot)
+
+    def _stop_all_ranks(self) -> bool:
+        """Ctrl-C on any rank stops every rank after the same step."""
+        if self.group.active:
+            self._stop_requested = self.group.any(self._stop_requested)
+        return self._stop_requested
 
     def _forget_old_run(self) -> None:
         """A new run in a used directory: its old checkpoints would otherwise be what --resume finds."""
@@ -494,7 +675,10 @@ class Trainer:
             if self._stop_requested:
                 raise KeyboardInterrupt
             self._stop_requested = True
-            progress.write("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)")
+            if self.group.is_main:
+                progress.write(
+                    "Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)"
+                )
 
         previous = signal.signal(signal.SIGINT, handler)
         try:
@@ -512,9 +696,11 @@ class _Mean:
         self.sums: dict[str, float] = {}
         self.weight = 0.0
 
-    def add(self, metrics: dict[str, Tensor], weight: float) -> None:
+    def add(self, metrics: dict[str, Tensor], weight: float, weights: dict[str, float] | None = None) -> None:
+        """``weights`` overrides the weight of some metrics (their total weight is still ``weight``)."""
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            w = weights.get(key, weight) if weights else weight
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * w
         self.weight += weight
 
     def means(self) -> dict[str, float]:
