@@ -88,6 +88,87 @@ def _group_advantages_fake(
     return rewards.new_empty(rewards.shape[0])
 
 
+def _check_tile_fake(op: str, logits: Tensor, targets: Tensor) -> None:
+    torch._check(logits.dim() == 2, lambda: f"{op}: logits must be a 2-D [C, V] tile, got {logits.dim()}-D")
+    torch._check(
+        logits.dtype in (torch.float32, torch.bfloat16, torch.float16),
+        lambda: f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}",
+    )
+    torch._check(
+        targets.shape == (logits.shape[0],) and targets.dtype == torch.int64,
+        lambda: (
+            f"{op}: targets must be int64 [{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}"
+        ),
+    )
+
+
+def _check_out_fake(op: str, out: Tensor, k: int, rows) -> None:
+    torch._check(
+        out.shape == (k, rows) and out.dtype == torch.float32,
+        lambda: f"{op}: out must be float32 [{k}, {rows}], got {out.dtype} {tuple(out.shape)}",
+    )
+
+
+def _chunk_stats_fake(logits: Tensor, targets: Tensor, temperature: float, out: Tensor) -> None:
+    _check_tile_fake("chunk_stats", logits, targets)
+    _check_out_fake("chunk_stats", out, 3, logits.shape[0])
+
+
+def _chunk_partial_stats_fake(logits: Tensor, targets: Tensor, temperature: float, out: Tensor) -> None:
+    _check_tile_fake("chunk_partial_stats", logits, targets)
+    _check_out_fake("chunk_partial_stats", out, 4, logits.shape[0])
+
+
+def _chunk_grad_fake(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float) -> None:
+    _check_tile_fake("chunk_grad", logits, targets)
+
+
+def _token_pass_fake(
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    w: Tensor,
+    out: Tensor,
+    family: int,
+    lo: float,
+    hi: float,
+    cispo_max: float,
+    delta: float | None,
+    beta: float,
+    bias_correction_kl: bool,
+    temperature: float,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
+) -> None:
+    _check_tile_fake("token_pass", logits, targets)
+    _check_out_fake("token_pass", out, 2, logits.shape[0])
+    torch._check(beta == 0.0 or ref_logp is not None, lambda: f"token_pass: beta={beta} needs ref_logp")
+
+
+def _token_loss_fake(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    w: Tensor,
+    out: Tensor,
+    family: int,
+    lo: float,
+    hi: float,
+    cispo_max: float,
+    delta: float | None,
+    beta: float,
+    bias_correction_kl: bool,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
+) -> None:
+    torch._check(logp.dim() == 1, lambda: f"token_loss: logp must be 1-D [N], got {logp.dim()}-D")
+    _check_out_fake("token_loss", out, 5, logp.shape[0])
+    torch._check(beta == 0.0 or ref_logp is not None, lambda: f"token_loss: beta={beta} needs ref_logp")
+
+
 def _register_fakes() -> None:
     """Fake kernels of every op; called by grpo_fast._C at import (csrc/bindings.cpp), idempotent."""
     global _fakes_registered
@@ -96,6 +177,11 @@ def _register_fakes() -> None:
     _fakes_registered = True
     # Registered from this module, as the C++ side's set_python_module("grpo_fast._native") demands.
     torch.library.register_fake("grpo_fast::group_advantages", _group_advantages_fake)
+    torch.library.register_fake("grpo_fast::chunk_stats", _chunk_stats_fake)
+    torch.library.register_fake("grpo_fast::chunk_partial_stats", _chunk_partial_stats_fake)
+    torch.library.register_fake("grpo_fast::chunk_grad", _chunk_grad_fake)
+    torch.library.register_fake("grpo_fast::token_pass", _token_pass_fake)
+    torch.library.register_fake("grpo_fast::token_loss", _token_loss_fake)
 
 
 # ---- wrappers ----

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import grpo_fast as gf
+from grpo_fast import _native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,6 +102,8 @@ IMPLS: dict[str, Callable[[dict, BenchCase], Callable[[], None]]] = {
     "reference": _loss_step(gf.reference.grpo_loss),
     "grpo_fast-torch": _grpo_fast("torch"),
 }
+if _native.available():  # the compiled extension: C++ on CPU tensors, CUDA on GPU ones (if built with it)
+    IMPLS["grpo_fast-native"] = _grpo_fast("native")
 
 
 def available_impls(device: str) -> list[str]:

@@ -21,12 +21,15 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .chunking import FP32_TEMPS
 from .config import GRPOConfig
 from .objective import token_grad
 
 
 class ChunkOps(Protocol):
     name: str
+    # fp32 [C, V] temporaries the pass allocates besides the tile (sizes the tiles, grpo_fast.chunking).
+    fp32_temps: int
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...
 
@@ -80,6 +83,7 @@ class TorchChunkOps:
     """The chunk pass in plain torch ops: the CPU default and the fallback everywhere."""
 
     name = "torch"
+    fp32_temps = FP32_TEMPS
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         lse, logp, entropy, _ = self._stats(logits, targets, temperature)

@@ -8,8 +8,10 @@ import torch
 
 # Bytes the tile and its fp32 temporaries may take; GRPO_FAST_CHUNK_BUDGET_MB overrides.
 DEFAULT_BUDGET_MB = {"cpu": 96, "cuda": 1024}
-# fp32 temporaries per logit in the worst pass (scaled logits, probabilities, logsumexp scratch).
-_FP32_TEMPS = 3
+# fp32 temporaries per logit in the worst pass of the plain torch chunk ops (scaled logits, probabilities,
+# logsumexp scratch). A backend whose chunk pass needs fewer says so (ChunkOps.fp32_temps) and gets more
+# rows per tile under the same budget.
+FP32_TEMPS = 3
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -26,18 +28,25 @@ def chunk_budget_bytes(device: torch.device) -> int:
     return int(mb * 2**20)
 
 
-def auto_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per tile under the memory budget; a multiple of 16 when there is room (GEMM-friendly)."""
-    per_row = vocab * (_FP32_TEMPS * 4 + torch.empty((), dtype=dtype).element_size())
+def auto_chunk_size(
+    num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, fp32_temps: int = FP32_TEMPS
+) -> int:
+    """Rows per tile under the memory budget; a multiple of 16 when there is room (GEMM-friendly).
+
+    A row costs the tile's own row plus ``fp32_temps`` fp32 temporaries per logit of the chunk pass.
+    """
+    per_row = vocab * (fp32_temps * 4 + torch.empty((), dtype=dtype).element_size())
     rows = max(1, chunk_budget_bytes(device) // per_row)
     if rows >= 16:
         rows -= rows % 16
     return int(max(1, min(rows, num_tokens)))
 
 
-def resolve_chunk_size(chunk_size: int | None, num_tokens: int, vocab: int, dtype, device) -> int:
+def resolve_chunk_size(
+    chunk_size: int | None, num_tokens: int, vocab: int, dtype, device, fp32_temps: int = FP32_TEMPS
+) -> int:
     if chunk_size is None:
-        return auto_chunk_size(num_tokens, vocab, dtype, device)
+        return auto_chunk_size(num_tokens, vocab, dtype, device, fp32_temps)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size

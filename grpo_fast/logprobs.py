@@ -41,10 +41,13 @@ def selective_logprobs(
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     name = backends.resolve(backend, hidden.device, "selective_logprobs")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    chunk = resolve_chunk_size(chunk_size, flat.shape[0], weight.shape[0], hidden.dtype, hidden.device)
+    ops = backends.chunk_ops(name)
+    chunk = resolve_chunk_size(
+        chunk_size, flat.shape[0], weight.shape[0], hidden.dtype, hidden.device, ops.fp32_temps
+    )
     local_targets = targets.reshape(-1).long() - (shard.start if shard is not None else 0)
     chunk = shared_chunk_size(chunk, shard, hidden.device)
-    plan = LogprobPlan(local_targets, temperature, backends.chunk_ops(name), chunk, shard)
+    plan = LogprobPlan(local_targets, temperature, ops, chunk, shard)
     logp, entropy = FusedLogprobs.apply(flat, weight, bias, plan)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp

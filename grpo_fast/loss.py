@@ -80,11 +80,10 @@ def grpo_loss(
         loss_w=reduction_weights(mask, seq_ids, seq_len, cfg, inputs.num_items),
     )
     h = pick(inputs.hidden)
-    chunk = resolve_chunk_size(chunk_size, h.shape[0], weight.shape[0], h.dtype, h.device)
+    ops = backends.chunk_ops(name)
+    chunk = resolve_chunk_size(chunk_size, h.shape[0], weight.shape[0], h.dtype, h.device, ops.fp32_temps)
     targets = pick(inputs.targets) - (shard.start if shard is not None else 0)
-    plan = LossPlan(
-        targets, batch, cfg, backends.chunk_ops(name), shared_chunk_size(chunk, shard, h.device), shard
-    )
+    plan = LossPlan(targets, batch, cfg, ops, shared_chunk_size(chunk, shard, h.device), shard)
     loss, metric_vec = FusedGRPOLoss.apply(h, weight, bias, plan)
     return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))
 

@@ -1,0 +1,392 @@
+// CPU kernels of the chunk ops: row-wise softmax work on one [C, V] logits tile (fp32/bf16/fp16 in,
+// fp32 math). Rows are spread over threads (at::parallel_for: torch's OpenMP pool, static blocks of rows,
+// so torch.set_num_threads applies); within a row the vocabulary is walked in L1-sized blocks:
+//   pass 1 (online softmax): block max, one rescale of the running (m, s, u) when the max grows, then
+//          e = exp(z - m) once per element, reused for s = sum e and u = sum e * (z - m);
+//   pass 2 (gradients only): dlogits = g * (onehot - exp(z - lse)) / T, written over the tile.
+// So the tile is read once for the statistics and once more (read + write) for the gradient. The inner
+// loops are branch-free float loops (a polynomial exp, selects instead of branches) that the compiler
+// vectorizes; on x86 they are compiled twice (AVX2+FMA and baseline) and picked at load (target_clones).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "../chunk_check.h"
+#include "../ops.h"
+#include "../token_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define GF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GF_MULTIVERSION
+#endif
+
+namespace grpo_fast {
+namespace {
+
+// Vocabulary columns per block: 8 KiB of fp32, so a block stays in L1 between its max and exp loops.
+constexpr int64_t kBlock = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 88 (here: shifted logits, x <= 0), branch-free so loops over it vectorize: Cephes' expf
+// (range reduction by ln 2, degree-6 polynomial, about 1 ulp), 2^n from the exponent bits. Below -87
+// (and for -inf, masked vocabulary) it returns exactly 0, as the true value underflows there anyway.
+inline float exp_neg(float x) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float lo = x < -87.0f ? -87.0f : x;
+  const float xc = lo > 88.0f ? 88.0f : lo;
+  const float t = xc * 1.44269504088896341f + magic;
+  int32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  const float n = t - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  // n is in [-126, 127]: its bits above the magic's are the integer; shift them into the exponent.
+  const int32_t e_bits = (t_bits - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e_bits, sizeof(scale));
+  const float keep = x < -87.0f ? 0.0f : 1.0f;  // a select of constants: the loops stay branch-free
+  return p * scale * keep;
+}
+
+// Running softmax statistics of a row of scaled logits z = x / T: m = max z, s = sum exp(z - m),
+// u = sum exp(z - m) * (z - m). Keeping u relative to m makes the entropy log s - u / s a sum of two
+// non-negative terms (no cancellation). Rescaling to a larger max m' (r = exp(m - m')): s' = r s,
+// u' = r (u + s (m - m')).
+struct RowStats {
+  float m = kNegInf;
+  float s = 0.0f;
+  float u = 0.0f;
+};
+
+// Folds x[0:n] * inv_t into `st`.
+GF_MULTIVERSION void fold_block(const float* x, int64_t n, float inv_t, RowStats* st) {
+  float bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+  for (int64_t i = 0; i < n; ++i) bm = std::max(bm, x[i] * inv_t);
+  if (bm > st->m) {
+    if (st->s > 0.0f) {
+      const float shift = st->m - bm;
+      const float r = std::exp(shift);
+      st->u = r * (st->u + st->s * shift);
+      st->s = r * st->s;
+    }
+    st->m = bm;
+  }
+  if (st->m == kNegInf) return;  // nothing but -inf so far: every exp is 0
+  const float m = st->m;
+  float bs = 0.0f;
+  float bu = 0.0f;
+#pragma omp simd reduction(+ : bs, bu)
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = x[i] * inv_t - m;
+    const float e = exp_neg(d);
+    bs += e;
+    bu += e > 0.0f ? e * d : 0.0f;  // e > 0 keeps -inf logits from making 0 * -inf
+  }
+  st->s += bs;
+  st->u += bu;
+}
+
+// out[i] = -scale * exp(x[i] * inv_t - lse): the softmax part of dlogits (out may alias x).
+GF_MULTIVERSION void softmax_grad_block(const float* x, float* out, int64_t n, float inv_t, float lse,
+                                        float scale) {
+  const float neg = -scale;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = neg * exp_neg(x[i] * inv_t - lse);
+}
+
+// ---- the tile's dtype <-> fp32 blocks (branch-free loops, multiversioned like the math above)
+
+// bf16 -> fp32 is a shift of the bits.
+GF_MULTIVERSION void bf16_to_float(const uint16_t* x, float* out, int64_t n) {
+  uint32_t* bits = reinterpret_cast<uint32_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(x[i]) << 16;
+}
+
+// fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16 does it.
+GF_MULTIVERSION void float_to_bf16(const float* x, uint16_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    out[i] = static_cast<uint16_t>(x[i] != x[i] ? 0x7FC0u : rounded);
+  }
+}
+
+#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
+// IEEE half is c10::Half's layout: the compiler's _Float16 converts it (F16C instructions in the AVX2 clone).
+GF_MULTIVERSION void half_to_float(const c10::Half* x, float* out, int64_t n) {
+  const _Float16* h = reinterpret_cast<const _Float16*>(x);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(h[i]);
+}
+GF_MULTIVERSION void float_to_half(const float* x, c10::Half* out, int64_t n) {
+  _Float16* h = reinterpret_cast<_Float16*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(x[i]);  // round to nearest even
+}
+#else
+void half_to_float(const c10::Half* x, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+void float_to_half(const float* x, c10::Half* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<c10::Half>(x[i]);
+}
+#endif
+
+// fp32 view of a block of the tile (the tile itself when it is fp32), and the way back.
+template <typename T>
+struct Tile;
+
+template <>
+struct Tile<float> {
+  static const float* load(const float* x, int64_t, float*) { return x; }
+  static float* out_block(float* x, float*) { return x; }  // dlogits are written in place
+  static void store(const float*, float*, int64_t) {}
+};
+
+template <>
+struct Tile<c10::BFloat16> {
+  static const float* load(const c10::BFloat16* x, int64_t n, float* buf) {
+    bf16_to_float(reinterpret_cast<const uint16_t*>(x), buf, n);
+    return buf;
+  }
+  static float* out_block(c10::BFloat16*, float* buf) { return buf; }
+  static void store(const float* src, c10::BFloat16* dst, int64_t n) {
+    float_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+  }
+};
+
+template <>
+struct Tile<c10::Half> {
+  static const float* load(const c10::Half* x, int64_t n, float* buf) {
+    half_to_float(x, buf, n);
+    return buf;
+  }
+  static float* out_block(c10::Half*, float* buf) { return buf; }
+  static void store(const float* src, c10::Half* dst, int64_t n) { float_to_half(src, dst, n); }
+};
+
+struct RowIO {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;
+  float inv_t = 1.0f;
+};
+
+// Pass 1 over one row: its (m, s, u) and the scaled target logit (0 when the target is not in [0, V)).
+template <typename T>
+RowStats row_stats(const T* row, int64_t cols, float inv_t, int64_t target, float* target_z, float* buf) {
+  RowStats st;
+  for (int64_t start = 0; start < cols; start += kBlock) {
+    const int64_t n = std::min(kBlock, cols - start);
+    fold_block(Tile<T>::load(row + start, n, buf), n, inv_t, &st);
+  }
+  const bool owned = target >= 0 && target < cols;
+  *target_z = owned ? static_cast<float>(row[target]) * inv_t : 0.0f;
+  return st;
+}
+
+// Pass 2 over one row: row = scale * (onehot(target) - exp(z - lse)) in the tile's dtype.
+template <typename T>
+void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale, float* buf) {
+  for (int64_t start = 0; start < cols; start += kBlock) {
+    const int64_t n = std::min(kBlock, cols - start);
+    const float* x = Tile<T>::load(row + start, n, buf);
+    float* out = Tile<T>::out_block(row + start, buf);
+    softmax_grad_block(x, out, n, inv_t, lse, scale);
+    if (target >= start && target < start + n) out[target - start] += scale;  // as torch: -s p + s
+    Tile<T>::store(out, row + start, n);
+  }
+}
+
+// at::parallel_for over rows: enough rows per task that a task is worth a thread.
+template <typename F>
+void for_rows(int64_t rows, int64_t cols, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kBlock];
+    for (int64_t r = begin; r < end; ++r) f(r, buf);
+  });
+}
+
+template <typename F>
+void dispatch_tile(const at::Tensor& logits, const F& f) {
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      f(static_cast<float*>(nullptr));
+      break;
+    case at::kBFloat16:
+      f(static_cast<c10::BFloat16*>(nullptr));
+      break;
+    case at::kHalf:
+      f(static_cast<c10::Half*>(nullptr));
+      break;
+    default:
+      TORCH_CHECK(false, "grpo_fast: unsupported tile dtype ", logits.scalar_type());
+  }
+}
+
+RowIO row_io(const at::Tensor& logits, double temperature) {
+  RowIO io;
+  io.rows = logits.size(0);
+  io.cols = logits.size(1);
+  io.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  io.inv_t = static_cast<float>(1.0 / temperature);
+  return io;
+}
+
+void stats_impl(const char* op, const at::Tensor& logits, const at::Tensor& targets, double temperature,
+                at::Tensor& out, bool partial) {
+  check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
+  check_out(op, out, partial ? 4 : 3, logits.size(0), logits);
+  const RowIO io = row_io(logits, temperature);
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  float* o = out.mutable_data_ptr<float>();
+  dispatch_tile(logits, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* base = static_cast<const T*>(logits.const_data_ptr());
+    for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
+      float t = 0.0f;
+      const RowStats st = row_stats(base + r * io.row_stride, io.cols, io.inv_t, tgt[r], &t, buf);
+      if (partial) {
+        o[r] = st.m;
+        o[io.rows + r] = st.s;
+        o[2 * io.rows + r] = st.u;
+        o[3 * io.rows + r] = t;
+      } else {
+        const float log_s = std::log(st.s);
+        const float lse = st.m + log_s;
+        o[r] = lse;
+        o[io.rows + r] = t - lse;
+        o[2 * io.rows + r] = log_s - st.u / st.s;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void chunk_stats_cpu(const at::Tensor& logits, const at::Tensor& targets, double temperature, at::Tensor& out) {
+  stats_impl("chunk_stats", logits, targets, temperature, out, /*partial=*/false);
+}
+
+void chunk_partial_stats_cpu(const at::Tensor& logits, const at::Tensor& targets, double temperature,
+                             at::Tensor& out) {
+  stats_impl("chunk_partial_stats", logits, targets, temperature, out, /*partial=*/true);
+}
+
+void chunk_grad_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& g,
+                    double temperature) {
+  const char* op = "chunk_grad";
+  check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
+  check_rows(op, "lse", lse, logits.size(0), at::kFloat, logits);
+  check_rows(op, "g", g, logits.size(0), at::kFloat, logits);
+  const RowIO io = row_io(logits, temperature);
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const float* lse_p = lse.const_data_ptr<float>();
+  const float* g_p = g.const_data_ptr<float>();
+  dispatch_tile(logits, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T* base = static_cast<T*>(logits.mutable_data_ptr());
+    for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
+      row_grad(base + r * io.row_stride, io.cols, io.inv_t, tgt[r], lse_p[r], g_p[r] * io.inv_t, buf);
+    });
+  });
+}
+
+void token_pass_cpu(at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old_logp,
+                    const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
+                    at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
+                    std::optional<double> delta, double beta, bool bias_correction_kl, double temperature,
+                    double tau_pos, double tau_neg) {
+  const char* op = "token_pass";
+  check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
+  const TokenTerms terms =
+      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
+  check_token_inputs(op, logits.size(0), old_logp, ref_logp, adv, w, terms, logits);
+  check_out(op, out, 2, logits.size(0), logits);
+  const RowIO io = row_io(logits, temperature);
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const float* old_p = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
+  const float* ref_p = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
+  const float* adv_p = adv.const_data_ptr<float>();
+  const float* w_p = w.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  dispatch_tile(logits, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T* base = static_cast<T*>(logits.mutable_data_ptr());
+    for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
+      T* row = base + r * io.row_stride;
+      float t = 0.0f;
+      const RowStats st = row_stats(row, io.cols, io.inv_t, tgt[r], &t, buf);
+      const float log_s = std::log(st.s);
+      const float lse = st.m + log_s;
+      const float logp = t - lse;
+      o[r] = logp;
+      o[io.rows + r] = log_s - st.u / st.s;
+      const float old = old_p != nullptr ? old_p[r] : logp;
+      const float ref = ref_p != nullptr ? ref_p[r] : logp;
+      const float g = w_p[r] * dloss_dlogp(logp, old, ref, adv_p[r], old_p != nullptr, terms);
+      row_grad(row, io.cols, io.inv_t, tgt[r], lse, g * io.inv_t, buf);
+    });
+  });
+}
+
+void token_loss_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                    const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
+                    at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
+                    std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,
+                    double tau_neg) {
+  const char* op = "token_loss";
+  TORCH_CHECK(logp.dim() == 1, "grpo_fast::token_loss: logp must be 1-D [N], got shape ", logp.sizes());
+  TORCH_CHECK(logp.device().is_cpu(), "grpo_fast::token_loss: logp must be a cpu tensor here, got ",
+              logp.device());
+  const int64_t n = logp.size(0);
+  check_rows(op, "logp", logp, n, at::kFloat, logp);
+  const TokenTerms terms =
+      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
+  check_token_inputs(op, n, old_logp, ref_logp, adv, w, terms, logp);
+  check_out(op, out, 5, n, logp);
+  const float* lp = logp.const_data_ptr<float>();
+  const float* old_p = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
+  const float* ref_p = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
+  const float* adv_p = adv.const_data_ptr<float>();
+  const float* w_p = w.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float old = old_p != nullptr ? old_p[i] : lp[i];
+      const float ref = ref_p != nullptr ? ref_p[i] : lp[i];
+      const bool has_old = old_p != nullptr;
+      const TokenLoss l = token_loss(lp[i], old, ref, adv_p[i], has_old, terms);
+      o[i] = l.loss;
+      o[n + i] = w_p[i] * dloss_dlogp(lp[i], old, ref, adv_p[i], has_old, terms);
+      o[2 * n + i] = l.kl;
+      o[3 * n + i] = l.low;
+      o[4 * n + i] = l.high;
+    }
+  });
+}
+
+}  // namespace grpo_fast

@@ -1,0 +1,129 @@
+// Torch-facing launchers of the CUDA chunk-op kernels (host compiler, CUDA builds only): the shared
+// input checks (csrc/chunk_check.h), a device guard, the current stream, and raw pointers for chunk_ops.cu.
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../chunk_check.h"
+#include "../ops.h"
+#include "chunk_ops.cuh"
+
+namespace grpo_fast {
+namespace {
+
+constexpr auto kCUDA = c10::DeviceType::CUDA;
+
+int tile_dtype(const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kBFloat16:
+      return kTileBFloat16;
+    case at::kHalf:
+      return kTileHalf;
+    default:
+      return kTileFloat;
+  }
+}
+
+ChunkParams tile_params(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+  ChunkParams p;
+  p.logits = logits.data_ptr();
+  p.rows = logits.size(0);
+  p.cols = logits.size(1);
+  p.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  p.dtype = tile_dtype(logits);
+  p.targets = targets.const_data_ptr<int64_t>();
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  return p;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void stats_impl(const char* op, const at::Tensor& logits, const at::Tensor& targets, double temperature,
+                at::Tensor& out, bool partial) {
+  check_tile_inputs(op, logits, targets, temperature, kCUDA);
+  check_out(op, out, partial ? 4 : 3, logits.size(0), logits);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  ChunkParams p = tile_params(logits, targets, temperature);
+  p.out = out.mutable_data_ptr<float>();
+  C10_CUDA_CHECK(launch_chunk_stats(p, partial, current_stream()));
+}
+
+}  // namespace
+
+void chunk_stats_cuda(const at::Tensor& logits, const at::Tensor& targets, double temperature, at::Tensor& out) {
+  stats_impl("chunk_stats", logits, targets, temperature, out, /*partial=*/false);
+}
+
+void chunk_partial_stats_cuda(const at::Tensor& logits, const at::Tensor& targets, double temperature,
+                              at::Tensor& out) {
+  stats_impl("chunk_partial_stats", logits, targets, temperature, out, /*partial=*/true);
+}
+
+void chunk_grad_cuda(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& g,
+                     double temperature) {
+  const char* op = "chunk_grad";
+  check_tile_inputs(op, logits, targets, temperature, kCUDA);
+  check_rows(op, "lse", lse, logits.size(0), at::kFloat, logits);
+  check_rows(op, "g", g, logits.size(0), at::kFloat, logits);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  ChunkParams p = tile_params(logits, targets, temperature);
+  p.lse = lse.const_data_ptr<float>();
+  p.g = g.const_data_ptr<float>();
+  C10_CUDA_CHECK(launch_chunk_grad(p, current_stream()));
+}
+
+void token_pass_cuda(at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old_logp,
+                     const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
+                     at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
+                     std::optional<double> delta, double beta, bool bias_correction_kl, double temperature,
+                     double tau_pos, double tau_neg) {
+  const char* op = "token_pass";
+  check_tile_inputs(op, logits, targets, temperature, kCUDA);
+  const TokenTerms terms =
+      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
+  check_token_inputs(op, logits.size(0), old_logp, ref_logp, adv, w, terms, logits);
+  check_out(op, out, 2, logits.size(0), logits);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  ChunkParams p = tile_params(logits, targets, temperature);
+  p.out = out.mutable_data_ptr<float>();
+  p.old_logp = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
+  p.ref_logp = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
+  p.adv = adv.const_data_ptr<float>();
+  p.w = w.const_data_ptr<float>();
+  p.terms = terms;
+  C10_CUDA_CHECK(launch_token_pass(p, current_stream()));
+}
+
+void token_loss_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                     const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
+                     at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
+                     std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,
+                     double tau_neg) {
+  const char* op = "token_loss";
+  TORCH_CHECK(logp.dim() == 1, "grpo_fast::token_loss: logp must be 1-D [N], got shape ", logp.sizes());
+  TORCH_CHECK(logp.device().is_cuda(), "grpo_fast::token_loss: logp must be a cuda tensor here, got ",
+              logp.device());
+  const int64_t n = logp.size(0);
+  check_rows(op, "logp", logp, n, at::kFloat, logp);
+  const TokenTerms terms =
+      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
+  check_token_inputs(op, n, old_logp, ref_logp, adv, w, terms, logp);
+  check_out(op, out, 5, n, logp);
+  const c10::cuda::CUDAGuard device_guard(logp.device());
+  TokenLossParams p;
+  p.logp = logp.const_data_ptr<float>();
+  p.old_logp = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
+  p.ref_logp = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
+  p.adv = adv.const_data_ptr<float>();
+  p.w = w.const_data_ptr<float>();
+  p.out = out.mutable_data_ptr<float>();
+  p.n = n;
+  p.terms = terms;
+  C10_CUDA_CHECK(launch_token_loss(p, current_stream()));
+}
+
+}  // namespace grpo_fast
