@@ -5,8 +5,9 @@ the same dtype by at most a small per-dtype margin::
 
     err <= FACTOR[dtype] * ref_err + ATOL[dtype] * scale
 
-where ``scale`` is the truth's largest magnitude. The margin is relative to the reference's own
-error, so a kernel is never asked to beat what the dtype allows, only to not be worse than PyTorch.
+where ``scale`` is the truth's largest magnitude (for the scalar loss: at least ``LOSS_SCALE``). The
+margin is relative to the reference's own error, so a kernel is never asked to beat what the dtype
+allows, only to not be worse than PyTorch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ ATOL: dict[torch.dtype, float] = {
     torch.float16: 2e-3,
     torch.bfloat16: 1e-2,
 }
+
+
+# The loss is a mean of per-token terms of size |advantage| ~ 1 (normalised advantages) that largely
+# cancel, so its rounding error follows the terms, not the small result: judge it on at least this scale.
+LOSS_SCALE = 1.0
+
+
+def scale_of(truth: Tensor, floor: float = 1e-30) -> float:
+    """The magnitude errors are measured against: the truth's largest value, at least ``floor``."""
+    return max(truth.detach().double().abs().max().item() if truth.numel() else 0.0, floor)
 
 
 def max_err(a: Tensor, b: Tensor) -> float:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 import grpo_fast as gf
 from grpo_fast import backends
-from grpo_fast.tolerance import bound, max_err
+from grpo_fast.tolerance import LOSS_SCALE, bound, max_err, scale_of
 
 BACKENDS = ("torch", "native", "triton")
 OPS = ("grpo_loss", "selective_logprobs", "group_advantages")
@@ -138,9 +138,7 @@ def _compare(
     for name, g, r, t in zip(names, got, ref, truth, strict=True):
         t = t.double().cpu()
         err, ref_err = max_err(g, t), max_err(r, t)
-        # The loss is a sum of O(1) terms (normalised advantages) that largely cancel: judge it on that scale.
-        floor = 1.0 if t.dim() == 0 else 1e-30
-        scale = max(t.abs().max().item() if t.numel() else 0.0, floor)
+        scale = scale_of(t, LOSS_SCALE if name == "loss" else 1e-30)
         if err > bound(ref_err, scale, dtype):
             failed.append(name)
         worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / scale)
