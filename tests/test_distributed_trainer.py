@@ -1,9 +1,11 @@
-"""Data-parallel training: 2 gloo processes give the metrics and weights of 1 process on the same batch.
+"""Data-parallel training: 2 gloo processes, with DDP and with FSDP2, give the metrics and weights of
+1 process on the same batch, and their checkpoints resume in 1 process.
 
 Sampling is made comparable by seeding each completion from (step, its index in the step's batch),
 so a completion is the same whichever rank draws it; everything after sampling (reward gathering,
-group advantages, the global token count, loss shares, DDP's averaging, global metrics, one
-checkpoint written by rank 0) is the trainer's own code. Ranks rendezvous through a file in tmp_path.
+group advantages, the global token count, loss shares, DDP's averaging or FSDP2's sharding, global
+metrics, one checkpoint written by rank 0) is the trainer's own code. Ranks rendezvous through a
+file in tmp_path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .test_trainer import one_thread  # noqa: F401 - autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"tokens_per_s", "step_time_s", "peak_mem_mb"}
+PARALLELISMS = ("ddp", "fsdp")
 CASES = {
     # dapo: the global token count; 2 updates per batch (old log-probs, clipping); KL to a reference.
     "dapo": dict(loss_type="dapo", num_iterations=2, gradient_accumulation_steps=2, beta=0.04),
@@ -91,15 +94,24 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for name, options in CASES.items():
-            trainer = RowSeededTrainer(config(Path(root) / name, **options))
-            assert trainer.ddp is not None and trainer.group.world == world
-            trainer.train()
-            # DDP kept the replicas equal.
-            flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-            copies = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(copies, flat)
-            assert all(torch.equal(c, copies[0]) for c in copies), name
+        for parallelism in PARALLELISMS:
+            for name, options in CASES.items():
+                run_dir = Path(root) / parallelism / name
+                trainer = RowSeededTrainer(config(run_dir, parallelism=parallelism, **options))
+                assert trainer.group.world == world
+                assert (trainer.ddp is not None) == (parallelism == "ddp") and trainer.sharded != (
+                    parallelism == "ddp"
+                )
+                trainer.train()
+                if parallelism == "fsdp":  # each rank holds a shard of each parameter
+                    p = next(trainer.model.parameters())
+                    assert p.to_local().shape[0] < p.shape[0], name
+                    continue
+                # DDP kept the replicas equal.
+                flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+                copies = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(copies, flat)
+                assert all(torch.equal(c, copies[0]) for c in copies), name
         _resume_and_failures(Path(root), rank)
     finally:
         dist.destroy_process_group()
@@ -166,29 +178,34 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
         single = RowSeededTrainer(config(tmp_path / "one" / name, **options))
         single.train()
         want = read_metrics(tmp_path / "one" / name / "metrics.jsonl")
-        got = read_metrics(multi / name / "metrics.jsonl")
-        assert len(got) == 2 and all(math.isfinite(r["loss"]) for r in got)
-        _assert_rows_close(got, want, name)
-        if name == "dapo":
-            assert got[-1]["kl"] > 0 and any(r["clip_ratio"] > 0 or r["grad_norm"] > 0 for r in got)
-        weights, ref = _final_weights(multi / name), _final_weights(tmp_path / "one" / name)
-        assert weights.keys() == ref.keys()
-        for key in ref:
-            torch.testing.assert_close(weights[key], ref[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+        ref = _final_weights(tmp_path / "one" / name)
+        for parallelism in PARALLELISMS:
+            what = f"{parallelism} {name}"
+            got = read_metrics(multi / parallelism / name / "metrics.jsonl")
+            assert len(got) == 2 and all(math.isfinite(r["loss"]) for r in got), what
+            _assert_rows_close(got, want, what)
+            if name == "dapo":
+                assert got[-1]["kl"] > 0 and any(r["clip_ratio"] > 0 or r["grad_norm"] > 0 for r in got)
+            weights = _final_weights(multi / parallelism / name)
+            assert weights.keys() == ref.keys(), what
+            for key in ref:
+                torch.testing.assert_close(weights[key], ref[key], rtol=1e-4, atol=2e-5, msg=f"{what}: {key}")
 
-    # The 2-process checkpoint resumes in 1 process: step 3 is that of a 3-step single-process run.
+    # A 2-process checkpoint (DDP or FSDP2) resumes in 1 process: step 3 is that of a 3-step run.
     name, options = "dapo", CASES["dapo"]
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(multi / name, resumed_dir)
-    with pytest.warns(UserWarning, match="max_steps: 2 -> 3"):
-        assert RowSeededTrainer(config(resumed_dir, max_steps=3, **options)).train(resume=True).steps == 3
     straight = RowSeededTrainer(config(tmp_path / "straight", max_steps=3, **options))
     straight.train()
-    _assert_rows_close(
-        read_metrics(resumed_dir / "metrics.jsonl"),
-        read_metrics(tmp_path / "straight" / "metrics.jsonl"),
-        "resume",
-    )
+    for parallelism in PARALLELISMS:
+        resumed_dir = tmp_path / "resumed" / parallelism
+        shutil.copytree(multi / parallelism / name, resumed_dir)
+        with pytest.warns(UserWarning, match="max_steps: 2 -> 3"):
+            resumed = RowSeededTrainer(config(resumed_dir, max_steps=3, **options))
+            assert resumed.train(resume=True).steps == 3
+        _assert_rows_close(
+            read_metrics(resumed_dir / "metrics.jsonl"),
+            read_metrics(tmp_path / "straight" / "metrics.jsonl"),
+            f"resume from {parallelism}",
+        )
 
 
 def _free_port() -> int:
@@ -198,14 +215,15 @@ def _free_port() -> int:
 
 
 def test_torchrun_cli(tmp_path):
-    """``torchrun -m grpo_fast.cli train``: the CLI joins the group, rank 0 alone writes and prints."""
+    """``torchrun -m grpo_fast.cli train --parallelism fsdp``: the CLI joins the group, shards the model,
+    rank 0 alone writes and prints."""
     run_dir = tmp_path / "run"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"),
         *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"),
         *("-m", "grpo_fast.cli", "train", "--output-dir", str(run_dir), "--device", "cpu"),
         *("--max-steps", "2", "--save-every", "1", "--prompts-per-step", "2", "--num-generations", "4"),
-        *("--no-progress", "--print-completions-every", "1"),
+        *("--no-progress", "--print-completions-every", "1", "--parallelism", "fsdp"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -4,6 +4,11 @@ A checkpoint is a directory ``checkpoint-<step>`` written under a temporary name
 place, so a crash mid-write never leaves a half checkpoint that looks complete. Nothing is
 unpickled on load: weights are safetensors, the optimizer/scheduler/RNG tensors load with
 ``torch.load(weights_only=True)``, the rest is JSON.
+
+Weights and optimizer state are stored whole (unsharded, optimizer state keyed by parameter name,
+through ``torch.distributed.checkpoint.state_dict``), so a checkpoint of one process, of DDP or of
+FSDP2 on any number of ranks loads into any of them. Under FSDP2 gathering them is a collective:
+:func:`training_state` runs on every rank, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,8 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -76,6 +88,29 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
         np.random.set_state((kind, tensors["numpy"].numpy().astype("uint32"), pos, has_gauss, cached))
 
 
+# Whole tensors on the CPU, on rank 0 only (the other ranks get empty dicts).
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one tensor (tied embeddings), each sorted."""
+    by_param: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(p), []).append(name)
+    return [sorted(names) for names in by_param.values() if len(names) > 1]
+
+
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Whole weights (a tied tensor once, under its first name) and name-keyed optimizer state."""
+    weights = get_model_state_dict(model, options=_FULL)
+    for names in tied_names(model):
+        for name in names[1:]:
+            weights.pop(name, None)
+    return weights, get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -86,15 +121,24 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer: Any = None,
     keep: int = 2,
+    weights: dict[str, Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoint-<step>`` atomically and keep the newest ``keep`` checkpoints."""
+    """Write ``run_dir/checkpoint-<step>`` atomically and keep the newest ``keep`` checkpoints.
+
+    ``weights``/``optimizer_state``: from :func:`training_state` when it had to run on every rank
+    (FSDP2); gathered here otherwise.
+    """
+    if weights is None or optimizer_state is None:
+        weights, optimizer_state = training_state(model, optimizer)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"{PREFIX}{step:06d}"
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS))
+    # "format": "pt" lets transformers' from_pretrained read the file too.
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
     # config + tokenizer make the checkpoint loadable with from_pretrained too.
     if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
         model.config.save_pretrained(tmp)
@@ -102,7 +146,7 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
     rng_tensors, rng_plain = rng_state()
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_tensors},
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_tensors},
         tmp / TENSORS,
     )
     _write_json(tmp / STATE, {**state, "step": step, "rng": rng_plain})
@@ -122,19 +166,32 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNGs in place; returns the JSON state (step, data, ...)."""
+    """Restore model, optimizer, scheduler and RNGs in place; returns the JSON state (step, data, ...).
+
+    Every rank calls this (under FSDP2 each keeps its shard of the whole tensors it reads).
+    """
     path = Path(path)
     for name in (WEIGHTS, TENSORS, STATE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint: {name} is missing")
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    weights = load_file(path / WEIGHTS)
+    for names in tied_names(model):
+        stored = [n for n in names if n in weights]
+        for name in names:
+            if stored and name not in weights:
+                weights[name] = weights[stored[0]]
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(tensors["optimizer"])
+    set_optimizer_state_dict(
+        model, optimizer, tensors["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
     scheduler.load_state_dict(tensors["scheduler"])
     state = json.loads((path / STATE).read_text())
     set_rng_state(tensors["rng"], state["rng"])

@@ -18,6 +18,7 @@ EPILOG = """examples:
                   --learning-rate 1e-6 --output-dir runs/mine
   grpo-fast train --output-dir runs/mine --resume   # continue from the latest checkpoint
   torchrun --nproc-per-node 8 -m grpo_fast.cli train --config my.yaml   # data parallel (DDP)
+  torchrun --nproc-per-node 8 -m grpo_fast.cli train --config my.yaml --parallelism fsdp  # sharded
 
 Flags override the YAML file. A reward function that fails skips its step; after
 --max-reward-failures failures in a row the run saves a checkpoint and stops (exit code 1).

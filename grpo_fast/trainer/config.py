@@ -15,7 +15,9 @@ from ..config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, GRPOConfig
 DEMO = "demo"  # model/dataset name of the built-in demo (no downloads)
 SCALE_REWARDS = ("group", "batch", "none")
 BACKENDS = ("auto", "triton", "native", "torch")
+PARALLELISMS = ("ddp", "fsdp")
 CHOICES = {
+    "parallelism": PARALLELISMS,
     "loss_type": LOSS_TYPES,
     "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
     "scale_rewards": SCALE_REWARDS,
@@ -48,6 +50,11 @@ class TrainConfig:
         "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available; under torchrun cuda is cuda:LOCAL_RANK)"
     )
     num_threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    parallelism: str = _opt(
+        "ddp",
+        "several processes (torchrun): 'ddp' keeps a replica per rank; 'fsdp' shards parameters, "
+        "gradients and optimizer state (FSDP2). Checkpoints are the same either way",
+    )
 
     # Sampling.
     num_generations: int = _opt(8, "completions sampled per prompt (G)")

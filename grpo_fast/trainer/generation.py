@@ -115,11 +115,13 @@ def sample(
     top_k: int,
     repetition_penalty: float = 1.0,
     conversational: bool = False,
+    synced: bool = False,
 ) -> Rollout:
     """One completion per row of prompt_ids (rows already repeated G times).
 
     Every sampling setting is passed explicitly, so none comes from the model's generation_config
-    (instruct models often ship top_k/top_p/repetition_penalty there).
+    (instruct models often ship top_k/top_p/repetition_penalty there). ``synced``: the model is
+    sharded over ranks (each forward a collective), so every rank steps until all have finished.
     """
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
@@ -137,6 +139,7 @@ def sample(
             eos_token_id=eos_ids,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
+            synced_gpus=synced,
         )
     finally:
         model.train(was_training)

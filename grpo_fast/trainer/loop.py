@@ -10,8 +10,9 @@ a warning naming the function); after ``max_reward_failures`` such steps in a ro
 a checkpoint and stops with :class:`RewardError`, so ``--resume`` continues once it is fixed.
 
 Under ``torchrun`` (or with torch.distributed initialised by the caller) the step's completions are
-shared by the ranks and the model is wrapped in DDP; see :mod:`grpo_fast.trainer.distributed` for how
-the update stays that of one process on the same global batch.
+shared by the ranks and the model is wrapped in DDP or sharded with FSDP2 (``parallelism``); see
+:mod:`grpo_fast.trainer.distributed` for how the update stays that of one process on the same global
+batch, and :mod:`grpo_fast.trainer.sharding` for FSDP2.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ..integrations.hf import (
     unsupported_head,
 )
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, sharding
 from .config import DEMO, TrainConfig
 from .data import PromptDataset, PromptSampler, load_prompts, repeat_each
 from .generation import Rollout, context_length, encode_prompts, prompt_text, sample
@@ -65,6 +66,7 @@ RESUME_FREE = {
     "output_dir",
     "device",
     "num_threads",
+    "parallelism",
 }
 
 
@@ -189,9 +191,16 @@ class Trainer:
         # The reference is the policy as it starts; built before any --resume loads later weights.
         self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta > 0 else None
         # Several processes: the loss's forward goes through DDP (its gradient hooks), asking for the
-        # backbone's hidden states; generation and the no-grad log-probs use the bare model.
+        # backbone's hidden states; generation and the no-grad log-probs use the bare model. FSDP2
+        # shards policy and reference in place; every forward then goes through the model's own hooks.
         self.ddp: DistributedDataParallel | None = None
-        if self.group.active:
+        self.sharded = self.group.active and cfg.parallelism == "fsdp"
+        if self.sharded:
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    add_hidden_forward(m)
+                    sharding.shard(m, self.device)
+        elif self.group.active:
             add_hidden_forward(self.model)
             self.ddp = DistributedDataParallel(
                 self.model,
@@ -293,6 +302,7 @@ class Trainer:
                 top_k=cfg.top_k,
                 repetition_penalty=cfg.repetition_penalty,
                 conversational=conversational,
+                synced=self.sharded,
             )
 
     def rewards(self, rows: list[dict[str, Any]], out: Rollout, select: Tensor | None = None) -> Tensor:
@@ -339,9 +349,16 @@ class Trainer:
         self._warn_not_applicable(values)
         return values
 
-    def _hidden(self, model: nn.Module, rows: Rollout) -> Tensor:
+    def _hidden(self, model: nn.Module, rows: Rollout, through: nn.Module | None = None) -> Tensor:
+        """Final hidden states of the completion positions, from ``model`` or a wrapper of it (DDP)."""
+        num_completion = rows.completion_ids.shape[1]
         with self._autocast():
-            return completion_hidden(model, rows.input_ids, rows.attention_mask, rows.completion_ids.shape[1])
+            if through is None and not sharding.is_sharded(model):
+                return completion_hidden(model, rows.input_ids, rows.attention_mask, num_completion)
+            out = (through or model)(
+                input_ids=rows.input_ids, attention_mask=rows.attention_mask, **{HIDDEN_KWARG: True}
+            )
+        return out.last_hidden_state[:, -num_completion - 1 : -1]
 
     @torch.no_grad()
     def logprobs(self, model: nn.Module, out: Rollout, micro: list[Tensor]) -> Tensor:
@@ -373,14 +390,8 @@ class Trainer:
         ref: Tensor | None,
         num_items: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.ddp is None:
-            hidden = self._hidden(self.model, rows)
-        else:
-            with self._autocast():
-                out = self.ddp(
-                    input_ids=rows.input_ids, attention_mask=rows.attention_mask, **{HIDDEN_KWARG: True}
-                )
-            hidden = out.last_hidden_state[:, -rows.completion_ids.shape[1] - 1 : -1]
+        hidden = self._hidden(self.model, rows, through=self.ddp)
+        # Under FSDP2 the root's forward has just gathered the head: this is the full weight.
         weight, bias = match_head_dtype(hidden, *lm_head(self.model))
         return gf.grpo_loss(
             hidden,
@@ -438,7 +449,8 @@ class Trainer:
         for _ in range(cfg.num_iterations):
             total = 0.0
             for j, index in enumerate(micro):
-                # DDP: all-reduce the gradients once, after the last micro-batch of the update.
+                # DDP: all-reduce the gradients once, after the last micro-batch of the update
+                # (FSDP2 reduce-scatters after each one: no unsharded gradients are kept).
                 sync = self.ddp is None or j == len(micro) - 1
                 with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     loss, metrics = self.policy_loss(
@@ -454,7 +466,7 @@ class Trainer:
                         total += loss.item() / accumulate
                         stats.add(metrics, local_tokens[j])
                         continue
-                    # This rank's part of the micro-batch's loss; DDP averages over ranks, hence * world.
+                    # This rank's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
                     share = shares[j]
                     (loss * (share * group.world / accumulate)).backward()
                     total += loss.item() * share / accumulate
@@ -528,7 +540,7 @@ class Trainer:
     def _optimizer_step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = float(sharding.full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -536,9 +548,10 @@ class Trainer:
 
     # ----- the run ------------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Write a checkpoint (rank 0 only: the ranks' weights and optimizer states are the same)."""
+        """Write a checkpoint: once, by rank 0 (under FSDP2 every rank first helps gather the whole state)."""
         self.group.barrier()
         path = self.run_dir / f"{ckpt.PREFIX}{self.step:06d}"
+        gathered = ckpt.training_state(self.model, self.optimizer) if self.sharded else (None, None)
         if self.group.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir,
@@ -548,6 +561,8 @@ class Trainer:
                 scheduler=self.scheduler,
                 tokenizer=self.tokenizer,
                 keep=self.cfg.save_total_limit,
+                weights=gathered[0],
+                optimizer_state=gathered[1],
                 # The data position counts prompts of the whole run: any world size can resume it.
                 state={
                     "sampler": self.sampler.state_dict(),
@@ -585,7 +600,7 @@ class Trainer:
             for k, v in state.get("config", {}).items()
             if k not in RESUME_FREE and hasattr(self.cfg, k) and getattr(self.cfg, k) != v
         }
-        if changed:
+        if changed and self.group.is_main:  # said once, not by every rank
             diffs = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             warnings.warn(f"resuming {path} with options that differ from its run: {diffs}", stacklevel=2)
         return path
