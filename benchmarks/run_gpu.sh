@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session's one command: carried wheels, the build, the GPU tests and the benchmark.
 #
-#   benchmarks/run_gpu.sh [PHASE ...]      PHASE: tests, table, longctx, report (default: all four)
+#   benchmarks/run_gpu.sh [PHASE ...]      PHASE: tests, vocab_parallel, table, longctx, report
+#                                          (default: all five, in that order)
 #
 # On the dev machine first: benchmarks/fetch_wheels.sh (TRL and liger-kernel into .whl/), then run this
 # on the GPU machine with .whl carried. Everything is written under $OUT when set (the device tool
@@ -11,8 +12,9 @@
 # JSON copied back into benchmarks/results/ resumes where it stopped:
 #   benchmarks/run_gpu.sh table longctx report
 #
-# Environment: RUN_BUDGET (s), GRPO_FAST_NO_CUDA (default 1: the Triton path needs no CUDA extension,
-# set 0 to build the native CUDA kernels too), GRPO_FAST_COMMIT (recorded in the results), BENCH_ARGS
+# Environment: RUN_BUDGET (s), GRPO_FAST_NO_CUDA (default 0: the native CUDA kernels are built, for
+# this GPU's architecture only unless TORCH_CUDA_ARCH_LIST says otherwise, so their GPU tests run; set 1
+# to skip them and save the compile time), GRPO_FAST_COMMIT (recorded in the results), BENCH_ARGS
 # (extra arguments for bench_gpu.py, e.g. "--iters 3").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,7 +26,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests table longctx report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests vocab_parallel table longctx report)
 PY=${PYTHON:-python3}
 status=0
 
@@ -39,7 +41,9 @@ fi
 ROOT=$PWD
 if ! (cd /tmp && "$PY" -c "import grpo_fast.kernels as k, sys; sys.exit(not k.__file__.startswith('$ROOT/'))") 2>/dev/null; then
     echo "== building grpo_fast ($(left) s left)"
-    GRPO_FAST_NO_CUDA=${GRPO_FAST_NO_CUDA:-1} MAX_JOBS=${MAX_JOBS:-16} \
+    # This GPU's architecture only (sm_90a on Hopper): half the compile time of the full list.
+    ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))" 2>/dev/null)}
+    TORCH_CUDA_ARCH_LIST=$ARCH GRPO_FAST_NO_CUDA=${GRPO_FAST_NO_CUDA:-0} MAX_JOBS=${MAX_JOBS:-16} \
         "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "the build failed"; exit 1; }
 fi
 "$PY" -c "import torch, triton, grpo_fast.kernels; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
@@ -59,6 +63,14 @@ for phase in "${PHASES[@]}"; do
                 tests/test_triton_ops.py tests/test_triton_compile.py 2>&1 | tee -a "$LOGDIR/tests.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
             ;;
+        vocab_parallel)
+            # Overhead of grpo_loss(process_group=...) over NCCL with one rank vs the plain path.
+            VP_OUT="${RESULTS%.json}-vocab-parallel.json"
+            timeout $(( $(left) > 120 ? 90 : 30 )) "$PY" benchmarks/bench_vocab_parallel.py --out "$VP_OUT" \
+                2>&1 | tee -a "$LOGDIR/bench.log"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            [ -n "${OUT:-}" ] && [ -f "$VP_OUT" ] && cp "$VP_OUT" "$OUT/"
+            ;;
         table|longctx)
             "$PY" benchmarks/bench_gpu.py --phase "$phase" --out "$RESULTS" --time-limit $(( $(left) - 60 )) \
                 ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGDIR/bench.log"
@@ -67,7 +79,7 @@ for phase in "${PHASES[@]}"; do
         report)
             "$PY" benchmarks/bench_gpu.py --phase report --out "$RESULTS" 2>&1 | tee -a "$LOGDIR/bench.log"
             ;;
-        *) echo "unknown phase $phase (tests, table, longctx, report)"; status=1 ;;
+        *) echo "unknown phase $phase (tests, vocab_parallel, table, longctx, report)"; status=1 ;;
     esac
 done
 

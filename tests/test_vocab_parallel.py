@@ -111,3 +111,35 @@ def test_process_group_needs_initialized_distributed():
         gf.selective_logprobs(
             torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), vocab_start=3
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs a CUDA GPU and NCCL"
+)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nccl_world_size_one_equals_plain_path(backend, tmp_path):
+    """The vocab-parallel path over NCCL with one rank: every collective is real, the answer unchanged."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for i, options in enumerate(CASES):
+            cfg = gf.GRPOConfig(**options)
+            batch = make_batch(seed=70 + i, dtype=torch.float64, V=4099)
+            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = cast(batch, torch.float32)
+            args = tuple(batch[k] for k in ("targets", "mask", "advantages", "old_logp", "ref_logp"))
+            leaves = [batch["hidden"], batch["weight"], batch["bias"]]
+            results = []
+            for group in (None, dist.group.WORLD):
+                loss, metrics = gf.grpo_loss(
+                    *leaves[:2], *args, bias=leaves[2], config=cfg, backend=backend, process_group=group
+                )
+                results.append((loss, metrics, torch.autograd.grad(loss, leaves)))
+            (want, want_m, want_g), (got, got_m, got_g) = results
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+            for k in want_m:
+                torch.testing.assert_close(got_m[k], want_m[k], rtol=1e-5, atol=1e-6)
+            for g, w in zip(got_g, want_g, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
