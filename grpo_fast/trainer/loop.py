@@ -433,7 +433,10 @@ class Trainer:
         micro = [index.to(self.device) for index in layout.local_micro()]
         # Later iterations see a moved policy; the first one's ratio is exactly 1, as in TRL.
         old = self.logprobs(self.model, out, micro) if cfg.num_iterations > 1 else None
-        ref = self.logprobs(self.ref_model, out, micro) if self.ref_model is not None else None
+        ref = None
+        if self.ref_model is not None:
+            ref = self.logprobs(self.ref_model, out, micro)
+            sharding.release(self.ref_model)  # FSDP2: its embeddings and head, gathered, are not kept
         local_tokens = [float(loss_mask[index].sum()) for index in micro]
         if group.active:  # tokens of each micro-batch over all ranks; their sum is dapo's normaliser
             micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()

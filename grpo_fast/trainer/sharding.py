@@ -56,10 +56,17 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def release(model: nn.Module) -> None:
+    """Free the gathered root group of a sharded model that runs no backward (the reference model):
+    FSDP keeps the root gathered after its forward, expecting a backward to reshard it."""
+    if is_sharded(model):
+        model.reshard()
+
+
 def full_value(x: Tensor) -> Tensor:
     """A DTensor's global value (a collective: every rank calls it); other tensors as they are."""
     full_tensor = getattr(x, "full_tensor", None)
     return full_tensor() if callable(full_tensor) else x
 
 
-__all__ = ["decoder_layers", "full_value", "is_sharded", "shard"]
+__all__ = ["decoder_layers", "full_value", "is_sharded", "release", "shard"]
