@@ -455,6 +455,8 @@ class Trainer:
                 # DDP: all-reduce the gradients once, after the last micro-batch of the update
                 # (FSDP2 reduce-scatters after each one: no unsharded gradients are kept).
                 sync = self.ddp is None or j == len(micro) - 1
+                if self.sharded:  # the head stays gathered until the update's last backward
+                    sharding.keep_head_gathered(self.model, j < len(micro) - 1)
                 with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     loss, metrics = self.policy_loss(
                         out.rows(index),

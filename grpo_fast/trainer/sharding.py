@@ -4,10 +4,12 @@
 Parameters become ``Shard(0)`` DTensors; a layer's are all-gathered for its forward and its backward
 only. The root group holds the embeddings, the final norm and the LM head (one tensor when tied).
 The trainer reaches the backbone through ``model(..., grpo_fast_hidden=True)``, so the root's
-forward hook gathers that group once per micro-batch and keeps it through backward; ``grpo_loss``
-then reads the gathered head weight directly, and FSDP reduce-scatters its gradient with the rest
-at the end of backward. Gradients are reduce-scattered after every micro-batch (no unsharded
-accumulation), averaged over ranks as DDP does.
+forward hook gathers that group; ``grpo_loss`` then reads the gathered head weight directly, and FSDP
+reduce-scatters its gradient with the rest at the end of backward. The root group is gathered once
+per optimizer update (once per step with ``num_iterations`` 1): sampling's first forward gathers it,
+and it stays gathered through the no-grad log-prob passes and every micro-batch until the update's
+last backward (:func:`keep_head_gathered`). Gradients are reduce-scattered after every micro-batch
+(no unsharded accumulation), averaged over ranks as DDP does.
 
 Sampling runs ``generate(..., synced_gpus=True)``: a rank whose completions have all ended keeps
 stepping (on dummy tokens) until every rank is done, because each forward is a collective.
@@ -56,6 +58,17 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def keep_head_gathered(model: nn.Module, keep: bool) -> None:
+    """Whether the root group (embeddings, final norm, LM head) stays gathered after this backward.
+
+    Kept between the micro-batches of one update, the head is gathered once per update (by sampling,
+    whose forward gathers it first) instead of once per micro-batch; it must be resharded by the
+    update's last backward, since the optimizer steps the shards and a stale gathered copy would
+    otherwise be reused. Gradients are reduce-scattered after every backward either way.
+    """
+    model.set_reshard_after_backward(not keep, recurse=False)
+
+
 def release(model: nn.Module) -> None:
     """Free the gathered root group of a sharded model that runs no backward (the reference model):
     FSDP keeps the root gathered after its forward, expecting a backward to reshard it."""
@@ -69,4 +82,4 @@ def full_value(x: Tensor) -> Tensor:
     return full_tensor() if callable(full_tensor) else x
 
 
-__all__ = ["decoder_layers", "full_value", "is_sharded", "release", "shard"]
+__all__ = ["decoder_layers", "full_value", "is_sharded", "keep_head_gathered", "release", "shard"]
