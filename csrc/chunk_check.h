@@ -84,6 +84,35 @@ inline void check_token_inputs(const char* op, int64_t rows, const std::optional
               " needs ref_logp (the KL term's reference log-probs)");
 }
 
+// token_loss's per-token log-probs: fp32 [N], contiguous, on `device`; returns N.
+inline int64_t check_logp(const char* op, const at::Tensor& logp, c10::DeviceType device) {
+  TORCH_CHECK(logp.dim() == 1, "grpo_fast::", op, ": logp must be 1-D [N], got shape ", logp.sizes());
+  TORCH_CHECK(logp.device().type() == device, "grpo_fast::", op, ": logp must be a ", device,
+              " tensor here, got ", logp.device());
+  check_rows(op, "logp", logp, logp.size(0), at::kFloat, logp);
+  return logp.size(0);
+}
+
+// The per-token inputs of token_pass / token_loss, checked (with their fp32 [k, rows] output), as the
+// kernels read them.
+struct TokenArgs {
+  const float* old_logp;  // null: on-policy
+  const float* ref_logp;  // null unless terms.beta != 0
+  const float* adv;
+  const float* w;
+  float* out;
+};
+
+inline TokenArgs token_args(const char* op, int64_t rows, const std::optional<at::Tensor>& old_logp,
+                            const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
+                            at::Tensor& out, int64_t out_k, const TokenTerms& terms, const at::Tensor& like) {
+  check_token_inputs(op, rows, old_logp, ref_logp, adv, w, terms, like);
+  check_out(op, out, out_k, rows, like);
+  return TokenArgs{old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr,
+                   (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr,
+                   adv.const_data_ptr<float>(), w.const_data_ptr<float>(), out.mutable_data_ptr<float>()};
+}
+
 // The hyper-parameters as the op schemas take them, as the kernels take them.
 inline TokenTerms make_token_terms(int64_t family, double lo, double hi, double cispo_max, std::optional<double> delta,
                                    double beta, bool bias_correction_kl, double tau_pos, double tau_neg) {

@@ -324,15 +324,11 @@ void token_pass_cpu(at::Tensor& logits, const at::Tensor& targets, const std::op
   check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
   const TokenTerms terms =
       make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  check_token_inputs(op, logits.size(0), old_logp, ref_logp, adv, w, terms, logits);
-  check_out(op, out, 2, logits.size(0), logits);
+  const TokenArgs a = token_args(op, logits.size(0), old_logp, ref_logp, adv, w, out, 2, terms, logits);
   const RowIO io = row_io(logits, temperature);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
-  const float* old_p = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
-  const float* ref_p = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
-  const float* adv_p = adv.const_data_ptr<float>();
-  const float* w_p = w.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
+  const float *old_p = a.old_logp, *ref_p = a.ref_logp, *adv_p = a.adv, *w_p = a.w;
+  float* o = a.out;
   dispatch_tile(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     T* base = static_cast<T*>(logits.mutable_data_ptr());
@@ -359,21 +355,13 @@ void token_loss_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old
                     std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,
                     double tau_neg) {
   const char* op = "token_loss";
-  TORCH_CHECK(logp.dim() == 1, "grpo_fast::token_loss: logp must be 1-D [N], got shape ", logp.sizes());
-  TORCH_CHECK(logp.device().is_cpu(), "grpo_fast::token_loss: logp must be a cpu tensor here, got ",
-              logp.device());
-  const int64_t n = logp.size(0);
-  check_rows(op, "logp", logp, n, at::kFloat, logp);
+  const int64_t n = check_logp(op, logp, c10::DeviceType::CPU);
   const TokenTerms terms =
       make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  check_token_inputs(op, n, old_logp, ref_logp, adv, w, terms, logp);
-  check_out(op, out, 5, n, logp);
+  const TokenArgs a = token_args(op, n, old_logp, ref_logp, adv, w, out, 5, terms, logp);
   const float* lp = logp.const_data_ptr<float>();
-  const float* old_p = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
-  const float* ref_p = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
-  const float* adv_p = adv.const_data_ptr<float>();
-  const float* w_p = w.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
+  const float *old_p = a.old_logp, *ref_p = a.ref_logp, *adv_p = a.adv, *w_p = a.w;
+  float* o = a.out;
   at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float old = old_p != nullptr ? old_p[i] : lp[i];

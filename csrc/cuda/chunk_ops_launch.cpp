@@ -85,15 +85,14 @@ void token_pass_cuda(at::Tensor& logits, const at::Tensor& targets, const std::o
   check_tile_inputs(op, logits, targets, temperature, kCUDA);
   const TokenTerms terms =
       make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  check_token_inputs(op, logits.size(0), old_logp, ref_logp, adv, w, terms, logits);
-  check_out(op, out, 2, logits.size(0), logits);
+  const TokenArgs a = token_args(op, logits.size(0), old_logp, ref_logp, adv, w, out, 2, terms, logits);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   ChunkParams p = tile_params(logits, targets, temperature);
-  p.out = out.mutable_data_ptr<float>();
-  p.old_logp = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
-  p.ref_logp = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
-  p.adv = adv.const_data_ptr<float>();
-  p.w = w.const_data_ptr<float>();
+  p.out = a.out;
+  p.old_logp = a.old_logp;
+  p.ref_logp = a.ref_logp;
+  p.adv = a.adv;
+  p.w = a.w;
   p.terms = terms;
   C10_CUDA_CHECK(launch_token_pass(p, current_stream()));
 }
@@ -104,23 +103,18 @@ void token_loss_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& ol
                      std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,
                      double tau_neg) {
   const char* op = "token_loss";
-  TORCH_CHECK(logp.dim() == 1, "grpo_fast::token_loss: logp must be 1-D [N], got shape ", logp.sizes());
-  TORCH_CHECK(logp.device().is_cuda(), "grpo_fast::token_loss: logp must be a cuda tensor here, got ",
-              logp.device());
-  const int64_t n = logp.size(0);
-  check_rows(op, "logp", logp, n, at::kFloat, logp);
+  const int64_t n = check_logp(op, logp, kCUDA);
   const TokenTerms terms =
       make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  check_token_inputs(op, n, old_logp, ref_logp, adv, w, terms, logp);
-  check_out(op, out, 5, n, logp);
+  const TokenArgs a = token_args(op, n, old_logp, ref_logp, adv, w, out, 5, terms, logp);
   const c10::cuda::CUDAGuard device_guard(logp.device());
   TokenLossParams p;
   p.logp = logp.const_data_ptr<float>();
-  p.old_logp = old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr;
-  p.ref_logp = (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr;
-  p.adv = adv.const_data_ptr<float>();
-  p.w = w.const_data_ptr<float>();
-  p.out = out.mutable_data_ptr<float>();
+  p.old_logp = a.old_logp;
+  p.ref_logp = a.ref_logp;
+  p.adv = a.adv;
+  p.w = a.w;
+  p.out = a.out;
   p.n = n;
   p.terms = terms;
   C10_CUDA_CHECK(launch_token_loss(p, current_stream()));
