@@ -35,6 +35,8 @@ from grpo_fast.triton_ops import (  # noqa: E402
     triton_selective_logprobs,
 )
 
+from .chunk_cases import CASE_IDS, CASES, C, H, V, ratio_spread, token_inputs, truth_dlogits, truth_stats  # noqa: E402
+from .chunk_cases import tile as cpu_tile  # noqa: E402
 from .helpers import assert_within, cast, make_batch  # noqa: E402
 from .test_loss import run_loss  # noqa: E402
 
@@ -44,32 +46,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
 DTYPE_IDS = ["fp32", "fp16"]
-C, V, H = 37, 1013, 67
 
 
-def tile(
-    dtype: torch.dtype, seed: int = 0, rows: int = C, cols: int = V
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A logits tile with a wide spread (some rows peaked, some flat) and its targets."""
-    g = torch.Generator().manual_seed(seed)
-    spread = torch.linspace(0.1, 8.0, rows, dtype=torch.float64).unsqueeze(1)
-    logits = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * spread + 3.0).to(dtype)
-    targets = torch.randint(0, cols, (rows,), generator=g)
-    return logits.to(DEVICE), targets.to(DEVICE)
-
-
-def truth_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    z = logits.double() / temperature
-    lse = torch.logsumexp(z, -1)
-    log_probs = z - lse.unsqueeze(1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return lse, log_probs.gather(1, targets.unsqueeze(1)).squeeze(1), entropy
-
-
-def truth_dlogits(logits, targets, lse, g, temperature):
-    z = logits.double() / temperature
-    onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).double()
-    return g.double().unsqueeze(1) / temperature * (onehot - torch.exp(z - lse.double().unsqueeze(1)))
+def tile(dtype: torch.dtype, seed: int = 0, rows: int = C, cols: int = V):
+    """chunk_cases.tile on the device the kernels run on."""
+    return cpu_tile(dtype, seed, rows, cols, device=DEVICE)
 
 
 # ---------------------------------------------------------------- kernels, one by one
@@ -138,46 +119,19 @@ def test_chunk_grad_in_place(dtype):
     assert_within("dlogits", out, same, truth, dtype)
 
 
-def grpo_cases():
-    """(name, config, with_old, with_ref): every family, ties (on-policy), delta, the KL variants."""
-    yield "dapo", gf.GRPOConfig(loss_type="dapo", epsilon_high=0.28, beta=0.04), True, True
-    yield "dapo-onpolicy", gf.GRPOConfig(loss_type="dapo", beta=0.04), False, True
-    yield "grpo-delta", gf.GRPOConfig(loss_type="grpo", delta=1.1, beta=0.0), True, False
-    yield (
-        "bnpo-nobiascorr",
-        gf.GRPOConfig(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False),
-        True,
-        True,
-    )
-    yield "cispo", gf.GRPOConfig(loss_type="cispo", epsilon_high=1.1, beta=0.04), True, True
-    yield "sapo", gf.GRPOConfig(loss_type="sapo", sapo_temperature_neg=2.0, beta=0.0), True, False
-    yield "sapo-onpolicy", gf.GRPOConfig(loss_type="sapo", beta=0.04), False, True
-    yield "ref-unused", gf.GRPOConfig(loss_type="dapo", beta=0.0), True, True  # beta 0: ref never read
-    # Ratio exactly 1 sits on every closed bound at once: delta = 1 - eps_low = 1 + eps_high = 1.
-    closed = gf.GRPOConfig(loss_type="grpo", delta=1.0, epsilon_low=0.0, epsilon_high=0.0)
-    yield "grpo-closed-bounds", closed, True, False
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", list(grpo_cases()), ids=[c[0] for c in grpo_cases()])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_token_pass(dtype, case):
     _, cfg, with_old, with_ref = case
     cfg = gf.GRPOConfig(**{**cfg.__dict__, "temperature": 0.8})
     logits, targets = tile(dtype, seed=6)
-    gen = torch.Generator().manual_seed(7)
-    _, logp64, _ = truth_stats(logits, targets, cfg.temperature)
-    noise = lambda: 0.3 * torch.randn(C, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
-    old = (logp64 + noise()).float() if with_old else None
-    ref = (logp64 + noise()).float() if with_ref else None
-    adv = torch.randn(C, generator=gen).to(DEVICE)
-    adv[:4] = 0.0  # zero advantage: ties between the two clipped branches
-    w = torch.rand(C, generator=gen).to(DEVICE) / C
+    lse64, logp64, ent64 = truth_stats(logits, targets, cfg.temperature)
+    old, ref, adv, w = token_inputs(logp64, with_old, with_ref, seed=7)
 
     work = logits.clone()
     logp, entropy, dl = TritonChunkOps().token_pass_(work, targets, old, ref, adv, w, cfg)
     assert dl.data_ptr() == work.data_ptr() and dl.dtype == dtype
     same = TorchChunkOps().token_pass_(logits.clone(), targets, old, ref, adv, w, cfg)
-    lse64, logp64, ent64 = truth_stats(logits, targets, cfg.temperature)
     g64 = objective.token_grad(
         logp64,
         old.double() if old is not None else None,
@@ -195,12 +149,9 @@ def test_token_pass_g_matches_token_grad_exactly_in_fp32():
     """The kernel's g_t (read off the target column) is objective.token_grad's, branch for branch."""
     logits, targets = tile(torch.float32, seed=8, cols=64)
     gen = torch.Generator().manual_seed(9)
-    for _, cfg, with_old, with_ref in grpo_cases():
+    for _, cfg, with_old, with_ref in CASES:
         logp = chunk_stats.chunk_stats(logits, targets, 1.0)[1]  # bit for bit the token pass's logp
-        # Ratios spread over both clip bounds and delta, and exactly 1 (ties) for some tokens.
-        old = logp - torch.linspace(-0.6, 0.6, C, device=DEVICE) if with_old else None
-        if old is not None:
-            old[:3] = logp[:3]
+        old = ratio_spread(logp, with_old)
         ref = logp + 0.3 * torch.randn(C, generator=gen).to(DEVICE) if with_ref else None
         adv = torch.randn(C, generator=gen).to(DEVICE)
         w = torch.ones(C, device=DEVICE)
