@@ -2,7 +2,8 @@
 
 - ``trl``: TRL 1.16's own path: its fused LM head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``,
   called as ``add_fused_lm_head`` calls it: the unmasked tokens, 32768-wide vocabulary tiles, entropy
-  requested) and then its torch loss on the per-token log-probs (``GRPOTrainer._compute_loss``'s lines);
+  requested) and then its torch loss on the per-token log-probs (``GRPOTrainer._compute_loss``'s lines,
+  as :func:`grpo_fast.reference.loss_from_logps` has them);
 - ``liger``: liger-kernel's ``LigerFusedLinearGRPOLoss`` as TRL configures it (compiled, one sequence
   per chunk);
 - ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile`` (the
@@ -23,82 +24,14 @@ from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
-from torch import Tensor
 
 import grpo_fast as gf
 
-from . import backends, bench
+from . import backends, bench, reference
 from .chunk_ops import TorchChunkOps
-from .config import CLIPPED_LOSS_TYPES, GRPOConfig
 
 # TRL's add_fused_lm_head vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
 TRL_VOCAB_CHUNK = 32768
-
-
-def trl_loss_from_logps(
-    per_token_logps: Tensor,
-    entropies: Tensor,
-    mask: Tensor,
-    advantages: Tensor,
-    old_logp: Tensor | None,
-    ref_logp: Tensor | None,
-    cfg: GRPOConfig,
-    num_items_in_batch: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """TRL 1.16's ``GRPOTrainer._compute_loss`` after the log-probs ([B, T] tensors; one process, no
-    gradient accumulation, no vLLM correction), with the metrics it logs."""
-    mask = mask.float()
-    advantages = advantages.float().unsqueeze(1)
-    old = per_token_logps.detach() if old_logp is None else old_logp
-    log_ratio = per_token_logps - old
-    if cfg.importance_sampling_level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
-    per_token_kl = None
-    if cfg.beta != 0.0:
-        per_token_kl = torch.exp(ref_logp - per_token_logps) - (ref_logp - per_token_logps) - 1
-        if cfg.use_bias_correction_kl:
-            per_token_kl = per_token_kl * coef_1
-    if cfg.loss_type == "cispo":
-        per_token_loss = -torch.clamp(coef_1, max=cfg.eps_high).detach() * advantages * per_token_logps
-    elif cfg.loss_type in CLIPPED_LOSS_TYPES:
-        coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.eps_high)
-        if cfg.delta is not None:
-            coef_1 = torch.clamp(coef_1, max=cfg.delta)
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-    else:  # sapo
-        temperatures = torch.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
-        per_token_loss = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * advantages
-    if per_token_kl is not None:
-        per_token_loss = per_token_loss + cfg.beta * per_token_kl
-    if cfg.loss_type in ("grpo", "sapo"):
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif cfg.loss_type == "bnpo":
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    elif cfg.loss_type == "dr_grpo":
-        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * cfg.max_completion_length)
-    elif cfg.loss_type in ("cispo", "dapo"):
-        items = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = (per_token_loss * mask).sum() / items.clamp(min=1.0)
-    else:  # luspo
-        loss = (per_token_loss * mask).sum(-1).mean()
-    with torch.no_grad():
-        denom = mask.sum().clamp(min=1.0)
-        mean = lambda x: (x * mask).sum() / denom  # noqa: E731
-        metrics = {"entropy": mean(entropies)}
-        if per_token_kl is not None:
-            metrics["kl"] = mean(per_token_kl)
-        if cfg.loss_type in CLIPPED_LOSS_TYPES and cfg.importance_sampling_level == "token":
-            low = (coef_1 < 1 - cfg.epsilon_low) & (advantages < 0)
-            high = (coef_1 > 1 + cfg.eps_high) & (advantages > 0)
-            metrics.update(
-                clip_ratio_low=mean(low.float()),
-                clip_ratio_high=mean(high.float()),
-                clip_ratio_region=mean((low | high).float()),
-            )
-    return loss, metrics
 
 
 def _ensure_trl_trainer_utils() -> None:
@@ -138,7 +71,7 @@ def _trl(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
         )
         per_token_logps = logps.new_zeros(keep.shape).masked_scatter(keep, logps)
         entropies = entropy.new_zeros(keep.shape).masked_scatter(keep, entropy)
-        loss, _ = trl_loss_from_logps(
+        loss, _ = reference.loss_from_logps(
             per_token_logps,
             entropies,
             mask,

@@ -120,12 +120,30 @@ def grpo_loss(
         old_logp = pad(old_logp) if old_logp is not None else None
         ref_logp = pad(ref_logp) if ref_logp is not None else None
 
-    mask = mask.float()
     # Masked positions may hold any id (e.g. -100); they never reach the loss.
     safe_targets = torch.where(mask != 0, targets.long(), torch.zeros_like(targets, dtype=torch.long))
     per_token_logps, entropies = selective_logprobs(
         hidden, weight, safe_targets, bias, cfg.temperature, return_entropy=True
     )
+    return loss_from_logps(
+        per_token_logps, entropies, mask, advantages, old_logp, ref_logp, cfg, num_items_in_batch
+    )
+
+
+def loss_from_logps(
+    per_token_logps: Tensor,
+    entropies: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    config: GRPOConfig | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO loss and metrics from per-token log-probs and entropies ``[B, T]``: TRL's
+    ``_compute_loss`` after its log-prob pass (also the loss of the benchmark's TRL baseline)."""
+    cfg = config or GRPOConfig()
+    mask = mask.float()
     advantages = advantages.float().reshape(-1, 1)
     eps_low, eps_high = cfg.epsilon_low, cfg.eps_high
 

@@ -59,7 +59,8 @@ def test_registered_and_runnable():
 
 
 def test_trl_loss_lines_match_the_reference():
-    """TRL's loss on given log-probs (bench_baselines) equals grpo_fast.reference for every loss type."""
+    """TRL's loss on given log-probs (reference.loss_from_logps, the TRL baseline's loss) equals
+    grpo_fast.reference.grpo_loss for every loss type."""
     import grpo_fast as gf
     from grpo_fast.config import LOSS_TYPES
 
@@ -75,7 +76,7 @@ def test_trl_loss_lines_match_the_reference():
                                 max_completion_length=9)  # fmt: skip
             want, _ = gf.reference.grpo_loss(hidden, weight, targets, mask, adv, old, ref, config=cfg)
             logp, ent = gf.reference.selective_logprobs(hidden, weight, targets, return_entropy=True)
-            got, _ = bench_baselines.trl_loss_from_logps(logp, ent, mask, adv, old, ref, cfg)
+            got, _ = gf.reference.loss_from_logps(logp, ent, mask, adv, old, ref, cfg)
             torch.testing.assert_close(got, want, msg=f"{loss_type} {level}")
 
 
