@@ -20,55 +20,13 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from grpo_fast.trainer import demo  # noqa: E402
 
+from .test_trl_integration import assert_same_logs, train  # noqa: E402
+
 WORLD = 2
 CASES = [
     dict(loss_type="dapo", beta=0.04, num_iterations=2),
     dict(loss_type="grpo", beta=0.0, num_iterations=1, importance_sampling_level="sequence"),
 ]
-
-
-def correct(prompts, completions, answer, **kwargs):
-    return demo.reward(prompts, completions, answer)
-
-
-def length(completions, **kwargs):  # varies within a group: non-zero advantages from the start
-    return [len(c) / 10 for c in completions]
-
-
-def _train(cls, model_dir: str, out: str, **options) -> list[dict]:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig
-
-    args = GRPOConfig(
-        output_dir=out,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,  # generation batch: 4 * 2 processes * 2 = 16 = 4 prompts x 4
-        num_generations=4,
-        max_completion_length=4,
-        logging_steps=1,
-        seed=0,
-        bf16=False,
-        learning_rate=1e-2,
-        epsilon_high=0.28,
-        gradient_checkpointing=False,
-        **options,
-    )
-    trainer = cls(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        reward_funcs=[correct, length],
-        args=args,
-        train_dataset=Dataset.from_list(demo.make_rows(16, seed=1)),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )
-    assert trainer.accelerator.num_processes == WORLD
-    trainer.train()
-    return [h for h in trainer.state.log_history if "loss" in h]
 
 
 def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
@@ -89,19 +47,15 @@ def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
         from grpo_fast.integrations.trl import FastGRPOTrainer
 
         for i, options in enumerate(CASES):
-            want = _train(GRPOTrainer, model_dir, f"{out}/trl{i}", **options)
-            got = _train(FastGRPOTrainer, model_dir, f"{out}/fast{i}", **options)
-            assert len(want) == len(got) == 2 and want[-1]["grad_norm"] > 0
-            for w, g in zip(want, got, strict=True):
-                assert w.keys() == g.keys(), options
-                for key, value in w.items():
-                    if isinstance(value, float) and key != "step_time":
-                        assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (
-                            options,
-                            key,
-                            g[key],
-                            value,
-                        )
+            # Generation batch: 4 per device * 2 processes * 2 accumulation = 16 = 4 prompts x 4.
+            options = dict(max_steps=2, per_device_train_batch_size=4, **options)
+            results = [
+                train(cls, model_dir, f"{out}/{i}", **options) for cls in (GRPOTrainer, FastGRPOTrainer)
+            ]
+            assert all(trainer.accelerator.num_processes == WORLD for trainer, _ in results)
+            (_, want), (_, got) = results
+            assert want[-1]["grad_norm"] > 0
+            assert_same_logs(want, got, steps=2, what=str(options))
     finally:
         dist.destroy_process_group()
 

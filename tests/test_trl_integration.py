@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -37,8 +38,8 @@ def model_dir(tmp_path_factory):
 
 
 def train(cls, model_dir, tmp_path, **options):
-    args = GRPOConfig(
-        output_dir=str(tmp_path / cls.__name__),
+    """A few steps of ``cls`` (TRL's trainer or ours) on the demo task; options override TRL's config."""
+    defaults = dict(
         use_cpu=True,
         report_to=[],
         save_strategy="no",
@@ -53,8 +54,9 @@ def train(cls, model_dir, tmp_path, **options):
         bf16=False,
         learning_rate=1e-2,
         epsilon_high=0.28,
-        **{"gradient_checkpointing": False, **options},
+        gradient_checkpointing=False,
     )
+    args = GRPOConfig(output_dir=str(Path(tmp_path) / cls.__name__), **{**defaults, **options})
     trainer = cls(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         reward_funcs=[correct, length],
@@ -66,13 +68,13 @@ def train(cls, model_dir, tmp_path, **options):
     return trainer, [h for h in trainer.state.log_history if "loss" in h]
 
 
-def assert_same_logs(trl_logs, fast_logs):
-    assert len(trl_logs) == len(fast_logs) == 3
+def assert_same_logs(trl_logs, fast_logs, steps=3, what=""):
+    assert len(trl_logs) == len(fast_logs) == steps
     for want, got in zip(trl_logs, fast_logs, strict=True):
-        assert want.keys() == got.keys(), "TRL's metric names must be kept"
+        assert want.keys() == got.keys(), f"TRL's metric names must be kept {what}"
         for key, value in want.items():
             if isinstance(value, float) and key not in TIMING:
-                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, got[key], value)
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (what, key, got[key], value)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
