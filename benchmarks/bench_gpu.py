@@ -93,12 +93,7 @@ def peak_above_inputs_mb(step: Callable[[], None], device: str) -> float | None:
     if not device.startswith("cuda"):
         step()
         return None  # CPU runs are smoke tests (bench.peak_mb measures CPU memory in a fresh process)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return bench.cuda_peak_above_mb(step)
 
 
 @dataclass

@@ -170,18 +170,23 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cuda_peak_above_mb(step: Callable[[], None]) -> float:
+    """Peak CUDA memory one call of ``step`` allocates above what is allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def peak_mb_here(impl: str, case: BenchCase) -> float:
     """Peak memory of one step above the inputs, measured in this process."""
     inputs = make_inputs(case)
     step = IMPLS[impl](inputs, case)
     gc.collect()
     if case.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cuda_peak_above_mb(step)
     _reset_peak_rss()
     base = _rss_bytes()
     step()
