@@ -44,9 +44,14 @@ def run_loss(batch: dict, cfg: gf.GRPOConfig, fn, **kw):
     return loss, metrics, grads(loss, batch)
 
 
-def check_against_truth(batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, backend: str, **kw) -> None:
+def check_against_truth(
+    batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, backend: str, device: str | None = None, **kw
+) -> None:
+    """``backend`` (on ``device``, default: where the batch is) vs the fp64 truth, by the tolerance rule."""
     truth = run_loss(cast(batch64, torch.float64), cfg, gf.reference.grpo_loss)
     same = run_loss(cast(batch64, dtype), cfg, gf.reference.grpo_loss)
+    if device is not None:
+        batch64 = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch64.items()}
     got = run_loss(cast(batch64, dtype), cfg, gf.grpo_loss, backend=backend, **kw)
     assert_within("loss", got[0], same[0], truth[0], dtype)
     assert set(got[1]) == set(truth[1])

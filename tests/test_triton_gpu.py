@@ -24,24 +24,14 @@ from grpo_fast.chunk_ops import TorchChunkOps  # noqa: E402
 from grpo_fast.config import LOSS_TYPES  # noqa: E402
 from grpo_fast.triton_ops import TritonChunkOps, triton_group_advantages, triton_selective_logprobs  # noqa: E402
 
-from .helpers import assert_within, cast, make_batch  # noqa: E402
+from .helpers import assert_within, make_batch  # noqa: E402
+from .test_loss import check_against_truth  # noqa: E402
 
 CUDA = torch.device("cuda")
 
 
 def on_cuda(batch: dict) -> dict:
     return {k: (v.to(CUDA) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def run_loss(batch: dict, cfg: gf.GRPOConfig, fn, **kw):
-    args = {k: batch.get(k) for k in ("old_logp", "ref_logp", "bias")}
-    loss, metrics = fn(
-        batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
-        config=cfg, **args, **kw,
-    )  # fmt: skip
-    names = [k for k in ("hidden", "weight", "bias") if batch.get(k) is not None]
-    g = torch.autograd.grad(loss, [batch[k] for k in names])
-    return loss, metrics, dict(zip(names, g, strict=True))
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -56,15 +46,7 @@ def test_bf16_loss_matches_truth(loss_type, level):
         temperature=0.9,
     )
     batch = on_cuda(make_batch(B=4, T=200, H=512, V=32003, seed=1, dtype=torch.float64))
-    truth = run_loss(cast(batch, torch.float64), cfg, gf.reference.grpo_loss)
-    same = run_loss(cast(batch, torch.bfloat16), cfg, gf.reference.grpo_loss)
-    got = run_loss(cast(batch, torch.bfloat16), cfg, gf.grpo_loss, backend="triton", chunk_size=128)
-    assert_within("loss", got[0], same[0], truth[0], torch.bfloat16)
-    for k in truth[1]:
-        assert_within(f"metric {k}", got[1][k], same[1][k], truth[1][k], torch.bfloat16)
-    for k in truth[2]:
-        assert got[2][k].dtype == torch.bfloat16
-        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], torch.bfloat16)
+    check_against_truth(batch, cfg, torch.bfloat16, "triton", chunk_size=128)  # truth on the GPU too
 
 
 def test_auto_picks_triton_on_cuda():

@@ -38,7 +38,7 @@ from grpo_fast.triton_ops import (  # noqa: E402
 from .chunk_cases import CASE_IDS, CASES, C, H, V, ratio_spread, token_inputs, truth_dlogits, truth_stats  # noqa: E402
 from .chunk_cases import tile as cpu_tile  # noqa: E402
 from .helpers import assert_within, cast, make_batch  # noqa: E402
-from .test_loss import run_loss  # noqa: E402
+from .test_loss import check_against_truth, run_loss  # noqa: E402
 
 # The interpreter evaluates both sides of tl.where in numpy, so masked lanes warn about inf - inf.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -303,22 +303,6 @@ def test_backend_resolution():
         assert backends.resolve("auto", device, "grpo_loss") == "triton"
 
 
-def check_loss(batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, **kw) -> None:
-    to_dev = lambda b: {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
-    truth = run_loss(cast(batch64, torch.float64), cfg, gf.reference.grpo_loss)
-    same = run_loss(cast(batch64, dtype), cfg, gf.reference.grpo_loss)
-    x = cast(to_dev(batch64), dtype)
-    loss, metrics, g = run_loss(x, cfg, gf.grpo_loss, backend="triton", **kw)
-    got = (loss.cpu(), {k: v.cpu() for k, v in metrics.items()}, {k: v.cpu() for k, v in g.items()})
-    assert_within("loss", got[0], same[0], truth[0], dtype)
-    assert set(got[1]) == set(truth[1])
-    for k in truth[1]:
-        assert_within(f"metric {k}", got[1][k], same[1][k], truth[1][k], dtype)
-    for k in truth[2]:
-        assert got[2][k].dtype == dtype and got[2][k].shape == truth[2][k].shape
-        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
-
-
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_every_type(loss_type, level):
@@ -333,7 +317,7 @@ def test_loss_every_type(loss_type, level):
     batch = make_batch(
         B=3, T=11, seed=LOSS_TYPES.index(loss_type), dtype=torch.float64, with_ref=cfg.beta > 0
     )
-    check_loss(batch, cfg, torch.float32, chunk_size=8)
+    check_against_truth(batch, cfg, torch.float32, "triton", device=DEVICE, chunk_size=8)
 
 
 @pytest.mark.parametrize(
@@ -348,7 +332,7 @@ def test_loss_every_type(loss_type, level):
 def test_loss_fp16(loss_type, options):
     cfg = gf.GRPOConfig(loss_type=loss_type, temperature=0.9, **options)
     batch = make_batch(B=3, T=11, seed=20, dtype=torch.float64, with_ref=cfg.beta > 0)
-    check_loss(batch, cfg, torch.float16, chunk_size=8)
+    check_against_truth(batch, cfg, torch.float16, "triton", device=DEVICE, chunk_size=8)
 
 
 @pytest.mark.parametrize(
@@ -363,7 +347,7 @@ def test_loss_fp16(loss_type, options):
 def test_loss_options(options, batch_options):
     cfg = gf.GRPOConfig(epsilon_high=0.28, **options)
     batch = make_batch(B=3, T=11, seed=21, dtype=torch.float64, **batch_options)
-    check_loss(batch, cfg, torch.float32, chunk_size=16)
+    check_against_truth(batch, cfg, torch.float32, "triton", device=DEVICE, chunk_size=16)
 
 
 def test_loss_all_masked():
