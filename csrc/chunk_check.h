@@ -1,14 +1,13 @@
-// Input checks of the chunk ops (chunk_stats, chunk_partial_stats, chunk_grad, token_pass, token_loss),
-// shared by the CPU and CUDA entry points. Every message names the op and the argument.
+// Input checks of the chunk ops (chunk_stats, chunk_partial_stats, chunk_grad), shared by the CPU and
+// CUDA entry points. Every message names the op and the argument.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-
-#include "token_math.h"
 
 namespace grpo_fast {
 
@@ -69,65 +68,19 @@ inline void check_tile_inputs(const char* op, const at::Tensor& logits, const at
   check_temperature(op, temperature);
 }
 
-// The per-token GRPO inputs of token_pass / token_loss: old_logp optional (None: on-policy, ratio 1);
-// ref_logp required when beta != 0 (and never read otherwise).
-inline void check_token_inputs(const char* op, int64_t rows, const std::optional<at::Tensor>& old_logp,
-                               const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
-                               const TokenTerms& terms, const at::Tensor& like) {
-  check_rows(op, "old_logp", old_logp, rows, at::kFloat, like);
-  check_rows(op, "ref_logp", ref_logp, rows, at::kFloat, like);
-  check_rows(op, "adv", adv, rows, at::kFloat, like);
-  check_rows(op, "w", w, rows, at::kFloat, like);
-  TORCH_CHECK(terms.family == kFamilyClipped || terms.family == kFamilyCispo || terms.family == kFamilySapo,
-              "grpo_fast::", op, ": family must be 0 (clipped), 1 (cispo) or 2 (sapo), got ", terms.family);
-  TORCH_CHECK(terms.beta == 0.0f || ref_logp.has_value(), "grpo_fast::", op, ": beta=", terms.beta,
-              " needs ref_logp (the KL term's reference log-probs)");
-}
-
-// token_loss's per-token log-probs: fp32 [N], contiguous, on `device`; returns N.
-inline int64_t check_logp(const char* op, const at::Tensor& logp, c10::DeviceType device) {
-  TORCH_CHECK(logp.dim() == 1, "grpo_fast::", op, ": logp must be 1-D [N], got shape ", logp.sizes());
-  TORCH_CHECK(logp.device().type() == device, "grpo_fast::", op, ": logp must be a ", device,
-              " tensor here, got ", logp.device());
-  check_rows(op, "logp", logp, logp.size(0), at::kFloat, logp);
-  return logp.size(0);
-}
-
-// The per-token inputs of token_pass / token_loss, checked (with their fp32 [k, rows] output), as the
-// kernels read them.
-struct TokenArgs {
-  const float* old_logp;  // null: on-policy
-  const float* ref_logp;  // null unless terms.beta != 0
-  const float* adv;
-  const float* w;
-  float* out;
-};
-
-inline TokenArgs token_args(const char* op, int64_t rows, const std::optional<at::Tensor>& old_logp,
-                            const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
-                            at::Tensor& out, int64_t out_k, const TokenTerms& terms, const at::Tensor& like) {
-  check_token_inputs(op, rows, old_logp, ref_logp, adv, w, terms, like);
-  check_out(op, out, out_k, rows, like);
-  return TokenArgs{old_logp.has_value() ? old_logp->const_data_ptr<float>() : nullptr,
-                   (ref_logp.has_value() && terms.beta != 0.0f) ? ref_logp->const_data_ptr<float>() : nullptr,
-                   adv.const_data_ptr<float>(), w.const_data_ptr<float>(), out.mutable_data_ptr<float>()};
-}
-
-// The hyper-parameters as the op schemas take them, as the kernels take them.
-inline TokenTerms make_token_terms(int64_t family, double lo, double hi, double cispo_max, std::optional<double> delta,
-                                   double beta, bool bias_correction_kl, double tau_pos, double tau_neg) {
-  TokenTerms t;
-  t.family = family;
-  t.lo = static_cast<float>(lo);
-  t.hi = static_cast<float>(hi);
-  t.cispo_max = static_cast<float>(cispo_max);
-  t.has_delta = delta.has_value();
-  t.delta = delta.has_value() ? static_cast<float>(*delta) : 0.0f;
-  t.beta = static_cast<float>(beta);
-  t.bias_correction_kl = bias_correction_kl;
-  t.tau_pos = static_cast<float>(tau_pos);
-  t.tau_neg = static_cast<float>(tau_neg);
-  return t;
+// chunk_grad's per-row inputs: lse and g fp32 [C]; ent_coef and entropy (the entropy-gradient term)
+// fp32 [C], both or neither. Returns whether the entropy term is on.
+inline bool check_grad_inputs(const char* op, const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& g,
+                              const std::optional<at::Tensor>& ent_coef, const std::optional<at::Tensor>& entropy) {
+  const int64_t rows = logits.size(0);
+  check_rows(op, "lse", lse, rows, at::kFloat, logits);
+  check_rows(op, "g", g, rows, at::kFloat, logits);
+  TORCH_CHECK(ent_coef.has_value() == entropy.has_value(), "grpo_fast::", op, ": ent_coef and entropy go together ",
+              "(the entropy-gradient term needs both), got ", ent_coef.has_value() ? "ent_coef" : "entropy",
+              " alone");
+  check_rows(op, "ent_coef", ent_coef, rows, at::kFloat, logits);
+  check_rows(op, "entropy", entropy, rows, at::kFloat, logits);
+  return ent_coef.has_value();
 }
 
 }  // namespace grpo_fast

@@ -18,23 +18,14 @@ at::Tensor group_advantages_cuda(const at::Tensor& rewards, const at::Tensor& re
 #endif
 
 // The chunk ops (schemas and semantics in bindings.cpp): one entry point per device, same signature.
-#define GRPO_FAST_CHUNK_OPS(DEV)                                                                                 \
-  void chunk_stats_##DEV(const at::Tensor& logits, const at::Tensor& targets, double temperature,               \
-                         at::Tensor& out);                                                                       \
-  void chunk_partial_stats_##DEV(const at::Tensor& logits, const at::Tensor& targets, double temperature,       \
-                                 at::Tensor& out);                                                               \
+#define GRPO_FAST_CHUNK_OPS(DEV)                                                                                   \
+  void chunk_stats_##DEV(const at::Tensor& logits, const at::Tensor& targets, double temperature,                  \
+                         at::Tensor& out);                                                                         \
+  void chunk_partial_stats_##DEV(const at::Tensor& logits, const at::Tensor& targets, double temperature,          \
+                                 at::Tensor& out);                                                                 \
   void chunk_grad_##DEV(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& g, \
-                        double temperature);                                                                     \
-  void token_pass_##DEV(at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old_logp, \
-                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,    \
-                        at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,                 \
-                        std::optional<double> delta, double beta, bool bias_correction_kl, double temperature,   \
-                        double tau_pos, double tau_neg);                                                         \
-  void token_loss_##DEV(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,                       \
-                        const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,    \
-                        at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,                 \
-                        std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,       \
-                        double tau_neg);
+                        double temperature, const std::optional<at::Tensor>& ent_coef,                             \
+                        const std::optional<at::Tensor>& entropy);
 
 GRPO_FAST_CHUNK_OPS(cpu)
 #ifdef GRPO_FAST_WITH_CUDA

@@ -1,13 +1,15 @@
 """Triton kernels, shipped as ``grpo_fast.kernels`` (never a top-level ``kernels``).
 
+They do row-wise work only; the per-token GRPO math lives in Python (``grpo_fast.engine.objective``).
 One op per module, each with the same layering: the ``@triton.jit`` kernel, then a launch wrapper that
-checks its inputs, allocates the outputs and picks the launch configuration. The autograd Functions
-and the per-chunk interface live in ``grpo_fast`` (:mod:`grpo_fast.triton_ops`).
+checks its inputs, allocates the outputs and picks the launch configuration. The backend that calls
+them is :mod:`grpo_fast.backends.triton_ops`; the GEMMs and autograd Functions are
+:mod:`grpo_fast.engine.chunk_loop`'s, shared by every backend.
 
 - :mod:`.chunk_stats`: row logsumexp, target log-prob and entropy of a ``[C, V]`` logits tile
   (and the vocab-shard partials);
-- :mod:`.chunk_grad`: ``dlogits = g * (onehot - softmax) / T`` written over the tile in place;
-- :mod:`.token_pass`: both, with the token-level GRPO ``g_t`` formed in registers in between;
+- :mod:`.chunk_grad`: dlogits from per-row coefficients, ``g * (onehot - softmax) / T`` plus the
+  entropy-gradient term, written over the tile in place;
 - :mod:`.logprobs`: no-grad log-probs and entropy straight from ``hidden`` and ``W``: the GEMM and an
   online logsumexp in one kernel, the logits never written;
 - :mod:`.advantages`: group-normalized advantages (TRL's semantics).

@@ -1,8 +1,17 @@
-"""The logits gradient for a known ``g = dLoss/dlogp``, written over the tile in place.
+"""The logits gradient from per-row coefficients, written over the tile in place.
 
-``dlogits = g * (onehot(target) - softmax(logits / T)) / T`` in the tile's dtype with fp32 math: one read
-and one write of the tile. A 2-D grid (rows x vocabulary blocks) keeps every SM busy even for a few
-rows. Targets outside ``[0, V)`` (another vocabulary shard's tokens) get no one-hot term.
+With ``z = logits / T`` and ``p = softmax(z)``::
+
+    dlogits = g * (onehot(target) - p) / T  -  e * p * (log p + H) / T
+
+``g = dLoss/dlogp`` per row; the second term, ``e * dH/dlogits`` for ``e = dLoss/dH`` and the row
+entropy ``H``, only with ``ent_coef``. Written in the tile's dtype with fp32 math: one read and one
+write of the tile. A 2-D grid (rows x vocabulary blocks) keeps every SM busy even for a few rows.
+Targets outside ``[0, V)`` (another vocabulary shard's tokens) get no one-hot term.
+
+In place without a race: each program loads one ``[BLOCK_V]`` block of one row and stores to exactly
+that block; nothing else of the tile is read (the one-hot term compares column ids, it never loads
+the target logit), so no program can see another's output.
 """
 
 from __future__ import annotations
@@ -22,35 +31,63 @@ def _chunk_grad_kernel(
     targets_ptr,
     lse_ptr,
     g_ptr,
+    ent_coef_ptr,
+    entropy_ptr,
     n_cols,
     inv_t,
+    HAS_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride passes 2**31 on large tiles
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     valid = cols < n_cols
     ptrs = logits_ptr + row * stride_row + cols
     z = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32) * inv_t
-    p = tl.exp(z - tl.load(lse_ptr + row))
-    scale = tl.load(g_ptr + row) * inv_t
+    log_p = z - tl.load(lse_ptr + row)
+    p = tl.exp(log_p)
     onehot = (cols == tl.load(targets_ptr + row)).to(tl.float32)
-    tl.store(ptrs, (scale * (onehot - p)).to(logits_ptr.dtype.element_ty), mask=valid)
+    dz = tl.load(g_ptr + row) * (onehot - p)
+    if HAS_ENT:
+        coef = tl.load(ent_coef_ptr + row)
+        h = tl.load(entropy_ptr + row)
+        # p > 0: a -inf logit (masked vocabulary) adds 0 (the limit of p log p), not 0 * -inf = NaN.
+        dz -= tl.where(p > 0, coef * p * (log_p + h), 0.0)
+    tl.store(ptrs, (dz * inv_t).to(logits_ptr.dtype.element_ty), mask=valid)
 
 
-def chunk_grad_(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float) -> Tensor:
-    """Overwrite ``logits [C, V]`` with ``g * (onehot - exp(logits / T - lse)) / T``; returns ``logits``.
+def chunk_grad_(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    g: Tensor,
+    temperature: float,
+    ent_coef: Tensor | None = None,
+    entropy: Tensor | None = None,
+) -> Tensor:
+    """Overwrite ``logits [C, V]`` with ``dLoss/dlogits``; returns ``logits``.
 
-    lse and g are fp32 ``[C]``: the row logsumexp of ``logits / T`` and ``dLoss/dlogp`` per row.
+    ``g * (onehot - p) / T`` with ``z = logits / T``, ``p = exp(z - lse)``; with ``ent_coef`` (and only
+    with ``entropy``) also ``- ent_coef * p * ((z - lse) + entropy) / T``. lse, g, ent_coef and entropy
+    are fp32 contiguous ``[C]``: the row logsumexp of ``z``, ``dLoss/dlogp``, ``dLoss/dH`` and ``H``.
     """
     op = "chunk_grad_"
     check_tile(op, logits)
     rows, cols = logits.shape
+    # Overlapping rows (stride(0) < V) would let one row's store land in another row's block.
+    if rows > 1 and logits.stride(0) < cols:
+        raise ValueError(f"{op}: logits rows overlap (stride(0) < V), got strides {logits.stride()}")
     check_rows(op, "targets", targets, rows, (torch.int64, torch.int32))
     check_rows(op, "lse", lse, rows, (torch.float32,))
     check_rows(op, "g", g, rows, (torch.float32,))
-    check_device(op, logits, targets, lse, g)
+    if (ent_coef is None) != (entropy is None):
+        given, missing = ("ent_coef", "entropy") if entropy is None else ("entropy", "ent_coef")
+        raise ValueError(f"{op}: {given} needs {missing} (the entropy term takes both), got {missing}=None")
+    check_rows(op, "ent_coef", ent_coef, rows, (torch.float32,))
+    check_rows(op, "entropy", entropy, rows, (torch.float32,))
+    check_device(op, logits, targets, lse, g, ent_coef, entropy)
     if rows == 0 or cols == 0:
         return logits
+    has_ent = ent_coef is not None
     block = row_block(cols, 1024 if interpreting() else 2048)
     # Rows on grid axis 0 (2**31 - 1 programs); vocabulary blocks on axis 1 (65535 at most).
     _chunk_grad_kernel[(rows, triton.cdiv(cols, block))](
@@ -59,8 +96,11 @@ def chunk_grad_(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, tempera
         targets,
         lse,
         g,
+        ent_coef if has_ent else g,  # never read without HAS_ENT
+        entropy if has_ent else g,
         cols,
         1.0 / temperature,
+        HAS_ENT=has_ent,
         BLOCK_V=block,
         num_warps=4,
     )

@@ -3,7 +3,8 @@
 // so torch.set_num_threads applies); within a row the vocabulary is walked in L1-sized blocks:
 //   pass 1 (online softmax): block max, one rescale of the running (m, s, u) when the max grows, then
 //          e = exp(z - m) once per element, reused for s = sum e and u = sum e * (z - m);
-//   pass 2 (gradients only): dlogits = g * (onehot - exp(z - lse)) / T, written over the tile.
+//   pass 2 (chunk_grad): dlogits = g * (onehot - p) / T with p = exp(z - lse), minus e * p * (log p + H) / T
+//          when the entropy term is on (chosen once per row), written over the tile.
 // So the tile is read once for the statistics and once more (read + write) for the gradient. The inner
 // loops are branch-free float loops (a polynomial exp, selects instead of branches) that the compiler
 // vectorizes; on x86 they are compiled twice (AVX2+FMA and baseline) and picked at load (target_clones).
@@ -22,7 +23,6 @@
 
 #include "../chunk_check.h"
 #include "../ops.h"
-#include "../token_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define GF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -111,6 +111,22 @@ GF_MULTIVERSION void softmax_grad_block(const float* x, float* out, int64_t n, f
   const float neg = -scale;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = neg * exp_neg(x[i] * inv_t - lse);
+}
+
+// Below this log p, p is exactly 0 in fp32 (exp_neg flushes from -87 on, CUDA's expf from about -103.97): the
+// entropy term's coefficient clamps log p here, so masked (-inf) logits give 0 * finite = 0, not 0 * inf = NaN.
+constexpr float kMinLogP = -104.0f;
+
+// out[i] = -exp(d) * (scale + ent * (d + entropy)), d = x[i] * inv_t - lse = log p: the softmax part of
+// g's term and the whole entropy term (scale = g / T, ent = e / T; out may alias x).
+GF_MULTIVERSION void entropy_grad_block(const float* x, float* out, int64_t n, float inv_t, float lse, float scale,
+                                        float ent, float entropy) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = x[i] * inv_t - lse;
+    const float dc = d < kMinLogP ? kMinLogP : d;  // a select (NaN stays NaN: p carries it anyway)
+    out[i] = -exp_neg(d) * (scale + ent * (dc + entropy));
+  }
 }
 
 // ---- the tile's dtype <-> fp32 blocks (branch-free loops, multiversioned like the math above)
@@ -207,14 +223,20 @@ RowStats row_stats(const T* row, int64_t cols, float inv_t, int64_t target, floa
   return st;
 }
 
-// Pass 2 over one row: row = scale * (onehot(target) - exp(z - lse)) in the tile's dtype.
-template <typename T>
-void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale, float* buf) {
+// Pass 2 over one row: row = scale * (onehot(target) - p) in the tile's dtype, minus ent * p * (log p + H)
+// when ENT (the entropy term; a template parameter, so the plain pass is untouched by it).
+template <bool ENT, typename T>
+void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale, float ent, float entropy,
+              float* buf) {
   for (int64_t start = 0; start < cols; start += kBlock) {
     const int64_t n = std::min(kBlock, cols - start);
     const float* x = Tile<T>::load(row + start, n, buf);
     float* out = Tile<T>::out_block(row + start, buf);
-    softmax_grad_block(x, out, n, inv_t, lse, scale);
+    if constexpr (ENT) {
+      entropy_grad_block(x, out, n, inv_t, lse, scale, ent, entropy);
+    } else {
+      softmax_grad_block(x, out, n, inv_t, lse, scale);
+    }
     if (target >= start && target < start + n) out[target - start] += scale;  // as torch: -s p + s
     Tile<T>::store(out, row + start, n);
   }
@@ -297,83 +319,29 @@ void chunk_partial_stats_cpu(const at::Tensor& logits, const at::Tensor& targets
 }
 
 void chunk_grad_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& g,
-                    double temperature) {
+                    double temperature, const std::optional<at::Tensor>& ent_coef,
+                    const std::optional<at::Tensor>& entropy) {
   const char* op = "chunk_grad";
   check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
-  check_rows(op, "lse", lse, logits.size(0), at::kFloat, logits);
-  check_rows(op, "g", g, logits.size(0), at::kFloat, logits);
+  const bool ent = check_grad_inputs(op, logits, lse, g, ent_coef, entropy);
   const RowIO io = row_io(logits, temperature);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
   const float* lse_p = lse.const_data_ptr<float>();
   const float* g_p = g.const_data_ptr<float>();
-  dispatch_tile(logits, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    T* base = static_cast<T*>(logits.mutable_data_ptr());
-    for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
-      row_grad(base + r * io.row_stride, io.cols, io.inv_t, tgt[r], lse_p[r], g_p[r] * io.inv_t, buf);
-    });
-  });
-}
-
-void token_pass_cpu(at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old_logp,
-                    const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
-                    at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
-                    std::optional<double> delta, double beta, bool bias_correction_kl, double temperature,
-                    double tau_pos, double tau_neg) {
-  const char* op = "token_pass";
-  check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
-  const TokenTerms terms =
-      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  const TokenArgs a = token_args(op, logits.size(0), old_logp, ref_logp, adv, w, out, 2, terms, logits);
-  const RowIO io = row_io(logits, temperature);
-  const int64_t* tgt = targets.const_data_ptr<int64_t>();
-  const float *old_p = a.old_logp, *ref_p = a.ref_logp, *adv_p = a.adv, *w_p = a.w;
-  float* o = a.out;
+  const float* e_p = ent ? ent_coef->const_data_ptr<float>() : nullptr;
+  const float* h_p = ent ? entropy->const_data_ptr<float>() : nullptr;
   dispatch_tile(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     T* base = static_cast<T*>(logits.mutable_data_ptr());
     for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
       T* row = base + r * io.row_stride;
-      float t = 0.0f;
-      const RowStats st = row_stats(row, io.cols, io.inv_t, tgt[r], &t, buf);
-      const float log_s = std::log(st.s);
-      const float lse = st.m + log_s;
-      const float logp = t - lse;
-      o[r] = logp;
-      o[io.rows + r] = log_s - st.u / st.s;
-      const float old = old_p != nullptr ? old_p[r] : logp;
-      const float ref = ref_p != nullptr ? ref_p[r] : logp;
-      const float g = w_p[r] * dloss_dlogp(logp, old, ref, adv_p[r], old_p != nullptr, terms);
-      row_grad(row, io.cols, io.inv_t, tgt[r], lse, g * io.inv_t, buf);
+      const float scale = g_p[r] * io.inv_t;
+      if (ent) {
+        row_grad<true>(row, io.cols, io.inv_t, tgt[r], lse_p[r], scale, e_p[r] * io.inv_t, h_p[r], buf);
+      } else {
+        row_grad<false>(row, io.cols, io.inv_t, tgt[r], lse_p[r], scale, 0.0f, 0.0f, buf);
+      }
     });
-  });
-}
-
-void token_loss_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                    const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
-                    at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
-                    std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,
-                    double tau_neg) {
-  const char* op = "token_loss";
-  const int64_t n = check_logp(op, logp, c10::DeviceType::CPU);
-  const TokenTerms terms =
-      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  const TokenArgs a = token_args(op, n, old_logp, ref_logp, adv, w, out, 5, terms, logp);
-  const float* lp = logp.const_data_ptr<float>();
-  const float *old_p = a.old_logp, *ref_p = a.ref_logp, *adv_p = a.adv, *w_p = a.w;
-  float* o = a.out;
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float old = old_p != nullptr ? old_p[i] : lp[i];
-      const float ref = ref_p != nullptr ? ref_p[i] : lp[i];
-      const bool has_old = old_p != nullptr;
-      const TokenLoss l = token_loss(lp[i], old, ref, adv_p[i], has_old, terms);
-      o[i] = l.loss;
-      o[n + i] = w_p[i] * dloss_dlogp(lp[i], old, ref, adv_p[i], has_old, terms);
-      o[2 * n + i] = l.kl;
-      o[3 * n + i] = l.low;
-      o[4 * n + i] = l.high;
-    }
   });
 }
 

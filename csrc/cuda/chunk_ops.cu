@@ -3,17 +3,18 @@
 //           row, 16-byte vector loads (4 fp32 or 8 bf16/fp16 per load) where the row's alignment allows,
 //           one exp per element (plus one per vector when the running max grows); the block merges the
 //           states (warp shuffles, then shared memory);
-//   pass 2 (chunk_grad, token_pass): the row is read again and overwritten with g (onehot - p) / T.
+//   pass 2 (chunk_grad): the row is read again and overwritten with g (onehot - p) / T, minus
+//           e p (log p + H) / T when the entropy term is on (chosen once per block). Each thread writes only
+//           the elements it has just read itself and needs nothing else from the row (the target is an
+//           index, not a logit), so the in-place write needs no barrier.
 // Statistics stay fp32 whatever the tile's dtype; indices are 64-bit (row * stride passes 2^31 on large
-// tiles). Per-token GRPO terms in csrc/token_math.h (shared with the CPU kernels); torch-facing checks,
-// device guard and stream in chunk_ops_launch.cpp.
+// tiles). Torch-facing checks, device guard and stream in chunk_ops_launch.cpp.
 #include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "../token_math.h"
 #include "chunk_ops.cuh"
 
 namespace grpo_fast {
@@ -21,6 +22,9 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kMaxWarps = 32;  // 1024 threads
+// Below this log p, p = expf(log p) is exactly 0 in fp32: the entropy term's coefficient clamps log p here,
+// so masked (-inf) logits give 0 * finite = 0, not 0 * inf = NaN (as the CPU kernel).
+constexpr float kMinLogP = -104.0f;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
@@ -160,18 +164,23 @@ __device__ __forceinline__ float target_logit(const T* row, int64_t target, int6
   return (target >= 0 && target < cols) ? to_float(row[target]) * inv_t : 0.0f;
 }
 
-// Pass 2 over one row: row = scale * (onehot(target) - exp(z - lse)).
-template <typename T, int VEC>
-__device__ void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale) {
+// Pass 2 over one row: row = scale * (onehot(target) - p) - ent * p * (log p + entropy), p = exp(z - lse),
+// the entropy part only when ENT (a template parameter: the plain pass is the same code as without it).
+template <bool ENT, typename T, int VEC>
+__device__ void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale, float ent,
+                         float entropy) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
     Pack<T, VEC>* ptr = reinterpret_cast<Pack<T, VEC>*>(row + i);
     Pack<T, VEC> pk = *ptr;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float p = expf(to_float(pk.v[k]) * inv_t - lse);
+      const float d = to_float(pk.v[k]) * inv_t - lse;
+      const float p = expf(d);
+      float coef = scale;
+      if constexpr (ENT) coef += ent * (fmaxf(d, kMinLogP) + entropy);  // NaN logits: p is NaN anyway
       const float onehot = (i + k == target) ? scale : 0.0f;
-      pk.v[k] = from_float<T>(-scale * p + onehot);
+      pk.v[k] = from_float<T>(-coef * p + onehot);
     }
     *ptr = pk;
   }
@@ -202,48 +211,12 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) chunk_grad_kernel(ChunkParams p) {
   const int64_t r = blockIdx.x;
   T* row = static_cast<T*>(p.logits) + r * p.row_stride;
-  row_grad<T, VEC>(row, p.cols, p.inv_t, p.targets[r], p.lse[r], p.g[r] * p.inv_t);
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(1024) token_pass_kernel(ChunkParams p) {
-  __shared__ float s_lse;
-  __shared__ float s_scale;
-  const int64_t r = blockIdx.x;
-  T* row = static_cast<T*>(p.logits) + r * p.row_stride;
-  const int64_t target = p.targets[r];
-  const Stats st = row_stats<T, VEC>(row, p.cols, p.inv_t);
-  if (threadIdx.x == 0) {  // the target logit is read before any thread writes the row (barrier below)
-    const float t = target_logit(row, target, p.cols, p.inv_t);
-    const float log_s = logf(st.s);
-    const float lse = st.m + log_s;
-    const float logp = t - lse;
-    p.out[r] = logp;
-    p.out[p.rows + r] = log_s - st.u / st.s;
-    const bool has_old = p.old_logp != nullptr;
-    const float old = has_old ? p.old_logp[r] : logp;
-    const float ref = p.terms.beta != 0.0f ? p.ref_logp[r] : logp;
-    const float g = p.w[r] * dloss_dlogp(logp, old, ref, p.adv[r], has_old, p.terms);
-    s_lse = lse;
-    s_scale = g * p.inv_t;
-  }
-  __syncthreads();
-  row_grad<T, VEC>(row, p.cols, p.inv_t, target, s_lse, s_scale);
-}
-
-__global__ void token_loss_kernel(TokenLossParams p) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
-    const float logp = p.logp[i];
-    const bool has_old = p.old_logp != nullptr;
-    const float old = has_old ? p.old_logp[i] : logp;
-    const float ref = p.terms.beta != 0.0f ? p.ref_logp[i] : logp;
-    const TokenLoss l = token_loss(logp, old, ref, p.adv[i], has_old, p.terms);
-    p.out[i] = l.loss;
-    p.out[p.n + i] = p.w[i] * dloss_dlogp(logp, old, ref, p.adv[i], has_old, p.terms);
-    p.out[2 * p.n + i] = l.kl;
-    p.out[3 * p.n + i] = l.low;
-    p.out[4 * p.n + i] = l.high;
+  const float scale = p.g[r] * p.inv_t;
+  if (p.ent_coef != nullptr) {  // uniform over the grid: no divergence
+    row_grad<true, T, VEC>(row, p.cols, p.inv_t, p.targets[r], p.lse[r], scale, p.ent_coef[r] * p.inv_t,
+                           p.entropy[r]);
+  } else {
+    row_grad<false, T, VEC>(row, p.cols, p.inv_t, p.targets[r], p.lse[r], scale, 0.0f, 0.0f);
   }
 }
 
@@ -284,7 +257,7 @@ inline int row_threads(int64_t cols, int vec) {
 
 }  // namespace
 
-// One block per row: gridDim.x = rows (at most 2^31 - 1, far above any tile's row count).
+// One block per row: gridDim.x = rows (at most 2^31 - 1, checked by the launchers in chunk_ops_launch.cpp).
 cudaError_t launch_chunk_stats(const ChunkParams& p, bool partial, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   return dispatch(p, [&](auto kind) {
@@ -303,24 +276,6 @@ cudaError_t launch_chunk_grad(const ChunkParams& p, cudaStream_t stream) {
         <<<static_cast<unsigned>(p.rows), row_threads(p.cols, K::vec), 0, stream>>>(p);
     return cudaGetLastError();
   });
-}
-
-cudaError_t launch_token_pass(const ChunkParams& p, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  return dispatch(p, [&](auto kind) {
-    using K = decltype(kind);
-    token_pass_kernel<typename K::type, K::vec>
-        <<<static_cast<unsigned>(p.rows), row_threads(p.cols, K::vec), 0, stream>>>(p);
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t launch_token_loss(const TokenLossParams& p, cudaStream_t stream) {
-  if (p.n == 0) return cudaSuccess;
-  const int threads = 256;
-  const int64_t blocks = (p.n + threads - 1) / threads;
-  token_loss_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0, stream>>>(p);
-  return cudaGetLastError();
 }
 
 }  // namespace grpo_fast

@@ -6,45 +6,27 @@
 
 #include <cuda_runtime_api.h>
 
-#include "../token_math.h"
-
 namespace grpo_fast {
 
 enum TileDtype : int { kTileFloat = 0, kTileBFloat16 = 1, kTileHalf = 2 };
 
 struct ChunkParams {
-  void* logits = nullptr;           // [rows, cols] tile, rows contiguous, row_stride elements apart
-  int64_t row_stride = 0;           // in elements
+  void* logits = nullptr;            // [rows, cols] tile, rows contiguous, row_stride elements apart
+  int64_t row_stride = 0;            // in elements
   int64_t rows = 0;
   int64_t cols = 0;
-  int dtype = kTileFloat;           // TileDtype
+  int dtype = kTileFloat;            // TileDtype
   const int64_t* targets = nullptr;  // [rows]; ids outside [0, cols): no one-hot, target logit 0
-  float inv_t = 1.0f;               // 1 / temperature
-  float* out = nullptr;             // fp32 [k, rows]: k = 3 stats, 4 partial stats, 2 token pass
-  const float* lse = nullptr;       // chunk_grad: [rows]
-  const float* g = nullptr;         // chunk_grad: [rows]
-  const float* old_logp = nullptr;  // token_pass: [rows] or null (on-policy)
-  const float* ref_logp = nullptr;  // token_pass: [rows], read iff terms.beta != 0
-  const float* adv = nullptr;       // token_pass: [rows]
-  const float* w = nullptr;         // token_pass: [rows]
-  TokenTerms terms;
-};
-
-struct TokenLossParams {
-  const float* logp = nullptr;      // [n]
-  const float* old_logp = nullptr;  // [n] or null
-  const float* ref_logp = nullptr;  // [n], read iff terms.beta != 0
-  const float* adv = nullptr;       // [n]
-  const float* w = nullptr;         // [n]
-  float* out = nullptr;             // fp32 [5, n]
-  int64_t n = 0;
-  TokenTerms terms;
+  float inv_t = 1.0f;                // 1 / temperature
+  float* out = nullptr;              // chunk_stats: fp32 [k, rows], k = 3 stats or 4 partial stats
+  const float* lse = nullptr;        // chunk_grad: [rows]
+  const float* g = nullptr;          // chunk_grad: [rows]
+  const float* ent_coef = nullptr;   // chunk_grad: [rows] or null (no entropy term)
+  const float* entropy = nullptr;    // chunk_grad: [rows], set iff ent_coef is
 };
 
 // Each enqueues its kernel on `stream` and returns the launch error (cudaSuccess when fine).
 cudaError_t launch_chunk_stats(const ChunkParams& p, bool partial, cudaStream_t stream);
 cudaError_t launch_chunk_grad(const ChunkParams& p, cudaStream_t stream);
-cudaError_t launch_token_pass(const ChunkParams& p, cudaStream_t stream);
-cudaError_t launch_token_loss(const TokenLossParams& p, cudaStream_t stream);
 
 }  // namespace grpo_fast

@@ -1,6 +1,7 @@
 // Torch-facing launchers of the CUDA chunk-op kernels (host compiler, CUDA builds only): the shared
 // input checks (csrc/chunk_check.h), a device guard, the current stream, and raw pointers for chunk_ops.cu.
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
@@ -28,7 +29,10 @@ int tile_dtype(const at::Tensor& logits) {
   }
 }
 
-ChunkParams tile_params(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+ChunkParams tile_params(const char* op, const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+  // One block per row, and gridDim.x is at most 2^31 - 1 (a larger count would wrap in the unsigned cast).
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), "grpo_fast::", op,
+              ": at most 2^31 - 1 rows per tile on CUDA, got ", logits.size(0));
   ChunkParams p;
   p.logits = logits.data_ptr();
   p.rows = logits.size(0);
@@ -47,7 +51,7 @@ void stats_impl(const char* op, const at::Tensor& logits, const at::Tensor& targ
   check_tile_inputs(op, logits, targets, temperature, kCUDA);
   check_out(op, out, partial ? 4 : 3, logits.size(0), logits);
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  ChunkParams p = tile_params(logits, targets, temperature);
+  ChunkParams p = tile_params(op, logits, targets, temperature);
   p.out = out.mutable_data_ptr<float>();
   C10_CUDA_CHECK(launch_chunk_stats(p, partial, current_stream()));
 }
@@ -64,60 +68,20 @@ void chunk_partial_stats_cuda(const at::Tensor& logits, const at::Tensor& target
 }
 
 void chunk_grad_cuda(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& g,
-                     double temperature) {
+                     double temperature, const std::optional<at::Tensor>& ent_coef,
+                     const std::optional<at::Tensor>& entropy) {
   const char* op = "chunk_grad";
   check_tile_inputs(op, logits, targets, temperature, kCUDA);
-  check_rows(op, "lse", lse, logits.size(0), at::kFloat, logits);
-  check_rows(op, "g", g, logits.size(0), at::kFloat, logits);
+  const bool ent = check_grad_inputs(op, logits, lse, g, ent_coef, entropy);
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  ChunkParams p = tile_params(logits, targets, temperature);
+  ChunkParams p = tile_params(op, logits, targets, temperature);
   p.lse = lse.const_data_ptr<float>();
   p.g = g.const_data_ptr<float>();
+  if (ent) {
+    p.ent_coef = ent_coef->const_data_ptr<float>();
+    p.entropy = entropy->const_data_ptr<float>();
+  }
   C10_CUDA_CHECK(launch_chunk_grad(p, current_stream()));
-}
-
-void token_pass_cuda(at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old_logp,
-                     const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
-                     at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
-                     std::optional<double> delta, double beta, bool bias_correction_kl, double temperature,
-                     double tau_pos, double tau_neg) {
-  const char* op = "token_pass";
-  check_tile_inputs(op, logits, targets, temperature, kCUDA);
-  const TokenTerms terms =
-      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  const TokenArgs a = token_args(op, logits.size(0), old_logp, ref_logp, adv, w, out, 2, terms, logits);
-  const c10::cuda::CUDAGuard device_guard(logits.device());
-  ChunkParams p = tile_params(logits, targets, temperature);
-  p.out = a.out;
-  p.old_logp = a.old_logp;
-  p.ref_logp = a.ref_logp;
-  p.adv = a.adv;
-  p.w = a.w;
-  p.terms = terms;
-  C10_CUDA_CHECK(launch_token_pass(p, current_stream()));
-}
-
-void token_loss_cuda(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
-                     const std::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& w,
-                     at::Tensor& out, int64_t family, double lo, double hi, double cispo_max,
-                     std::optional<double> delta, double beta, bool bias_correction_kl, double tau_pos,
-                     double tau_neg) {
-  const char* op = "token_loss";
-  const int64_t n = check_logp(op, logp, kCUDA);
-  const TokenTerms terms =
-      make_token_terms(family, lo, hi, cispo_max, delta, beta, bias_correction_kl, tau_pos, tau_neg);
-  const TokenArgs a = token_args(op, n, old_logp, ref_logp, adv, w, out, 5, terms, logp);
-  const c10::cuda::CUDAGuard device_guard(logp.device());
-  TokenLossParams p;
-  p.logp = logp.const_data_ptr<float>();
-  p.old_logp = a.old_logp;
-  p.ref_logp = a.ref_logp;
-  p.adv = a.adv;
-  p.w = a.w;
-  p.out = a.out;
-  p.n = n;
-  p.terms = terms;
-  C10_CUDA_CHECK(launch_token_loss(p, current_stream()));
 }
 
 }  // namespace grpo_fast
