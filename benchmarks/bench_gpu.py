@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from grpo_fast import bench, bench_baselines
+from grpo_fast.benchmarking import baselines as bench_baselines
+from grpo_fast.benchmarking import harness as bench
 
 ROOT = Path(__file__).resolve().parent
 SHAPES = [(8192, 4096, 151936), (16384, 4096, 128256), (4096, 2048, 151936), (32768, 3584, 152064)]

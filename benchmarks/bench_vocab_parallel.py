@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import grpo_fast as gf
-from grpo_fast.bench import environment
+from grpo_fast.benchmarking.harness import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import default_out  # noqa: E402 - a sibling script, not a package

@@ -4,7 +4,7 @@
 #   benchmarks/fetch_wheels.sh && <device run, carry [".whl"]> benchmarks/run_gpu.sh
 # --no-deps: the image has torch, triton, transformers, accelerate. TRL's trainer utilities also want
 # `datasets`; the benchmark only needs TRL's LM-head kernel, and stands in for the one helper its
-# backward imports from there when `datasets` is missing (see grpo_fast/bench_baselines.py).
+# backward imports from there when `datasets` is missing (see grpo_fast/benchmarking/baselines.py).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

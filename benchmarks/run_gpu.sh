@@ -48,7 +48,7 @@ if ! (cd /tmp && "$PY" -c "import grpo_fast.kernels as k, sys; sys.exit(not k.__
 fi
 "$PY" -c "import torch, triton, grpo_fast.kernels; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 
-RESULTS=${RESULTS:-$(cd benchmarks && "$PY" -c "import bench_gpu, grpo_fast.bench as b; print(bench_gpu.default_out(b.environment()['device']))")}
+RESULTS=${RESULTS:-$(cd benchmarks && "$PY" -c "import bench_gpu, grpo_fast.benchmarking.harness as b; print(bench_gpu.default_out(b.environment()['device']))")}
 echo "results: $RESULTS"
 
 for phase in "${PHASES[@]}"; do

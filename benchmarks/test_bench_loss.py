@@ -15,7 +15,8 @@ pytest.importorskip("pytest_benchmark")
 
 from bench_gpu import SEQ_LEN, SHAPES, device_inputs  # noqa: E402  (benchmarks/ is on sys.path)
 
-from grpo_fast import bench, bench_baselines  # noqa: E402
+from grpo_fast.benchmarking import baselines as bench_baselines
+from grpo_fast.benchmarking import harness as bench  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cuda":

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from . import backends, reference
-from .validation import validate_advantage_inputs
+from .engine.validation import validate_advantage_inputs
 
 
 def group_advantages(
@@ -31,8 +31,12 @@ def group_advantages(
     )
     name = backends.resolve(backend, rewards2d.device, "group_advantages")
     if name == "native":
-        from . import _native
+        from .backends import _native
 
         return _native.native_group_advantages(rewards2d, weights, group_size, scale, float(eps))
+    if name == "triton":
+        from .backends.triton_ops import triton_group_advantages
+
+        return triton_group_advantages(rewards2d, weights, group_size, scale, float(eps))
     # No chunking to win here: the plain torch version is already one vectorized pass.
     return reference.group_advantages(rewards2d, group_size, scale, float(eps), weights)

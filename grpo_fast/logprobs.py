@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import backends
-from .chunking import resolve_chunk_size
-from .fused import FusedLogprobs, LogprobPlan
-from .parallel import setup_shard, shared_chunk_size
-from .validation import check_lm_head, check_targets, check_temperature
+from .engine.chunk_loop import FusedLogprobs, LogprobPlan
+from .engine.setup import Head, open_head
+from .engine.validation import check_same_device, check_targets, check_temperature
 
 
 def selective_logprobs(
@@ -23,6 +23,7 @@ def selective_logprobs(
     chunk_size: int | None = None,
     process_group: object | None = None,
     vocab_start: int | None = None,
+    fused_gemm: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax((hidden @ weight.T + bias) / temperature)[targets]`` without the ``[N, V]`` logits.
 
@@ -31,23 +32,50 @@ def selective_logprobs(
     weight and bias through the log-probs (recomputed chunk by chunk in backward); the entropy is a metric
     and carries no gradient.
 
+    ``fused_gemm=True`` (Triton backend, no gradient, no process group) runs one kernel that does the GEMM
+    and the online logsumexp together and never writes a logits tile, instead of cuBLAS tiles plus the
+    row statistics kernel; the default keeps the tile path until a GPU measurement says the fused kernel
+    is faster (the GPU benchmark times both).
+
     With ``process_group``, weight/bias are this rank's vocabulary shard (see ``grpo_loss``).
     """
-    weight, bias = check_lm_head(hidden, weight, bias)
+    head = open_head(hidden, weight, bias, process_group, vocab_start)
     temperature = check_temperature(temperature)
-    shard = setup_shard(process_group, hidden, weight, bias, vocab_start)
-    targets = check_targets(targets, hidden.shape[:-1], shard.vocab if shard is not None else weight.shape[0])
-    if targets.device != hidden.device:
-        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
-    name = backends.resolve(backend, hidden.device, "selective_logprobs")
+    targets = check_targets(targets, hidden.shape[:-1], head.vocab)
+    check_same_device(hidden.device, targets=targets)
+    if not isinstance(fused_gemm, bool):
+        raise TypeError(f"fused_gemm must be a bool, got {type(fused_gemm).__name__}")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    ops = backends.chunk_ops(name)
-    chunk = resolve_chunk_size(
-        chunk_size, flat.shape[0], weight.shape[0], hidden.dtype, hidden.device, ops.fp32_temps
-    )
-    local_targets = targets.reshape(-1).long() - (shard.start if shard is not None else 0)
-    chunk = shared_chunk_size(chunk, shard, hidden.device)
-    plan = LogprobPlan(local_targets, temperature, ops, chunk, shard)
-    logp, entropy = FusedLogprobs.apply(flat, weight, bias, plan)
+    if fused_gemm:
+        logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
+    else:
+        name, ops, chunk = head.plan(
+            "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size
+        )
+        plan = LogprobPlan(head.local_targets(targets.reshape(-1)), temperature, ops, chunk, head.shard)
+        logp, entropy = FusedLogprobs.apply(flat, head.weight, head.bias, plan)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
+
+
+def _fused_gemm_logprobs(
+    flat: Tensor, head: Head, targets: Tensor, temperature: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """The ``fused_gemm=True`` path: checks what it cannot do, then the Triton fused kernel."""
+    if backend not in ("auto", "triton"):
+        raise ValueError(
+            f"fused_gemm=True is a Triton kernel: backend must be 'auto' or 'triton', got {backend!r}"
+        )
+    if head.shard is not None:
+        raise ValueError("fused_gemm=True does not support a vocab-parallel head (process_group)")
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (flat, head.weight, head.bias)
+    ):
+        raise ValueError(
+            "fused_gemm=True computes no gradient: call it under torch.no_grad() or on tensors that do not "
+            "require grad (old/reference log-probs)"
+        )
+    backends.resolve("triton", flat.device, "selective_logprobs")  # raises, naming why, when it cannot run
+    from .backends.triton_ops import triton_selective_logprobs
+
+    return triton_selective_logprobs(flat, head.weight, head.bias, targets, temperature)

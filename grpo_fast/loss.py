@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import backends
-from .chunking import resolve_chunk_size
 from .config import GRPOConfig
-from .fused import FusedGRPOLoss, LossPlan, metric_names
-from .objective import TokenBatch, reduction_weights, segment_sum
-from .parallel import setup_shard, shared_chunk_size
-from .validation import validate_loss_inputs
+from .engine.chunk_loop import FusedGRPOLoss, LossPlan
+from .engine.objective import TokenBatch, metric_names, reduction_weights, segment_sum
+from .engine.setup import open_head
+from .engine.validation import validate_loss_inputs
 
 
 def grpo_loss(
@@ -37,16 +35,15 @@ def grpo_loss(
     tensors and ``seq_ids [N]`` (sequence of each token); weight ``[V, H]``; advantages ``[B]``.
     ``num_items_in_batch`` is the dapo/cispo normalizer (unmasked tokens of the global batch); default:
     this batch's. Masked positions may hold any target id. Returns ``(loss, metrics)``, metrics a dict
-    of 0-dim tensors: kl, entropy, clip_ratio_low, clip_ratio_high, clip_ratio_region.
+    of 0-dim tensors: kl, entropy, clip_ratio_low, clip_ratio_high, clip_ratio_region, and
+    cispo_clip_ratio (cispo) or vespo/phi_seq_mean (vespo).
 
     Vocab-parallel: with ``process_group``, ``weight`` (and ``bias``) hold this rank's rows of the head,
     ``[vocab_start, vocab_start + V_r)`` (default: shards in rank order); every other input is the same
     on all ranks. Loss, metrics and the hidden gradient come out identical on every rank, the weight
     gradient is the local shard's.
     """
-    cfg = config if config is not None else GRPOConfig()
-    shard = setup_shard(process_group, hidden, weight, bias, vocab_start)
-    inputs, weight, bias = validate_loss_inputs(
+    h, weight, bias, plan = plan_loss(
         hidden,
         weight,
         targets,
@@ -55,12 +52,52 @@ def grpo_loss(
         old_logp,
         ref_logp,
         bias,
+        config,
+        num_items_in_batch,
+        seq_ids=seq_ids,
+        backend=backend,
+        chunk_size=chunk_size,
+        process_group=process_group,
+        vocab_start=vocab_start,
+    )
+    return run_loss_plan(h, weight, bias, plan)
+
+
+def plan_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    bias: Tensor | None = None,
+    config: GRPOConfig | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    *,
+    seq_ids: Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    process_group: object | None = None,
+    vocab_start: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
+    """Validate once, then shard, resolve the backend and the tile size: what :func:`run_loss_plan` runs."""
+    cfg = config if config is not None else GRPOConfig()
+    head = open_head(hidden, weight, bias, process_group, vocab_start)
+    inputs, weight, bias = validate_loss_inputs(
+        hidden,
+        head.weight,
+        targets,
+        mask,
+        advantages,
+        old_logp,
+        ref_logp,
+        head.bias,
         cfg,
         num_items_in_batch,
         seq_ids,
-        vocab=shard.vocab if shard is not None else None,
+        vocab=head.vocab,
     )
-    name = backends.resolve(backend, inputs.hidden.device, "grpo_loss")
     num_seqs = inputs.advantages.shape[0]
     seq_len = segment_sum(inputs.mask, inputs.seq_ids, num_seqs)
 
@@ -80,12 +117,17 @@ def grpo_loss(
         loss_w=reduction_weights(mask, seq_ids, seq_len, cfg, inputs.num_items),
     )
     h = pick(inputs.hidden)
-    ops = backends.chunk_ops(name)
-    chunk = resolve_chunk_size(chunk_size, h.shape[0], weight.shape[0], h.dtype, h.device, ops.fp32_temps)
-    targets = pick(inputs.targets) - (shard.start if shard is not None else 0)
-    plan = LossPlan(targets, batch, cfg, ops, shared_chunk_size(chunk, shard, h.device), shard)
-    loss, metric_vec = FusedGRPOLoss.apply(h, weight, bias, plan)
-    return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))
+    _, ops, chunk = head.plan("grpo_loss", backend, h.shape[0], h.dtype, h.device, chunk_size)
+    plan = LossPlan(head.local_targets(pick(inputs.targets)), batch, cfg, ops, chunk, head.shard)
+    return h, weight, bias, plan
+
+
+def run_loss_plan(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run what :func:`plan_loss` set up (the engine entry point; benchmarks swap ``plan.ops`` here)."""
+    loss, metric_vec = FusedGRPOLoss.apply(hidden, weight, bias, plan)
+    return loss, dict(zip(metric_names(plan.cfg), metric_vec.unbind(0), strict=True))
 
 
 class GRPOLoss(nn.Module):
@@ -139,4 +181,4 @@ class GRPOLoss(nn.Module):
         return f"{self.config}, backend={self.backend!r}"
 
 
-__all__ = ["grpo_loss", "GRPOLoss"]
+__all__ = ["grpo_loss", "GRPOLoss", "plan_loss", "run_loss_plan"]

@@ -8,6 +8,8 @@ public API validates before it gets here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -145,7 +147,6 @@ def loss_from_logps(
     cfg = config or GRPOConfig()
     mask = mask.float()
     advantages = advantages.float().reshape(-1, 1)
-    eps_low, eps_high = cfg.epsilon_low, cfg.eps_high
 
     old_per_token_logps = per_token_logps.detach() if old_logp is None else old_logp.float()
     log_ratio = per_token_logps - old_per_token_logps
@@ -166,31 +167,37 @@ def loss_from_logps(
             per_token_kl = per_token_kl * coef_1
 
     if cfg.loss_type == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=eps_high).detach()
+        clamped_ratios = torch.clamp(coef_1, max=cfg.epsilon_high).detach()
         per_token_loss = -clamped_ratios * advantages * per_token_logps
     elif cfg.loss_type in CLIPPED_LOSS_TYPES:
-        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
         if cfg.delta is not None:
             coef_1 = torch.clamp(coef_1, max=cfg.delta)
         per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-    else:  # sapo
+    elif cfg.loss_type == "sapo":
         temperatures = torch.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
         per_token_loss = -soft_coef_1 * advantages
+    else:  # vespo
+        phi_seq = _vespo_gamma_weights(advantages, log_ratio, mask, cfg)
+        per_token_loss = -phi_seq * advantages * per_token_logps
 
     if cfg.beta != 0.0:
         per_token_loss = per_token_loss + cfg.beta * per_token_kl
 
-    if cfg.loss_type in ("grpo", "sapo"):
+    # TRL's reduction of each normalizer (config.LOSS_NORMALIZERS says which loss type has which), written
+    # as TRL writes it: an independent check of the engine's reduction weights.
+    rule = cfg.normalizer
+    if rule == "sequence_mean":
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif cfg.loss_type == "bnpo":
+    elif rule == "batch_tokens":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    elif cfg.loss_type == "dr_grpo":
+    elif rule == "fixed_length":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * cfg.max_completion_length)
-    elif cfg.loss_type in ("cispo", "dapo"):
+    elif rule == "global_tokens":
         items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).float()
         loss = (per_token_loss * mask).sum() / items.to(mask.device).clamp(min=1.0)
-    else:  # luspo
+    else:  # sequence_sum
         loss = (per_token_loss * mask).sum(-1).mean()
 
     def masked_mean(x: Tensor) -> Tensor:
@@ -207,11 +214,29 @@ def loss_from_logps(
         "clip_ratio_region": zero,
     }
     if cfg.loss_type in CLIPPED_LOSS_TYPES:
-        is_low = (coef_1 < 1 - eps_low) & (advantages < 0)
-        is_high = (coef_1 > 1 + eps_high) & (advantages > 0)
+        is_low = (coef_1 < 1 - cfg.epsilon_low) & (advantages < 0)
+        is_high = (coef_1 > 1 + cfg.epsilon_high) & (advantages > 0)
         metrics["clip_ratio_low"] = masked_mean(is_low.float()).detach()
         metrics["clip_ratio_high"] = masked_mean(is_high.float()).detach()
         metrics["clip_ratio_region"] = masked_mean((is_low | is_high).float()).detach()
     elif cfg.loss_type == "cispo":
-        metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (advantages > 0)).float()).detach()
+        metrics["cispo_clip_ratio"] = masked_mean(
+            ((coef_1 > cfg.epsilon_high) & (advantages > 0)).float()
+        ).detach()
+    elif cfg.loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = masked_mean(phi_seq).detach()
     return loss, metrics
+
+
+@torch.no_grad()
+def _vespo_gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, cfg: GRPOConfig) -> Tensor:
+    """TRL's ``get_gamma_weights`` (no vLLM importance-sampling ratio): phi(w) per sequence, [B, 1]."""
+    lower_clamp = math.log(1e-8)
+    seq_log_ratio = torch.sum(torch.clamp(log_ratio, -20.0, 20.0) * mask, dim=-1, keepdim=True)
+    log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+    w_seq = torch.exp(log_w_seq)
+    is_nonneg_adv = advantages >= 0
+    k_seq = torch.where(is_nonneg_adv, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lambda_seq = torch.where(is_nonneg_adv, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)

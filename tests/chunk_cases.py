@@ -48,7 +48,7 @@ def grpo_cases():
     yield "sapo", gf.GRPOConfig(loss_type="sapo", sapo_temperature_neg=2.0, beta=0.0), True, False
     yield "sapo-onpolicy", gf.GRPOConfig(loss_type="sapo", beta=0.04), False, True
     yield "ref-unused", gf.GRPOConfig(loss_type="dapo", beta=0.0), True, True  # beta 0: ref never read
-    # Ratio exactly 1 sits on every closed bound at once: delta = 1 - eps_low = 1 + eps_high = 1.
+    # Ratio exactly 1 sits on every closed bound at once: delta = 1 - epsilon_low = 1 + epsilon_high = 1.
     closed = gf.GRPOConfig(loss_type="grpo", delta=1.0, epsilon_low=0.0, epsilon_high=0.0)
     yield "grpo-closed-bounds", closed, True, False
 

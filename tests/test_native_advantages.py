@@ -9,7 +9,7 @@ import pytest
 import torch
 from trl.trainer.utils import nanstd
 
-from grpo_fast import _native
+from grpo_fast.backends import _native
 
 pytestmark = pytest.mark.skipif(
     not _native.available(), reason=f"grpo_fast._C not built: {_native.load_error()}"

@@ -1,6 +1,6 @@
 """The native backend (the chunk ops of grpo_fast._C) against the fp64 truth, on the CPU.
 
-Kernels one by one (stats, vocab-shard partials, grad, fused token pass, token loss from log-probs),
+Kernels one by one (stats, vocab-shard partials, grad with and without the entropy-gradient term),
 then the public API on backend="native", the ops' registration (opcheck, fake kernels under
 torch.compile, TORCH_CHECK messages) and the build. Sizes are odd (V=1013, H=67, T=37), not multiples
 of any block. Tolerance (tests/helpers.py): the op's error against the fp64 truth may exceed PyTorch's
@@ -18,22 +18,13 @@ import torch
 import torch.multiprocessing as mp
 
 import grpo_fast as gf
-from grpo_fast import _native, backends, objective
-from grpo_fast.chunk_ops import TorchChunkOps
+from grpo_fast import backends
+from grpo_fast.backends import _native
+from grpo_fast.backends.native_ops import NativeChunkOps
+from grpo_fast.backends.torch_ops import TorchChunkOps
 from grpo_fast.config import LOSS_TYPES
-from grpo_fast.native_ops import NativeChunkOps, op_terms, per_token_loss, token_loss_terms
 
-from .chunk_cases import (
-    CASE_IDS,
-    CASES,
-    C,
-    V,
-    ratio_spread,
-    tile,
-    token_inputs,
-    truth_dlogits,
-    truth_stats,
-)
+from .chunk_cases import C, V, tile, truth_dlogits, truth_stats
 from .helpers import assert_within, cast, grads, make_batch
 from .test_loss import LOSS_BACKENDS, check_against_truth, run_loss
 
@@ -43,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
-OPS = ("chunk_stats", "chunk_partial_stats", "chunk_grad", "token_pass", "token_loss")
+OPS = ("chunk_stats", "chunk_partial_stats", "chunk_grad")
 # ---------------------------------------------------------------- the ops, one by one
 
 
@@ -116,126 +107,84 @@ def test_chunk_grad_in_place(dtype):
     assert_within("dlogits", out, same, truth, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_token_pass(dtype, case):
-    _, cfg, with_old, with_ref = case
-    cfg = gf.GRPOConfig(**{**cfg.__dict__, "temperature": 0.8})
-    logits, targets = tile(dtype, seed=6)
-    lse64, logp64, ent64 = truth_stats(logits, targets, cfg.temperature)
-    old, ref, adv, w = token_inputs(logp64, with_old, with_ref, seed=7)
-    work = logits.clone()
-    logp, entropy, dl = NativeChunkOps().token_pass_(work, targets, old, ref, adv, w, cfg)
-    assert dl.data_ptr() == work.data_ptr() and dl.dtype == dtype
-    same = TorchChunkOps().token_pass_(logits.clone(), targets, old, ref, adv, w, cfg)
-    as64 = lambda x: x.double() if x is not None else None  # noqa: E731
-    g64 = objective.token_grad(logp64, as64(old), as64(ref), adv.double(), w.double(), cfg)
-    assert_within("logp", logp, same[0], logp64, dtype)
-    assert_within("entropy", entropy, same[1], ent64, dtype)
-    assert_within("dlogits", dl, same[2], truth_dlogits(logits, targets, lse64, g64, cfg.temperature), dtype)
+def truth_entropy_grad(logits, targets, g, e, temperature):
+    """fp64 autograd of sum(g * logp[target]) + sum(e * H) w.r.t. the raw logits. A target outside the tile
+    (another shard's token) adds its logit, a constant here: logp = -lse + const. Masked -inf logits are
+    taken as -1e4, whose exp is exactly 0 in fp64 too."""
+    x = logits.double().nan_to_num(neginf=-1e4).requires_grad_(True)
+    z = x / temperature
+    lse = torch.logsumexp(z, -1)
+    owned = (targets >= 0) & (targets < x.shape[1])
+    logp = z.gather(1, targets.clamp(0, x.shape[1] - 1).unsqueeze(1)).squeeze(1) * owned - lse
+    log_probs = z - lse.unsqueeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    loss = (g.double() * logp).sum() + (e.double() * entropy).sum()
+    return torch.autograd.grad(loss, x)[0]
 
 
-def test_token_pass_g_matches_token_grad_exactly_in_fp32():
-    """The op's g_t (read off the target column) is objective.token_grad's, branch for branch."""
-    logits, targets = tile(torch.float32, seed=8, cols=64)
-    gen = torch.Generator().manual_seed(9)
-    for _, cfg, with_old, with_ref in CASES:
-        logp = NativeChunkOps().stats(logits, targets, 1.0)[1]  # bit for bit the token pass's logp
-        old = ratio_spread(logp, with_old)
-        ref = logp + 0.3 * torch.randn(C, generator=gen) if with_ref else None
-        adv = torch.randn(C, generator=gen)
-        w = torch.ones(C)
-        lp, _, dl = NativeChunkOps().token_pass_(logits.clone(), targets, old, ref, adv, w, cfg)
-        torch.testing.assert_close(lp, logp, rtol=0, atol=0)
-        want = objective.token_grad(lp, old, ref if cfg.beta else None, adv, w, cfg)
-        g = dl.gather(1, targets.unsqueeze(1)).squeeze(1) / (1 - torch.exp(lp))
-        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=[*DTYPE_IDS, "fp64"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("cols", [4099, 33])
+def test_chunk_grad_entropy_term_matches_autograd(dtype, temperature, cols):
+    """stats, then grad_ with ent_coef: e * dH/dx plus g * dlogp/dx, as fp64 autograd has it."""
+    rows = 7
+    logits, targets = tile(dtype, seed=20 + cols, rows=rows, cols=cols)
+    targets[3] = -1  # another shard's token: no one-hot term
+    targets[5] = cols + 2
+    gen = torch.Generator().manual_seed(21)
+    g, e = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+    e[1] = 0.0
+    if dtype == torch.float64:  # an fp64 check has fp64 coefficients (the fp64 tiles' fallback keeps them)
+        g, e = g.double(), e.double()
+    truth = truth_entropy_grad(logits, targets, g, e, temperature)
 
+    def run(ops):
+        lse, _, entropy = ops.stats(logits, targets.clamp(0, cols - 1), temperature)  # logp unused
+        work = logits.clone()
+        out = ops.grad_(work, targets, lse, g, temperature, ent_coef=e, entropy=entropy)
+        assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
+        return out
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_token_loss_matches_objective(case):
-    """token_loss from log-probs: TRL's per-token loss, g, KL and clip flags, as in grpo_fast.objective."""
-    _, cfg, with_old, with_ref = case
-    gen = torch.Generator().manual_seed(10)
-    n = 203
-    logp = -torch.rand(n, generator=gen) * 8
-    old = ratio_spread(logp, with_old)
-    ref = logp + 0.3 * torch.randn(n, generator=gen) if with_ref else None
-    adv = torch.randn(n, generator=gen)
-    adv[:5] = 0.0
-    w = torch.rand(n, generator=gen)
-    out = token_loss_terms(logp, adv, cfg, old, ref, w)
-    batch = objective.TokenBatch(
-        seq_ids=torch.zeros(n, dtype=torch.long),
-        mask=torch.ones(n),
-        adv=adv,
-        old_logp=old,
-        ref_logp=ref if cfg.beta else None,
-        seq_adv=adv[:1],
-        seq_len=torch.tensor([float(n)]),
-        loss_w=w,
-    )
-    loss, kl, coef = objective.per_token_objective(logp, batch, cfg)
-    torch.testing.assert_close(out[0], loss, rtol=1e-5, atol=1e-6)
-    want_g = objective.token_grad(logp, old, ref if cfg.beta else None, adv, w, cfg)
-    torch.testing.assert_close(out[1], want_g, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out[2], kl if kl is not None else torch.zeros(n), rtol=1e-5, atol=1e-6)
-    if cfg.loss_type == "cispo":
-        low, high = torch.zeros(n), ((coef > cfg.eps_high) & (adv > 0)).float()
-    elif cfg.loss_type == "sapo":
-        low = high = torch.zeros(n)
+    got = run(NativeChunkOps())
+    if dtype == torch.float64:  # the torch ops' fallback: fp64 accuracy
+        torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-12)
     else:
-        low = ((coef < 1 - cfg.epsilon_low) & (adv < 0)).float()
-        high = ((coef > 1 + cfg.eps_high) & (adv > 0)).float()
-    assert torch.equal(out[3], low) and torch.equal(out[4], high)
+        assert_within("dlogits", got, run(TorchChunkOps()), truth, dtype)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "sapo"])
-def test_per_token_loss_autograd(loss_type):
-    """per_token_loss is differentiable in logp, with the gradient autograd gives the torch objective."""
-    cfg = gf.GRPOConfig(loss_type=loss_type, beta=0.04, delta=1.3 if loss_type == "dapo" else None)
-    gen = torch.Generator().manual_seed(11)
-    logp = (-torch.rand(3, 17, generator=gen) * 5).requires_grad_(True)
-    old = (logp.detach() + 0.3 * torch.randn(3, 17, generator=gen)).float()
-    ref = logp.detach() + 0.3 * torch.randn(3, 17, generator=gen)
-    adv = torch.randn(3, generator=gen)
-    weight = torch.rand(3, 17, generator=gen)
-    loss, metrics = per_token_loss(logp, adv, cfg, old_logp=old, ref_logp=ref)
-    assert loss.shape == (3, 17) and set(metrics) == {"kl", "is_low_clipped", "is_high_clipped"}
-    (g,) = torch.autograd.grad((loss * weight).sum(), logp)
-    lp = logp.detach().reshape(-1).requires_grad_(True)
-    batch = objective.TokenBatch(
-        seq_ids=torch.arange(3).repeat_interleave(17),
-        mask=torch.ones(51),
-        adv=adv.repeat_interleave(17),
-        old_logp=old.reshape(-1),
-        ref_logp=ref.reshape(-1),
-        seq_adv=adv,
-        seq_len=torch.full((3,), 17.0),
-        loss_w=weight.reshape(-1),
+def test_chunk_grad_entropy_term_masked_vocabulary():
+    """Masked (-inf) logits get exactly 0 from the entropy term (no 0 * inf), wide rows in 2048-blocks."""
+    logits, targets = tile(torch.float32, seed=22, rows=5, cols=5029)
+    logits[0, 100:4000] = float("-inf")
+    logits[2, :2] = float("-inf")
+    targets[0] = 7
+    g, e = torch.randn(5), torch.randn(5)
+    ops = NativeChunkOps()
+    lse, _, entropy = ops.stats(logits, targets, 0.9)
+    got = ops.grad_(logits.clone(), targets, lse, g, 0.9, ent_coef=e, entropy=entropy)
+    assert torch.equal(got[0, 100:4000], torch.zeros(3900)) and torch.equal(got[2, :2], torch.zeros(2))
+    torch.testing.assert_close(
+        got.double(), truth_entropy_grad(logits, targets, g, e, 0.9), rtol=1e-5, atol=1e-6
     )
-    want, kl, _ = objective.per_token_objective(lp, batch, cfg)
-    (want_g,) = torch.autograd.grad((want * weight.reshape(-1)).sum(), lp)
-    torch.testing.assert_close(loss.detach().reshape(-1), want.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(metrics["kl"].reshape(-1), kl.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g.reshape(-1), want_g, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="token"):
-        per_token_loss(logp, adv, gf.GRPOConfig(importance_sampling_level="sequence"), old_logp=old)
 
 
-def test_family_codes_and_terms():
-    assert (objective.FAMILY_CLIPPED, objective.FAMILY_CISPO, objective.FAMILY_SAPO) == (0, 1, 2)
-    terms = op_terms(gf.GRPOConfig(loss_type="cispo", delta=2.0, epsilon_high=3.0))
-    assert terms["family"] == 1 and terms["delta"] is None and terms["cispo_max"] == 3.0
+def test_chunk_grad_without_entropy_term_is_unchanged():
+    """ent_coef = 0 gives the plain pass bit for bit (the entropy term only adds, per element)."""
+    logits, targets = tile(torch.float32, seed=23, rows=6, cols=3001)
+    ops = NativeChunkOps()
+    lse, _, entropy = ops.stats(logits, targets, 0.8)
+    g = torch.randn(6)
+    plain = ops.grad_(logits.clone(), targets, lse, g, 0.8)
+    zero = ops.grad_(logits.clone(), targets, lse, g, 0.8, ent_coef=torch.zeros(6), entropy=entropy)
+    torch.testing.assert_close(zero, plain, rtol=0, atol=0)
 
 
 def test_empty_tile():
     logits, targets = tile(torch.float32, rows=0, cols=30)
-    assert all(x.shape == (0,) for x in NativeChunkOps().stats(logits, targets, 1.0))
-    lp, ent, dl = NativeChunkOps().token_pass_(
-        logits, targets, None, None, torch.zeros(0), torch.zeros(0), gf.GRPOConfig()
-    )
-    assert lp.shape == ent.shape == (0,) and dl.shape == (0, 30)
+    ops = NativeChunkOps()
+    assert all(x.shape == (0,) for x in ops.stats(logits, targets, 1.0))
+    z = torch.zeros(0)
+    assert ops.grad_(logits, targets, z, z, 1.0, ent_coef=z, entropy=z).shape == (0, 30)
 
 
 # ---------------------------------------------------------------- the public API on backend="native"
@@ -245,7 +194,7 @@ def test_backend_resolution():
     cpu = torch.device("cpu")
     for op in backends.OPS:
         assert backends.resolve("native", cpu, op) == "native"
-        want = "native" if op in backends.AUTO_CPU_NATIVE else "torch"
+        want = "native" if op in backends.REGISTRY["native"].auto_ops["cpu"] else "torch"
         assert backends.resolve("auto", cpu, op) == want
     assert isinstance(backends.chunk_ops("native"), NativeChunkOps)
     assert "native" in LOSS_BACKENDS  # so tests/test_loss.py's whole grid runs on it too
@@ -253,12 +202,12 @@ def test_backend_resolution():
 
 def test_native_tiles_take_the_whole_budget():
     """No [C, V] temporaries: the native pass gets the torch pass's rows times (3 * 4 + 4) / 4."""
-    from grpo_fast.chunking import auto_chunk_size
+    from grpo_fast.engine.chunking import auto_chunk_size
 
     cpu = torch.device("cpu")
     assert NativeChunkOps.fp32_temps == 0 and TorchChunkOps.fp32_temps == 3
     rows = auto_chunk_size(10**6, 65536, torch.float32, cpu, NativeChunkOps.fp32_temps)
-    assert rows == 4 * auto_chunk_size(10**6, 65536, torch.float32, cpu)
+    assert rows == 4 * auto_chunk_size(10**6, 65536, torch.float32, cpu, TorchChunkOps.fp32_temps)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -339,59 +288,43 @@ def test_vocab_parallel_native(tmp_path, monkeypatch):
 
 
 def op_args(name: str, dtype=torch.float32):
+    """Arguments of each op ("chunk_grad_ent": chunk_grad with the entropy term)."""
     logits, targets = tile(dtype, seed=12, rows=6, cols=77)
     targets[1] = -3
     vec = lambda s: torch.randn(6, generator=torch.Generator().manual_seed(s))  # noqa: E731
-    terms = dict(op_terms(gf.GRPOConfig(loss_type="grpo", beta=0.04, delta=1.5)))
-    terms = tuple(terms.values())
     if name in ("chunk_stats", "chunk_partial_stats"):
         k = 3 if name == "chunk_stats" else 4
         return (logits, targets, 0.9, torch.empty(k, 6))
     if name == "chunk_grad":
         return (logits, targets, vec(1) + 5.0, vec(2), 0.9)
-    fam, lo, hi, cmax, delta, beta, bc, tp, tn = terms
-    if name == "token_pass":
-        return (logits, targets, vec(3) - 4, vec(4) - 4, vec(5), vec(6).abs(), torch.empty(2, 6),
-                fam, lo, hi, cmax, delta, beta, bc, 0.9, tp, tn)  # fmt: skip
-    return (
-        vec(7) - 4,
-        vec(3) - 4,
-        None,
-        vec(5),
-        vec(6).abs(),
-        torch.empty(5, 6),
-        2,
-        lo,
-        hi,
-        cmax,
-        None,
-        0.0,
-        bc,
-        tp,
-        tn,
-    )
+    assert name == "chunk_grad_ent"
+    return (logits, targets, vec(1) + 5.0, vec(2), 0.9, vec(3), vec(4).abs() + 1.0)
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", [*OPS, "chunk_grad_ent"])
 def test_opcheck(name):
-    for dtype in (torch.float32, torch.bfloat16) if name != "token_loss" else (torch.float32,):
-        torch.library.opcheck(getattr(torch.ops.grpo_fast, name).default, op_args(name, dtype))
+    op = torch.ops.grpo_fast.chunk_grad if name == "chunk_grad_ent" else getattr(torch.ops.grpo_fast, name)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(op.default, op_args(name, dtype))
 
 
-def test_torch_compile_fullgraph():
-    """The fake kernels let torch.compile trace the ops (functionalized in-place tile included)."""
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["plain", "entropy"])
+def test_torch_compile_fullgraph(with_entropy):
+    """The fake kernels let torch.compile trace the pass the chunk loop runs: stats, then grad in place
+    (the in-place tile functionalized)."""
     logits, targets = tile(torch.float32, seed=13, rows=8, cols=131)
-    cfg = gf.GRPOConfig(loss_type="dapo", beta=0.0)
-    adv, w = torch.randn(8), torch.full((8,), 0.125)
+    g, e = torch.randn(8), torch.randn(8)
 
-    def fn(x, t, a, weights):
-        out = torch.empty(2, x.shape[0])
+    def fn(x, t, g, e):
+        out = torch.empty(3, x.shape[0])
+        torch.ops.grpo_fast.chunk_stats(x, t, 0.9, out)
         work = x * 1.0
-        torch.ops.grpo_fast.token_pass(work, t, None, None, a, weights, out, temperature=1.0, **op_terms(cfg))
+        terms = dict(ent_coef=e, entropy=out[2]) if with_entropy else {}
+        torch.ops.grpo_fast.chunk_grad(work, t, out[0], g, 0.9, **terms)
         return out, work
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    got, want = compiled(logits, targets, adv, w), fn(logits, targets, adv, w)
+    got, want = compiled(logits, targets, g, e), fn(logits, targets, g, e)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -420,22 +353,32 @@ def test_torch_check_messages():
         ops.chunk_grad(logits, targets, torch.zeros(4), torch.zeros(4, dtype=torch.float64), 1.0)
     with pytest.raises(RuntimeError, match="lse must be contiguous"):
         ops.chunk_grad(logits, targets, torch.zeros(8)[::2], torch.zeros(4), 1.0)
-    terms = op_terms(gf.GRPOConfig(beta=0.1))
-    with pytest.raises(RuntimeError, match="grpo_fast::token_pass: beta=0.1 needs ref_logp"):
-        ops.token_pass(
-            logits,
-            targets,
-            None,
-            None,
-            torch.zeros(4),
-            torch.zeros(4),
-            torch.empty(2, 4),
-            temperature=1.0,
-            **terms,
-        )
-    with pytest.raises(RuntimeError, match="family must be 0 \\(clipped\\), 1 \\(cispo\\) or 2 \\(sapo\\)"):
-        z = torch.zeros(4)
-        ops.token_loss(z, None, z, z, z, torch.empty(5, 4), **{**terms, "family": 7})
+
+
+def test_chunk_grad_entropy_inputs_checked():
+    """ent_coef and entropy go together, fp32 [C] each: a clear error naming the op and the argument."""
+    logits, targets = tile(torch.float32, seed=14, rows=4, cols=50)
+    z = torch.zeros(4)
+    ops = torch.ops.grpo_fast
+    alone = r"grpo_fast::chunk_grad: ent_coef and entropy go together .* got ent_coef alone"
+    with pytest.raises(RuntimeError, match=alone):
+        ops.chunk_grad(logits, targets, z, z, 1.0, ent_coef=z)
+    with pytest.raises(RuntimeError, match=alone):
+        NativeChunkOps().grad_(logits, targets, z, z, 1.0, ent_coef=z)  # the wrapper passes it on
+    with pytest.raises(
+        RuntimeError, match="grpo_fast::chunk_grad: ent_coef and entropy go together .* entropy alone"
+    ):
+        ops.chunk_grad(logits, targets, z, z, 1.0, entropy=z)
+    with pytest.raises(
+        RuntimeError, match=r"grpo_fast::chunk_grad: ent_coef must have shape \[4\], got \[5\]"
+    ):
+        ops.chunk_grad(logits, targets, z, z, 1.0, ent_coef=torch.zeros(5), entropy=z)
+    with pytest.raises(RuntimeError, match="grpo_fast::chunk_grad: entropy must be Float, got Half"):
+        ops.chunk_grad(logits, targets, z, z, 1.0, ent_coef=z, entropy=z.half())
+    before = logits.clone()
+    with pytest.raises(RuntimeError, match="ent_coef must be contiguous"):
+        ops.chunk_grad(logits, targets, z, z, 1.0, ent_coef=torch.zeros(8)[::2], entropy=z)
+    assert torch.equal(logits, before), "a rejected call must leave the tile alone"
 
 
 def test_cuda_kernels_built_when_possible():
@@ -471,20 +414,27 @@ def test_cuda_matches_cpu(dtype, cols):
         ops.partial_stats(logits.cuda(), targets.cuda(), 0.8).cpu(), ops.partial_stats(logits, targets, 0.8),
         rtol=2e-5, atol=2e-5,
     )  # fmt: skip
-    _, cfg, _, _ = CASES[0]
-    lp64 = truth_stats(logits, targets.clamp(min=0), 1.0)[1]
-    old, ref, adv, w = token_inputs(lp64, True, True, seed=16)
-    want = ops.token_pass_(logits.clone(), targets, old, ref, adv, w, cfg)
-    dev = lambda x: x.cuda() if x is not None else None  # noqa: E731
-    got = ops.token_pass_(logits.cuda(), targets.cuda(), dev(old), dev(ref), dev(adv), dev(w), cfg)
+    lse, _, entropy = ops.stats(logits, targets, 0.8)
+    gen = torch.Generator().manual_seed(16)
+    g, e = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a.cpu().float(), b.float(), **tol)
-    out = token_loss_terms(lp64.float(), adv, cfg, old, ref, w)
-    torch.testing.assert_close(
-        token_loss_terms(dev(lp64.float()), dev(adv), cfg, dev(old), dev(ref), dev(w)).cpu(), out,
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+    for terms in ({}, dict(ent_coef=e, entropy=entropy)):
+        want = ops.grad_(logits.clone(), targets, lse, g, 0.8, **terms)
+        dev = {k: v.cuda() for k, v in terms.items()}
+        got = ops.grad_(logits.cuda(), targets.cuda(), lse.cuda(), g.cuda(), 0.8, **dev)
+        assert got.dtype == dtype and got.is_cuda
+        torch.testing.assert_close(got.cpu().float(), want.float(), **tol)
+    # A row stride other than V (the leading columns of a wider tile; 16-byte vectors still apply at
+    # cols=4096), with the entropy term; the columns outside the view stay as they were.
+    wide = torch.cat([logits, logits[:, :8]], 1)
+    view = wide[:, :cols]
+    stats = ops.stats(view, targets, 0.8)
+    want = ops.grad_(view.clone(), targets, stats[0], g, 0.8, ent_coef=e, entropy=stats[2])
+    dev_wide = wide.cuda()
+    dev = [x.cuda() for x in (targets, stats[0], g, e, stats[2])]
+    ops.grad_(dev_wide[:, :cols], dev[0], dev[1], dev[2], 0.8, ent_coef=dev[3], entropy=dev[4])
+    torch.testing.assert_close(dev_wide[:, :cols].cpu().float(), want.float(), **tol)
+    assert torch.equal(dev_wide[:, cols:].cpu(), wide[:, cols:])
 
 
 @pytest.mark.gpu

@@ -6,12 +6,14 @@ log-probs, so the loss lines, reductions and metrics under test are TRL's own co
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import grpo_fast as gf
+from grpo_fast.config import LOSS_TYPES
 
 from .helpers import cast, make_batch
 
@@ -46,15 +48,10 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
         return logp, ent, None
 
     B, T = batch["targets"].shape
-    args = SimpleNamespace(
-        use_bias_correction_kl=cfg.use_bias_correction_kl,
-        delta=cfg.delta,
-        sapo_temperature_pos=cfg.sapo_temperature_pos,
-        sapo_temperature_neg=cfg.sapo_temperature_neg,
-        steps_per_generation=1,
-    )
+    args = SimpleNamespace(**dataclasses.asdict(cfg), steps_per_generation=1)  # TRL's names, every option
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=logps_and_entropies,
+        get_gamma_weights=trl_grpo.GRPOTrainer.get_gamma_weights,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
         importance_sampling_level=cfg.importance_sampling_level,
@@ -62,7 +59,7 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
         args=args,
         loss_type=cfg.loss_type,
         epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.eps_high,
+        epsilon_high=cfg.epsilon_high,
         use_vllm=False,
         vllm_importance_sampling_correction=False,
         model=SimpleNamespace(training=True),
@@ -90,7 +87,7 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("beta, delta", [(0.0, None), (0.04, None), (0.04, 1.3)])
 def test_reference_loss_equals_trl(level, loss_type, beta, delta):
     cfg = gf.GRPOConfig(
@@ -129,7 +126,9 @@ def test_reference_loss_equals_trl(level, loss_type, beta, delta):
         "clip_ratio_high": "clip_ratio/high_mean",
         "clip_ratio_region": "clip_ratio/region_mean",
         "cispo_clip_ratio": "cispo_clip_ratio",
+        "vespo/phi_seq_mean": "vespo/phi_seq_mean",
     }
+    assert set(metrics) <= set(names)
     for ours, theirs in names.items():
         if theirs in trl_metrics:
             assert metrics[ours].item() == pytest.approx(trl_metrics[theirs][0], rel=1e-9, abs=1e-12), ours

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import graphlib
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import grpo_fast as gf
+from grpo_fast import cli
 from grpo_fast.integrations.hf import completion_hidden, lm_head
 from grpo_fast.trainer import RewardError, TrainConfig, Trainer, demo
 from grpo_fast.trainer.checkpoint import latest_checkpoint
+from grpo_fast.trainer.cli import config_from_args
+from grpo_fast.trainer.config import CHOICES, allowed_types, field_types, option_name
 from grpo_fast.trainer.data import PromptSampler, load_prompts
 from grpo_fast.trainer.generation import completion_mask
-from grpo_fast.trainer.loop import cosine_schedule
 from grpo_fast.trainer.models import load_model_and_tokenizer
 from grpo_fast.trainer.reporting import read_metrics
 from grpo_fast.trainer.rewards import load_reward, score
+from grpo_fast.trainer.update import cosine_schedule
 
 REQUIRED_METRICS = {
     "step",
@@ -123,6 +131,56 @@ def test_config_exposes_every_loss_option():
         sapo_temperature_pos=0.5,
         sapo_temperature_neg=0.6,
     )
+
+
+def _non_default(option: str) -> object:
+    """A valid value of a loss option other than its default, from its type and choices."""
+    default = getattr(TrainConfig(), option)
+    scalars, _ = allowed_types(field_types()[option])
+    if option in CHOICES:
+        return next(c for c in reversed(CHOICES[option]) if c != default)
+    if bool in scalars:
+        return not default
+    if float in scalars:
+        return (default or 0.0) + 0.5
+    if int in scalars:
+        return (default or 0) + 1
+    return default
+
+
+def test_every_grpo_config_field_is_an_option_that_reaches_the_loss(tmp_path):
+    """A field added to GRPOConfig is a YAML key and a --flag, and loss_config() passes it on unchanged."""
+    want = {f.name: _non_default(option_name(f.name)) for f in dataclasses.fields(gf.GRPOConfig) if f.init}
+    options = {option_name(name): value for name, value in want.items()}
+    expected = gf.GRPOConfig(**want)
+    assert TrainConfig.from_dict(options).loss_config() == expected
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(options))
+    assert TrainConfig.from_yaml(path).loss_config() == expected
+    argv = ["train"]
+    for option, value in options.items():
+        flag = "--" + option.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    assert config_from_args(cli.build_parser().parse_args(argv)).loss_config() == expected
+    nullable = [o for o in options if type(None) in allowed_types(field_types()[o])[0]]
+    argv = ["train", *(arg for o in nullable for arg in ("--" + o.replace("_", "-"), "none"))]
+    cfg = config_from_args(cli.build_parser().parse_args(argv))
+    # "none" reaches GRPOConfig as None (which it may resolve: epsilon_high=None is epsilon_low).
+    resolved = {n: getattr(gf.GRPOConfig(**{n: None}), n) for n in want if option_name(n) in nullable}
+    assert nullable and all(getattr(cfg.loss_config(), n) == v for n, v in resolved.items())
+
+
+def test_trainer_modules_import_no_cycle():
+    """No module of the trainer imports (at the top or inside a function) one that imports it back."""
+    graph = {}
+    for path in Path(demo.__file__).parent.glob("*.py"):
+        graph[path.stem] = {
+            name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+            for name in ([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        }
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():

@@ -19,13 +19,6 @@ import pytest
 triton = pytest.importorskip("triton")
 
 # (kernel, signature, constexprs, options): signature types as Triton names them ("*bf16" a pointer).
-TOKEN_PASS_SIG = {
-    "logits_ptr": "*bf16", "stride_row": "i32", "targets_ptr": "*i64", "old_ptr": "*fp32",
-    "ref_ptr": "*fp32", "adv_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "n_rows": "i32",
-    "n_cols": "i32", "inv_t": "fp32", "has_old": "i32", "family": "i32", "lo": "fp32", "hi": "fp32",
-    "cispo_max": "fp32", "has_delta": "i32", "delta": "fp32", "beta": "fp32", "bias_corr": "i32",
-    "tau_pos": "fp32", "tau_neg": "fp32",
-}  # fmt: skip
 LOGPROBS_SIG = {
     "h_ptr": "*bf16", "stride_h": "i32", "w_ptr": "*bf16", "stride_w": "i32", "b_ptr": "*bf16",
     "targets_ptr": "*i64", "part_ptr": "*fp32", "n_rows": "i32", "n_vocab": "i32", "n_hidden": "i32",
@@ -42,7 +35,7 @@ def _without(sig: dict, *names: str) -> dict:
 
 
 def variants():
-    from grpo_fast.kernels import advantages, chunk_grad, chunk_stats, logprobs, token_pass
+    from grpo_fast.kernels import advantages, chunk_grad, chunk_stats, logprobs
 
     stats_sig = {
         "logits_ptr": "*bf16", "stride_row": "i64", "targets_ptr": "*i64", "out_ptr": "*fp32",
@@ -62,16 +55,15 @@ def variants():
         {"num_warps": 4},
     )
     grad_sig = {
-        "logits_ptr": "*fp16", "stride_row": "i64", "targets_ptr": "*i64", "lse_ptr": "*fp32",
-        "g_ptr": "*fp32", "n_cols": "i32", "inv_t": "fp32",
+        "logits_ptr": "*bf16", "stride_row": "i64", "targets_ptr": "*i64", "lse_ptr": "*fp32",
+        "g_ptr": "*fp32", "ent_coef_ptr": "*fp32", "entropy_ptr": "*fp32", "n_cols": "i32", "inv_t": "fp32",
     }  # fmt: skip
-    yield chunk_grad._chunk_grad_kernel, grad_sig, {"BLOCK_V": 2048}, {"num_warps": 4}
-    yield token_pass._token_pass_kernel, TOKEN_PASS_SIG, {"BLOCK_V": 4096}, {"num_warps": 8}
-    flags = ("has_old", "has_delta", "bias_corr")  # 1 arrives as a constant, 0 as a runtime value
+    for has_ent in (False, True):
+        yield chunk_grad._chunk_grad_kernel, grad_sig, {"HAS_ENT": has_ent, "BLOCK_V": 2048}, {"num_warps": 4}
     yield (
-        token_pass._token_pass_kernel,
-        _without(dict(TOKEN_PASS_SIG, logits_ptr="*fp32"), *flags),
-        {**dict.fromkeys(flags, 1), "BLOCK_V": 1024},
+        chunk_grad._chunk_grad_kernel,
+        dict(grad_sig, logits_ptr="*fp16", stride_row="i32"),
+        {"HAS_ENT": True, "BLOCK_V": 1024},
         {"num_warps": 4},
     )
     for dtype, bias, (bn, bv, bk) in (("*bf16", False, (128, 128, 64)), ("*fp16", True, (64, 64, 32))):

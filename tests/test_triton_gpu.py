@@ -20,10 +20,11 @@ from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
 
 import grpo_fast as gf  # noqa: E402
 from grpo_fast import backends  # noqa: E402
-from grpo_fast.chunk_ops import TorchChunkOps  # noqa: E402
+from grpo_fast.backends.torch_ops import TorchChunkOps  # noqa: E402
+from grpo_fast.backends.triton_ops import TritonChunkOps, triton_group_advantages, triton_selective_logprobs  # noqa: E402
 from grpo_fast.config import LOSS_TYPES  # noqa: E402
-from grpo_fast.triton_ops import TritonChunkOps, triton_group_advantages, triton_selective_logprobs  # noqa: E402
 
+from .chunk_cases import truth_stats  # noqa: E402
 from .helpers import assert_within, make_batch  # noqa: E402
 from .test_loss import check_against_truth  # noqa: E402
 
@@ -102,16 +103,48 @@ def test_tile_past_2_31_elements():
     torch.testing.assert_close(logits[tail], want_grad, rtol=2e-2, atol=1e-6)
     del logits
     logits = torch.randn(rows, vocab, device=CUDA, dtype=torch.bfloat16, generator=g) * 2
-    old = logp - 0.1
-    adv = torch.randn(rows, device=CUDA, generator=g)
-    w = torch.full((rows,), 1.0 / rows, device=CUDA)
-    cfg = gf.GRPOConfig(beta=0.0)
-    want_pass = TorchChunkOps().token_pass_(logits[tail].clone(), targets[tail], old[tail], None, adv[tail],
-                                            w[tail], cfg)  # fmt: skip
-    lp, en, dl = TritonChunkOps().token_pass_(logits, targets, old, None, adv, w, cfg)
-    torch.testing.assert_close(lp[tail], want_pass[0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(en[tail], want_pass[1], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(dl[tail], want_pass[2], rtol=2e-2, atol=1e-8)
+    lse, _, ent = chunk_stats.chunk_stats(logits, targets, 1.0)
+    ecoef = torch.randn(rows, device=CUDA, generator=g)
+    want_ent = TorchChunkOps().grad_(
+        logits[tail].clone(),
+        targets[tail],
+        lse[tail],
+        gvec[tail],
+        1.0,
+        ent_coef=ecoef[tail],
+        entropy=ent[tail],
+    )
+    TritonChunkOps().grad_(logits, targets, lse, gvec, 1.0, ent_coef=ecoef, entropy=ent)
+    torch.testing.assert_close(logits[tail], want_ent, rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_stats_and_grad_with_entropy_bf16_large_vocab(temperature):
+    """stats then grad_ with the entropy term on a bf16 [C, 151936] tile, against fp64 autograd of
+    ``sum(g * logp_target) + sum(e * H)`` (the torch backend in bf16 sets the tolerance)."""
+    rows, vocab = 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(6)
+    spread = torch.linspace(0.1, 8.0, rows, device=CUDA, dtype=torch.float64).unsqueeze(1)
+    logits = (torch.randn(rows, vocab, device=CUDA, generator=g, dtype=torch.float64) * spread + 3).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device=CUDA, generator=g)
+    gvec, ecoef = torch.randn(2, rows, device=CUDA, generator=g).unbind(0)
+    x = logits.double().requires_grad_(True)
+    log_probs = (x / temperature).log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    loss = (gvec.double() * log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+    (truth,) = torch.autograd.grad(loss + (ecoef.double() * entropy).sum(), x)
+    del log_probs, entropy, x
+    results = {}
+    for ops in (TritonChunkOps(), TorchChunkOps()):
+        lse, logp, ent = ops.stats(logits, targets, temperature)
+        dl = ops.grad_(logits.clone(), targets, lse, gvec, temperature, ent_coef=ecoef, entropy=ent)
+        assert dl.dtype == torch.bfloat16
+        results[ops.name] = (lse, logp, ent, dl)
+    got, same = results["triton"], results["torch"]
+    stats64 = truth_stats(logits, targets, temperature)
+    for name, a, b, t in zip(("lse", "logp", "entropy"), got[:3], same[:3], stats64, strict=True):
+        assert_within(name, a, b, t, torch.bfloat16)
+    assert_within("dlogits", got[3], same[3], truth, torch.bfloat16)
 
 
 def test_fused_logprobs_weight_past_2_31_elements():
@@ -134,7 +167,7 @@ def test_fused_logprobs_weight_past_2_31_elements():
 
 def test_loss_at_benchmark_shape_matches_torch_backend():
     """(4096, 2048, 151936) bf16: the triton backend agrees with the torch backend."""
-    from grpo_fast.bench import BenchCase, make_inputs
+    from grpo_fast.benchmarking.harness import BenchCase, make_inputs
 
     case = BenchCase(N=4096, H=2048, V=151936, B=8, dtype="bfloat16", device="cuda", beta=0.04)
     out = {}

@@ -23,19 +23,19 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     )
 
 from grpo_fast.kernels import advantages as adv_kernels  # noqa: E402
-from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs, token_pass  # noqa: E402
+from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
 
 import grpo_fast as gf  # noqa: E402
-from grpo_fast import backends, objective  # noqa: E402
-from grpo_fast.chunk_ops import TorchChunkOps  # noqa: E402
-from grpo_fast.config import LOSS_TYPES  # noqa: E402
-from grpo_fast.triton_ops import (  # noqa: E402
+from grpo_fast import backends  # noqa: E402
+from grpo_fast.backends.torch_ops import TorchChunkOps  # noqa: E402
+from grpo_fast.backends.triton_ops import (  # noqa: E402
     TritonChunkOps,
     triton_group_advantages,
     triton_selective_logprobs,
 )
+from grpo_fast.config import LOSS_TYPES  # noqa: E402
 
-from .chunk_cases import CASE_IDS, CASES, C, H, V, ratio_spread, token_inputs, truth_dlogits, truth_stats  # noqa: E402
+from .chunk_cases import C, H, V, truth_dlogits, truth_stats  # noqa: E402
 from .chunk_cases import tile as cpu_tile  # noqa: E402
 from .helpers import assert_within, cast, make_batch  # noqa: E402
 from .test_loss import check_against_truth, run_loss  # noqa: E402
@@ -119,56 +119,50 @@ def test_chunk_grad_in_place(dtype):
     assert_within("dlogits", out, same, truth, dtype)
 
 
+def truth_grad(logits, targets, g, e, temperature):
+    """fp64 autograd of ``sum(g * logp_target) + sum(e * H)`` w.r.t. the raw logits."""
+    x = logits.double().requires_grad_(True)
+    log_probs = (x / temperature).log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    loss = (g.double() * logp).sum() + (e.double() * entropy).sum()
+    return torch.autograd.grad(loss, x)[0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_token_pass(dtype, case):
-    _, cfg, with_old, with_ref = case
-    cfg = gf.GRPOConfig(**{**cfg.__dict__, "temperature": 0.8})
-    logits, targets = tile(dtype, seed=6)
-    lse64, logp64, ent64 = truth_stats(logits, targets, cfg.temperature)
-    old, ref, adv, w = token_inputs(logp64, with_old, with_ref, seed=7)
-
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("cols", [4099, 33])
+def test_chunk_grad_entropy_term_matches_autograd(dtype, temperature, cols):
+    """g * (onehot - p) / T - e * p * (log p + H) / T is d(sum g logp + sum e H)/dlogits."""
+    rows = 7
+    logits, targets = tile(dtype, seed=14, rows=rows, cols=cols)
+    gen = torch.Generator().manual_seed(15)
+    g, e = torch.randn(2, rows, generator=gen).to(DEVICE).unbind(0)
+    truth = truth_grad(logits, targets, g, e, temperature)
+    # Each backend from its own statistics, as the chunk loop runs it.
+    lse, _, entropy = chunk_stats.chunk_stats(logits, targets, temperature)
     work = logits.clone()
-    logp, entropy, dl = TritonChunkOps().token_pass_(work, targets, old, ref, adv, w, cfg)
-    assert dl.data_ptr() == work.data_ptr() and dl.dtype == dtype
-    same = TorchChunkOps().token_pass_(logits.clone(), targets, old, ref, adv, w, cfg)
-    g64 = objective.token_grad(
-        logp64,
-        old.double() if old is not None else None,
-        ref.double() if ref is not None else None,
-        adv.double(),
-        w.double(),
-        cfg,
-    )
-    assert_within("logp", logp, same[0], logp64, dtype)
-    assert_within("entropy", entropy, same[1], ent64, dtype)
-    assert_within("dlogits", dl, same[2], truth_dlogits(logits, targets, lse64, g64, cfg.temperature), dtype)
+    out = TritonChunkOps().grad_(work, targets, lse, g, temperature, ent_coef=e, entropy=entropy)
+    assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
+    torch_ops = TorchChunkOps()
+    lse_t, _, entropy_t = torch_ops.stats(logits.clone(), targets, temperature)
+    same = torch_ops.grad_(logits.clone(), targets, lse_t, g, temperature, ent_coef=e, entropy=entropy_t)
+    assert_within("dlogits", out, same, truth, dtype)
 
 
-def test_token_pass_g_matches_token_grad_exactly_in_fp32():
-    """The kernel's g_t (read off the target column) is objective.token_grad's, branch for branch."""
-    logits, targets = tile(torch.float32, seed=8, cols=64)
-    gen = torch.Generator().manual_seed(9)
-    for _, cfg, with_old, with_ref in CASES:
-        logp = chunk_stats.chunk_stats(logits, targets, 1.0)[1]  # bit for bit the token pass's logp
-        old = ratio_spread(logp, with_old)
-        ref = logp + 0.3 * torch.randn(C, generator=gen).to(DEVICE) if with_ref else None
-        adv = torch.randn(C, generator=gen).to(DEVICE)
-        w = torch.ones(C, device=DEVICE)
-        work = logits.clone()
-        lp, _, dl = TritonChunkOps().token_pass_(work, targets, old, ref, adv, w, cfg)
-        want = objective.token_grad(lp, old, ref if cfg.beta else None, adv, w, cfg)
-        p_target = torch.exp(lp)
-        g = dl.gather(1, targets.unsqueeze(1)).squeeze(1) / (1 - p_target)
-        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
-
-
-def test_family_codes_match_objective():
-    assert (token_pass.FAMILY_CLIPPED, token_pass.FAMILY_CISPO, token_pass.FAMILY_SAPO) == (
-        objective.FAMILY_CLIPPED,
-        objective.FAMILY_CISPO,
-        objective.FAMILY_SAPO,
-    )
+def test_chunk_grad_entropy_term_with_masked_vocabulary():
+    """-inf logits (masked vocabulary) get gradient 0, not 0 * -inf; the rest is the unmasked row's."""
+    logits, targets = tile(torch.float32, seed=16, rows=5, cols=33)
+    targets = targets.clamp(max=29)
+    gen = torch.Generator().manual_seed(17)
+    g, e = torch.randn(2, 5, generator=gen).to(DEVICE).unbind(0)
+    masked = logits.clone()
+    masked[:, 30:] = -float("inf")
+    lse, _, entropy = chunk_stats.chunk_stats(masked, targets, 0.9)
+    out = chunk_grad.chunk_grad_(masked, targets, lse, g, 0.9, ent_coef=e, entropy=entropy)
+    assert torch.all(out[:, 30:] == 0)
+    want = truth_grad(logits[:, :30], targets, g, e, 0.9)
+    torch.testing.assert_close(out[:, :30].double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -252,6 +246,19 @@ def test_group_advantages_kernel_edge_values():
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("G", [1, 5])
+def test_triton_group_advantages_entry(scale, G):
+    """[M] or [M, R] rewards in any float dtype are made fp32 here, as the reference does."""
+    rewards = rewards_with_nans(35, 1, seed=30 + G).double()
+    want = gf.reference.group_advantages(rewards, G, scale, 1e-4)
+    weights = torch.ones(1, dtype=torch.float64, device=DEVICE)
+    for r in (rewards, rewards[:, 0]):
+        got = triton_group_advantages(r.to(DEVICE), weights, G, scale, 1e-4)
+        assert got.dtype == torch.float32 and got.shape == (35,)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- launch checks
 
 
@@ -268,8 +275,16 @@ def test_launchers_reject_bad_inputs(monkeypatch):
         chunk_stats.chunk_stats(logits, targets[:3], 1.0)
     with pytest.raises(TypeError, match="g must be float32"):
         chunk_grad.chunk_grad_(logits, targets, lse, lse.double(), 1.0)
-    with pytest.raises(ValueError, match="needs ref_logp"):
-        token_pass.token_pass_(logits, targets, None, None, lse, lse, token_pass.TokenTerms(beta=0.1))
+    with pytest.raises(ValueError, match="ent_coef needs entropy"):
+        chunk_grad.chunk_grad_(logits, targets, lse, lse, 1.0, ent_coef=lse)
+    with pytest.raises(ValueError, match="entropy needs ent_coef"):
+        chunk_grad.chunk_grad_(logits, targets, lse, lse, 1.0, entropy=lse)
+    with pytest.raises(TypeError, match="ent_coef must be float32"):
+        chunk_grad.chunk_grad_(logits, targets, lse, lse, 1.0, ent_coef=lse.half(), entropy=lse)
+    with pytest.raises(ValueError, match=r"entropy must have shape \[4\]"):
+        chunk_grad.chunk_grad_(logits, targets, lse, lse, 1.0, ent_coef=lse, entropy=lse[:3])
+    with pytest.raises(ValueError, match="rows overlap"):
+        chunk_grad.chunk_grad_(logits.reshape(-1)[:60].as_strided((4, 50), (3, 1)), targets, lse, lse, 1.0)
     with pytest.raises(ValueError, match=r"hidden must be \[N, H\]"):
         logprobs.fused_logprobs(logits, logits[:, :7], None, targets, 1.0)
     with pytest.raises(ValueError, match="group_size"):
@@ -385,22 +400,32 @@ def test_selective_logprobs_with_grad(dtype):
         assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
 
 
-@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "tiles"])
-def test_triton_selective_logprobs_entry(fused, monkeypatch):
-    """The no-grad entry point, on both paths (fused GEMM kernel, cuBLAS tiles + stats kernel)."""
-    monkeypatch.setenv("GRPO_FAST_TRITON_FUSED_LOGPROBS", fused)
-    base = make_batch(B=2, T=13, seed=24, dtype=torch.float64, empty_row=False)
-    x = cast(base, torch.float32)
-    hidden = x["hidden"].detach().reshape(-1, H).to(DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("temperature, bias", [(1.0, False), (0.7, True)])
+def test_triton_selective_logprobs_entry(dtype, temperature, bias):
+    """The no-grad fused-GEMM entry point on odd sizes, against the fp64 truth (tolerance rule)."""
+    n, h, v = 37, 48, 1031
+    gen = torch.Generator().manual_seed(24)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * h**-0.5 * 2
+    b = torch.randn(v, generator=gen, dtype=torch.float64) * 0.1 if bias else None
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[:2] = torch.tensor([0, v - 1])  # the vocabulary's first and last column
+    x = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (hidden, weight, b)]
     logp, ent = triton_selective_logprobs(
-        hidden, x["weight"].detach().to(DEVICE), x["bias"].detach().to(DEVICE), x["targets"].to(DEVICE), 0.7
+        x[0].to(DEVICE),
+        x[1].to(DEVICE),
+        x[2].to(DEVICE) if bias else None,
+        targets.to(DEVICE).int(),  # any integer ids
+        temperature,
     )
-    want = gf.reference.selective_logprobs(
-        base["hidden"], base["weight"], base["targets"], base["bias"], 0.7, return_entropy=True
-    )
-    assert not logp.requires_grad
-    torch.testing.assert_close(logp.cpu().double(), want[0].double().reshape(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent.cpu().double(), want[1].double().reshape(-1), rtol=1e-5, atol=1e-5)
+    assert not logp.requires_grad and not ent.requires_grad
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == (n,)
+    with torch.no_grad():
+        truth = gf.reference.selective_logprobs(hidden, weight, targets, b, temperature, return_entropy=True)
+        same = gf.reference.selective_logprobs(x[0], x[1], targets, x[2], temperature, return_entropy=True)
+    assert_within("logp", logp, same[0], truth[0], dtype)
+    assert_within("entropy", ent, same[1], truth[1], dtype)
 
 
 def test_frozen_head_gets_no_gradient_work():

@@ -100,6 +100,27 @@ def test_other_loss_types_match_trl(model_dir, tmp_path, loss_type):
     assert_same_logs(want, got)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_vespo_matches_trl_without_fallback(model_dir, tmp_path, beta):
+    # Two updates per batch: old log-probs differ from the policy's, so phi(w) != 1 and the gamma weights
+    # (with non-default k and lambda) shape the gradient; vespo/phi_seq_mean is compared as TRL logs it.
+    options = dict(
+        loss_type="vespo",
+        num_iterations=2,
+        beta=beta,
+        vespo_k_pos=1.5,
+        vespo_lambda_pos=2.5,
+        vespo_k_neg=2.5,
+        vespo_lambda_neg=1.5,
+    )
+    _, want = train(GRPOTrainer, model_dir, tmp_path, **options)
+    fast, got = train(FastGRPOTrainer, model_dir, tmp_path, **options)
+    assert not fast._fallback_warned and fast._gf_config.loss_type == "vespo"
+    assert fast._gf_config.vespo_lambda_neg == 1.5
+    assert "vespo/phi_seq_mean" in got[0]
+    assert_same_logs(want, got)
+
+
 def test_loss_step_never_takes_trls_logprob_path(model_dir, tmp_path, monkeypatch):
     calls = []
     original = GRPOTrainer._get_per_token_logps_and_entropies

@@ -119,7 +119,7 @@ def test_config_is_frozen():
     cfg = gf.GRPOConfig()
     with pytest.raises(AttributeError):
         cfg.beta = 1.0  # type: ignore[misc]
-    assert cfg.eps_high == cfg.epsilon_low == 0.2
+    assert cfg.epsilon_high == cfg.epsilon_low == 0.2
 
 
 @pytest.mark.parametrize(

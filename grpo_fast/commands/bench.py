@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from .. import bench, bench_baselines  # the latter registers TRL, Liger, torch-compile, triton
+from ..benchmarking import baselines as bench_baselines
+from ..benchmarking import harness as bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

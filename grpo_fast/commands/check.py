@@ -20,8 +20,8 @@ import grpo_fast as gf
 from grpo_fast import backends
 from grpo_fast.tolerance import LOSS_SCALE, bound, max_err, scale_of
 
-BACKENDS = ("torch", "native", "triton")
-OPS = ("grpo_loss", "selective_logprobs", "group_advantages")
+BACKENDS = tuple(backends.REGISTRY)
+OPS = backends.OPS
 # (B, T, H, V) for the LM-head ops; (groups, G, reward functions) for group_advantages.
 LM_SHAPES = ((3, 37, 67, 1013), (2, 130, 96, 4099))
 ADV_SHAPES = ((5, 7, 1), (16, 8, 3))

@@ -15,6 +15,7 @@ implement fall back to TRL's code for that step, with a one-time warning naming 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -27,6 +28,7 @@ from trl.trainer.utils import nanmax, nanmin
 import grpo_fast as gf
 
 from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
+from ..engine.objective import averaged_over_sequences
 from .hf import HIDDEN_KWARG, add_hidden_forward, lm_head, match_head_dtype, unsupported_head
 
 # Batch keys of vision-language inputs: the hidden states path here is text-only.
@@ -57,21 +59,16 @@ class FastGRPOTrainer(GRPOTrainer):
         self._gf_config = None if self._static_fallback else self._loss_config()
 
     def _loss_config(self) -> gf.GRPOConfig | None:
-        a = self.args
+        """gf.GRPOConfig from TRL's settings: every field has TRL's name, on the trainer (resolved values such
+        as epsilon_low) or else on its args, so a new loss option needs no change here."""
+        values = {}
+        for f in dataclasses.fields(gf.GRPOConfig):
+            for source in (self, self.args):
+                if hasattr(source, f.name):
+                    values[f.name] = getattr(source, f.name)
+                    break
         try:
-            return gf.GRPOConfig(
-                loss_type=self.loss_type,
-                epsilon_low=self.epsilon_low,
-                epsilon_high=self.epsilon_high,
-                delta=a.delta,
-                beta=self.beta,
-                importance_sampling_level=self.importance_sampling_level,
-                temperature=self.temperature,
-                max_completion_length=self.max_completion_length,
-                use_bias_correction_kl=a.use_bias_correction_kl,
-                sapo_temperature_pos=a.sapo_temperature_pos,
-                sapo_temperature_neg=a.sapo_temperature_neg,
-            )
+            return gf.GRPOConfig(**values)
         except (ValueError, TypeError) as err:  # settings TRL takes but grpo_fast's config rejects
             self._static_fallback = f"these loss settings ({err})"
             return None
@@ -137,7 +134,7 @@ class FastGRPOTrainer(GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         num_items, divide_by = None, 1.0
-        if self.loss_type in ("cispo", "dapo"):
+        if self._gf_config.uses_num_items_in_batch:
             # TRL: num_items_in_batch (the generation batch's tokens, all-gathered over processes) spans
             # the generation batch; rescale it to one accumulation window of one process. DDP then
             # averages the processes' gradients: the sum of their token losses over the global count.
@@ -205,8 +202,11 @@ class FastGRPOTrainer(GRPOTrainer):
             )
             log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())
             log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
-        elif self.loss_type == "cispo":
-            log["cispo_clip_ratio"].append(self._global_mean(metrics["cispo_clip_ratio"], ratio_count))
+        seq_count = torch.tensor(float(mask.shape[0]), device=mask.device)
+        for name, value in metrics.items():  # the loss type's own metrics (cispo_clip_ratio, vespo/...)
+            if name not in ("kl", "entropy") and not name.startswith("clip_ratio_"):
+                count = seq_count if averaged_over_sequences(name, self._gf_config) else tokens
+                log[name].append(self._global_mean(value, count))
 
     @torch.no_grad()
     def _per_sequence_clip(

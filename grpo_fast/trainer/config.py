@@ -1,4 +1,9 @@
-"""``TrainConfig``: every knob of the thin trainer, loadable from YAML, with unknown keys rejected by name."""
+"""``TrainConfig``: every knob of the thin trainer, loadable from YAML, with unknown keys rejected by name.
+
+The loss options are not declared here: each field of grpo_fast.GRPOConfig becomes one (name, type,
+default, help and choices from the field's metadata), so a new loss option needs no trainer edit.
+``LOSS_RENAMES`` and ``LOSS_DEFAULTS`` are the one place where the trainer departs from GRPOConfig.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,37 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, GRPOConfig
+from ..backends import BACKENDS
+from ..config import GRPOConfig
+from .demo import DEMO, DEMO_PRESET
 
-DEMO = "demo"  # model/dataset name of the built-in demo (no downloads)
 SCALE_REWARDS = ("group", "batch", "none")
-BACKENDS = ("auto", "triton", "native", "torch")
 PARALLELISMS = ("ddp", "fsdp")
+
+# Where a loss option departs from its GRPOConfig field, on purpose.
+LOSS_RENAMES = {"epsilon_low": "epsilon"}  # TRL's option name
+# (type, default): the trainer samples, so it needs a length (GRPOConfig's None: no dr_grpo normaliser).
+LOSS_DEFAULTS: dict[str, tuple[Any, Any]] = {"max_completion_length": (int, 256)}
+
+
+def loss_fields() -> list[dataclasses.Field]:
+    """GRPOConfig's constructor arguments: one trainer option each."""
+    return [f for f in dataclasses.fields(GRPOConfig) if f.init]
+
+
+def option_name(loss_field: str) -> str:
+    """The TrainConfig option (YAML key) of a GRPOConfig field."""
+    return LOSS_RENAMES.get(loss_field, loss_field)
+
+
 CHOICES = {
     "parallelism": PARALLELISMS,
-    "loss_type": LOSS_TYPES,
-    "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+    **{option_name(f.name): tuple(f.metadata["choices"]) for f in loss_fields() if "choices" in f.metadata},
     "scale_rewards": SCALE_REWARDS,
     "backend": BACKENDS,
 }
@@ -31,7 +53,36 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors arg
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _with_loss_options(after: str) -> Callable[[type], type]:
+    """Insert one field per GRPOConfig field after the field ``after``; applied before @dataclass."""
+
+    def insert(cls: type) -> type:
+        own = dict(cls.__annotations__)
+        if after not in own:
+            raise TypeError(f"{cls.__name__} has no field {after!r} to put the loss options after")
+        hints = typing.get_type_hints(GRPOConfig)
+        added: dict[str, Any] = {}
+        for f in loss_fields():
+            name = option_name(f.name)
+            if name in own:
+                raise TypeError(f"GRPOConfig.{f.name} clashes with option {name!r}: add it to LOSS_RENAMES")
+            tp, default = LOSS_DEFAULTS.get(f.name, (hints[f.name], f.default))
+            factory = f.default_factory if default is dataclasses.MISSING else dataclasses.MISSING
+            if default is dataclasses.MISSING and factory is dataclasses.MISSING:
+                raise TypeError(f"GRPOConfig.{f.name} has no default: give the trainer one in LOSS_DEFAULTS")
+            help_text = f.metadata.get("help", f"loss option GRPOConfig.{f.name}")
+            setattr(cls, name, field(default=default, default_factory=factory, metadata={"help": help_text}))
+            added[name] = tp
+        at = list(own).index(after) + 1
+        items = list(own.items())
+        cls.__annotations__ = dict(items[:at] + list(added.items()) + items[at:])
+        return cls
+
+    return insert
+
+
 @dataclass
+@_with_loss_options(after="mask_truncated_completions")
 class TrainConfig:
     """Options of ``grpo-fast train``; names and defaults follow TRL's GRPOConfig where it has the option."""
 
@@ -56,11 +107,9 @@ class TrainConfig:
         "gradients and optimizer state (FSDP2). Checkpoints are the same either way",
     )
 
-    # Sampling.
+    # Sampling (temperature and max_completion_length are among the loss options below).
     num_generations: int = _opt(8, "completions sampled per prompt (G)")
     prompts_per_step: int = _opt(4, "prompts per step (the step's batch is prompts_per_step * G completions)")
-    max_completion_length: int = _opt(256, "most tokens generated per completion")
-    temperature: float = _opt(1.0, "sampling temperature (also divides the logits in the loss, as in TRL)")
     top_p: float = _opt(1.0, "nucleus sampling threshold")
     top_k: int = _opt(0, "top-k sampling (0: off)")
     repetition_penalty: float = _opt(1.0, "penalty on repeated tokens while sampling (1: none)")
@@ -68,16 +117,8 @@ class TrainConfig:
         False, "leave completions that hit max_completion_length out of the loss"
     )
 
-    # The GRPO objective (grpo_fast.GRPOConfig).
-    loss_type: str = _opt("dapo", "GRPO loss variant (TRL's names)")
-    epsilon: float = _opt(0.2, "lower clip epsilon")
-    epsilon_high: float | None = _opt(None, "upper clip epsilon (default: epsilon)")
-    delta: float | None = _opt(None, "two-sided clipping: cap of the unclipped ratio")
-    beta: float = _opt(0.0, "KL coefficient; > 0 keeps a frozen reference model")
-    importance_sampling_level: str = _opt("token", "importance ratio per token, or per sequence (GSPO)")
-    use_bias_correction_kl: bool = _opt(True, "multiply the KL term by the importance ratio")
-    sapo_temperature_pos: float = _opt(1.0, "SAPO temperature for positive advantages")
-    sapo_temperature_neg: float = _opt(1.05, "SAPO temperature for negative advantages")
+    # The GRPO objective: _with_loss_options inserts every grpo_fast.GRPOConfig field here (loss_type,
+    # epsilon, beta, ...; also temperature and max_completion_length, which sampling uses too).
     scale_rewards: str = _opt("group", "advantage scaling: std of the group, of the batch, or none")
     backend: str = _opt("auto", "grpo_fast backend of the loss and log-probs")
     chunk_size: int | None = _opt(None, "tokens per logits tile (default: chosen by grpo_fast)")
@@ -158,19 +199,7 @@ class TrainConfig:
 
     def loss_config(self) -> GRPOConfig:
         """The grpo_fast.GRPOConfig of these options."""
-        return GRPOConfig(
-            loss_type=self.loss_type,
-            epsilon_low=self.epsilon,
-            epsilon_high=self.epsilon_high,
-            delta=self.delta,
-            beta=self.beta,
-            importance_sampling_level=self.importance_sampling_level,
-            temperature=self.temperature,
-            max_completion_length=self.max_completion_length,
-            use_bias_correction_kl=self.use_bias_correction_kl,
-            sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg,
-        )
+        return GRPOConfig(**{f.name: getattr(self, option_name(f.name)) for f in loss_fields()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,8 +219,6 @@ class TrainConfig:
                 raise ValueError(f"{source}: unknown option {key!r}{hint}")
         values = {key: _coerce(key, value) for key, value in values.items()}
         if values.get("model", DEMO) == DEMO:
-            from .demo import DEMO_PRESET
-
             values = {**DEMO_PRESET, **values}  # the demo's tuned values, unless set explicitly
         return cls(**values)
 

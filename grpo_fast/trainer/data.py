@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from . import demo
+
 Prompt = str | list[dict[str, str]]  # plain text or chat messages
 
 
@@ -114,13 +116,9 @@ def load_prompts(
     source: object, *, prompt_column: str = "prompt", split: str = "train", seed: int = 0
 ) -> PromptDataset:
     """A PromptDataset from a list of rows/strings, a JSONL path, 'demo', a datasets.Dataset or a hub id."""
-    from .config import DEMO
-
     if isinstance(source, PromptDataset):
         return source
-    if source == DEMO:
-        from . import demo
-
+    if source == demo.DEMO:
         return PromptDataset(demo.make_rows(seed=seed), prompt_column="prompt", source="the demo task")
     if isinstance(source, (list, tuple)):
         return PromptDataset(list(source), prompt_column=prompt_column, source="the prompt list")

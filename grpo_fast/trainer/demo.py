@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from .config import DEMO
+# Imports nothing of the trainer: config, data and models import this module.
+DEMO = "demo"  # model/dataset name of the built-in demo (no downloads)
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 SYMBOLS = list("0123456789")  # what prompts name; letters are in the vocabulary as distractors only

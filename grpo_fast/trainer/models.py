@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DEMO
+from . import demo
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
@@ -24,9 +24,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model_and_tokenizer(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in fp32 on the CPU; the tokenizer always has a pad token."""
-    if name == DEMO:
-        from . import demo
-
+    if name == demo.DEMO:
         tokenizer = demo.build_tokenizer()
         return demo.build_model(tokenizer, seed=seed), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,10 +7,21 @@ import math
 import os
 import resource
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+
+import grpo_fast as gf
+
+from .rewards import weighted_sum
+
+if TYPE_CHECKING:
+    from .distributed import Group
+    from .rollout import StepBatch
+    from .update import UpdateStats
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "reward_kl.png"
 
@@ -45,6 +56,72 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut short by a kill: everything after it is unreliable
     return rows
+
+
+def step_metrics(
+    step: int,
+    batch: StepBatch,
+    stats: UpdateStats,
+    reward_weights: Tensor,
+    reward_names: list[str],
+    group: Group,
+    device: torch.device,
+    start: float,
+    lr: float,
+) -> dict[str, Any]:
+    """The metrics.jsonl row of a step, over all ranks; ``start`` is the step's ``time.perf_counter()``."""
+    rewards, out = batch.rewards, batch.out
+    G = len(rewards) // len(batch.rows)
+    reward_total = weighted_sum(rewards, reward_weights)
+    grouped_std = torch.nan_to_num(gf.reference.nanstd(reward_total.view(-1, G), dim=1), nan=0.0)
+    completion_len = out.completion_mask.sum(1).float()
+    len_sum, len_count = float(completion_len.sum()), float(completion_len.numel())
+    truncated = float(out.truncated.float().sum())
+    losses, loss_metrics = stats.losses, stats.metrics
+    means = loss_metrics.means()
+    if group.active:  # everything a row reports is over all ranks
+        keys = sorted(loss_metrics.sums)
+        packed = group.sum(
+            torch.tensor(
+                [
+                    *losses,
+                    *(loss_metrics.sums[k] for k in keys),
+                    loss_metrics.weight,
+                    len_sum,
+                    len_count,
+                    truncated,
+                ],
+                dtype=torch.float64,
+            )
+        ).tolist()
+        losses = packed[: len(losses)]
+        loss_metrics.sums = dict(zip(keys, packed[len(losses) : len(losses) + len(keys)], strict=True))
+        loss_metrics.weight, len_sum, len_count, truncated = packed[len(losses) + len(keys) :]
+        means = loss_metrics.means()
+    elapsed = time.perf_counter() - start
+    timing = torch.tensor([elapsed, peak_memory_mb(device)], dtype=torch.float64)
+    elapsed, peak_mem = group.max(timing).tolist()
+    return {
+        "step": step,
+        "reward_mean": _nanmean(reward_total),
+        "reward_std": float(gf.reference.nanstd(reward_total)),
+        **{f"rewards/{name}": _nanmean(rewards[:, j]) for j, name in enumerate(reward_names)},
+        "frac_reward_zero_std": float((grouped_std < 1e-8).float().mean()),
+        "loss": sum(losses) / len(losses),
+        **means,
+        "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
+        "lr": lr,
+        "completion_len": len_sum / len_count if group.active else float(completion_len.mean()),
+        "truncated_frac": truncated / len_count if group.active else float(out.truncated.float().mean()),
+        "tokens_per_s": len_sum / elapsed,
+        "step_time_s": elapsed,
+        "peak_mem_mb": peak_mem,
+    }
+
+
+def _nanmean(x: Tensor) -> float:
+    value = torch.nanmean(x.float())
+    return float(value) if not torch.isnan(value) else 0.0
 
 
 def peak_memory_mb(device: torch.device) -> float:

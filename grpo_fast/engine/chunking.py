@@ -8,10 +8,6 @@ import torch
 
 # Bytes the tile and its fp32 temporaries may take; GRPO_FAST_CHUNK_BUDGET_MB overrides.
 DEFAULT_BUDGET_MB = {"cpu": 96, "cuda": 1024}
-# fp32 temporaries per logit in the worst pass of the plain torch chunk ops (scaled logits, probabilities,
-# logsumexp scratch). A backend whose chunk pass needs fewer says so (ChunkOps.fp32_temps) and gets more
-# rows per tile under the same budget.
-FP32_TEMPS = 3
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -29,11 +25,12 @@ def chunk_budget_bytes(device: torch.device) -> int:
 
 
 def auto_chunk_size(
-    num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, fp32_temps: int = FP32_TEMPS
+    num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, fp32_temps: int
 ) -> int:
     """Rows per tile under the memory budget; a multiple of 16 when there is room (GEMM-friendly).
 
-    A row costs the tile's own row plus ``fp32_temps`` fp32 temporaries per logit of the chunk pass.
+    A row costs the tile's own row plus ``fp32_temps`` fp32 temporaries per logit of the backend's chunk
+    pass (``ChunkOps.fp32_temps``): a backend that needs fewer gets more rows under the same budget.
     """
     per_row = vocab * (fp32_temps * 4 + torch.empty((), dtype=dtype).element_size())
     rows = max(1, chunk_budget_bytes(device) // per_row)
@@ -43,7 +40,7 @@ def auto_chunk_size(
 
 
 def resolve_chunk_size(
-    chunk_size: int | None, num_tokens: int, vocab: int, dtype, device, fp32_temps: int = FP32_TEMPS
+    chunk_size: int | None, num_tokens: int, vocab: int, dtype, device, fp32_temps: int
 ) -> int:
     if chunk_size is None:
         return auto_chunk_size(num_tokens, vocab, dtype, device, fp32_temps)

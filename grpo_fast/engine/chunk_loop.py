@@ -1,8 +1,10 @@
 """The chunk loop: GEMM a ``[C, V]`` tile, run the backend's chunk pass, fold the gradient GEMMs in.
 
-The whole GRPO objective and its gradients come out of one pass over the vocabulary for
-token-level ratios (6*N*H*V FLOPs); sequence-level ratios (GSPO) pay one extra no-grad forward
-pass for the per-sequence ratios. Never more than one logits tile is alive.
+The whole GRPO objective and its gradients come out of one pass over the vocabulary when the objective
+is token-local (6*N*H*V FLOPs); one that couples a sequence's tokens (GSPO's sequence-level ratio, VESPO)
+pays one extra no-grad forward pass for the log-probs. Never more than one logits tile is alive. The
+backend (:class:`grpo_fast.backends.base.ChunkOps`) does the row-wise tile work, the per-token math is
+:mod:`grpo_fast.engine.objective`'s.
 """
 
 from __future__ import annotations
@@ -13,15 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunk_ops import ChunkOps
-from .config import GRPOConfig
-from .objective import TokenBatch, loss_and_metrics, sequence_grad, token_grad
+from ..backends.base import ChunkOps
+from ..config import GRPOConfig
+from .objective import TokenBatch, coefficients, loss_and_metrics, metric_names, needs_whole_sequences
 from .parallel import VocabShard, combine_stats
-
-
-def metric_names(cfg: GRPOConfig) -> list[str]:
-    names = ["kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"]
-    return names + ["cispo_clip_ratio"] if cfg.loss_type == "cispo" else names
 
 
 @dataclass
@@ -102,18 +99,23 @@ def grad_pass(
     weight: Tensor,
     bias: Tensor | None,
     targets: Tensor,
-    lse: Tensor,
-    g: Tensor,
+    stats: tuple[Tensor, Tensor | None],
+    coefs: tuple[Tensor, Tensor | None],
     temperature: float,
     ops: ChunkOps,
     chunk: int,
     grads: _Grads,
 ) -> None:
-    """Gradients for a known g = dLoss/dlogp (recomputes each tile)."""
-    for s, e in _chunks(hidden.shape[0], chunk):
-        h = hidden[s:e]
-        dl = ops.grad_(_logits(h, weight, bias), targets[s:e], lse[s:e], g[s:e], temperature)
-        grads.accumulate(dl, h, weight, s, e)
+    """Gradients for known per-row coefficients (recomputes each tile).
+
+    ``stats``: (lse, entropy) of every row, ``coefs``: (g, e) with ``e`` None when the loss ignores H.
+    """
+    (lse, entropy), (g, e) = stats, coefs
+    for s, t in _chunks(hidden.shape[0], chunk):
+        h = hidden[s:t]
+        ent = (e[s:t], entropy[s:t]) if e is not None else (None, None)
+        dl = ops.grad_(_logits(h, weight, bias), targets[s:t], lse[s:t], g[s:t], temperature, *ent)
+        grads.accumulate(dl, h, weight, s, t)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,12 @@ class LossPlan:
 def run_grpo(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan, needs: tuple[bool, ...]
 ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...]]:
-    """Loss, metrics and the gradients w.r.t. hidden, weight, bias, in one walk over the tokens."""
+    """Loss, metrics and the gradients w.r.t. hidden, weight, bias.
+
+    Per tile: GEMM, row statistics (combined across vocab shards), the per-row coefficients of the
+    objective, dlogits in place, the gradient GEMMs. A token-local objective does it in one walk over the
+    tokens; one that couples the tokens of a sequence first walks them for the log-probs (no grad).
+    """
     cfg, batch, ops, chunk, targets, shard = (
         plan.cfg,
         plan.batch,
@@ -140,26 +147,21 @@ def run_grpo(
     )
     n, temperature = hidden.shape[0], cfg.temperature
     grads = _Grads.allocate(hidden, weight, bias, needs)
-    if cfg.importance_sampling_level == "token":
+    if not needs_whole_sequences(cfg):
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
         for s, e in _chunks(n, chunk):
             h, t = hidden[s:e], targets[s:e]
-            old = batch.old_logp[s:e] if batch.old_logp is not None else None
-            ref = batch.ref_logp[s:e] if batch.ref_logp is not None else None
-            adv, w = batch.adv[s:e], batch.loss_w[s:e]
             logits = _logits(h, weight, bias)
-            if shard is None:
-                lp, ent, dl = ops.token_pass_(logits, t, old, ref, adv, w, cfg)
-            else:  # the softmax statistics need every shard before g, so no fused pass
-                lse, lp, ent = _stats(ops, logits, t, temperature, shard)
-                dl = ops.grad_(logits, t, lse, token_grad(lp, old, ref, adv, w, cfg), temperature)
+            lse, lp, ent = _stats(ops, logits, t, temperature, shard)
+            g, ec = coefficients(lp, ent, batch.rows(s, e), cfg)
+            dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
             logp[s:e], entropy[s:e] = lp, ent
             grads.accumulate(dl, h, weight, s, e)
     else:
         lse, logp, entropy = logprob_pass(hidden, weight, bias, targets, temperature, ops, chunk, shard)
-        g = sequence_grad(logp, batch, cfg)
-        grad_pass(hidden, weight, bias, targets, lse, g, temperature, ops, chunk, grads)
+        coefs = coefficients(logp, entropy, batch, cfg)
+        grad_pass(hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, grads)
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     return loss, metrics, grads.final(weight, bias, shard)
 
@@ -220,13 +222,14 @@ class FusedLogprobs(torch.autograd.Function):
         hidden, weight, bias, lse = ctx.saved_tensors
         plan: LogprobPlan = ctx.plan
         grads = _Grads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
+        coefs = (grad_logp.float(), None)  # the entropy output carries no gradient
         grad_pass(
             hidden,
             weight,
             bias,
             plan.targets,
-            lse,
-            grad_logp.float(),
+            (lse, None),
+            coefs,
             plan.temperature,
             plan.ops,
             plan.chunk,

@@ -23,91 +23,15 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-import grpo_fast as gf
-from grpo_fast import _native
+from .baselines import IMPLS, runnable
+from .cases import DTYPES, BenchCase, make_inputs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class BenchCase:
-    N: int  # completion tokens (B * T)
-    H: int
-    V: int
-    B: int = 4
-    dtype: str = "float32"
-    device: str = "cpu"
-    beta: float = 0.0
-    loss_type: str = "dapo"
-    with_old: bool = True
-
-    @property
-    def T(self) -> int:
-        return self.N // self.B
-
-    def config(self) -> gf.GRPOConfig:
-        return gf.GRPOConfig(
-            loss_type=self.loss_type, beta=self.beta, epsilon_high=0.28, max_completion_length=self.T
-        )
-
-
-def make_inputs(case: BenchCase, seed: int = 0) -> dict:
-    """A GRPO batch: [B, T, H] hidden, some right padding, old (and ref) log-probs near the policy's."""
-    dtype, device = DTYPES[case.dtype], torch.device(case.device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    B, T = case.B, case.T
-    hidden = (torch.randn(B, T, case.H, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)
-    weight = (
-        (torch.randn(case.V, case.H, generator=gen) * case.H**-0.5).to(device, dtype).requires_grad_(True)
-    )
-    targets = torch.randint(0, case.V, (B, T), generator=gen).to(device)
-    lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
-    inputs = dict(
-        hidden=hidden,
-        weight=weight,
-        targets=targets,
-        mask=mask,
-        advantages=torch.randn(B, generator=gen).to(device),
-    )
-    # Log-probs of a random model are near -log(V); old/ref sit a little off so ratios are not all 1.
-    base = torch.full((B, T), -float(torch.log(torch.tensor(float(case.V)))))
-    if case.with_old:
-        inputs["old_logp"] = (base + 0.1 * torch.randn(B, T, generator=gen)).to(device)
-    if case.beta:
-        inputs["ref_logp"] = (base + 0.1 * torch.randn(B, T, generator=gen)).to(device)
-    return inputs
-
-
-def _loss_step(loss_fn: Callable) -> Callable[[dict, BenchCase], Callable[[], None]]:
-    def factory(inputs: dict, case: BenchCase) -> Callable[[], None]:
-        cfg = case.config()
-
-        def step() -> None:
-            inputs["hidden"].grad = inputs["weight"].grad = None
-            loss, _ = loss_fn(**inputs, config=cfg)
-            loss.backward()
-
-        return step
-
-    return factory
-
-
-def _grpo_fast(backend: str) -> Callable:
-    return _loss_step(lambda **kw: gf.grpo_loss(**kw, backend=backend))
-
-
-# name -> factory(inputs, case) -> step; extended by the GPU baselines where they can run.
-IMPLS: dict[str, Callable[[dict, BenchCase], Callable[[], None]]] = {
-    "reference": _loss_step(gf.reference.grpo_loss),
-    "grpo_fast-torch": _grpo_fast("torch"),
-}
-if _native.available():  # the compiled extension: C++ on CPU tensors, CUDA on GPU ones (if built with it)
-    IMPLS["grpo_fast-native"] = _grpo_fast("native")
+__all__ = ["DTYPES", "IMPLS", "BenchCase", "make_inputs", "runnable", "run", "time_impl", "peak_mb"]
 
 
 def available_impls(device: str) -> list[str]:
-    return list(IMPLS)
+    """The implementations that can run on ``device`` here."""
+    return [name for name in IMPLS if runnable(name, device)]
 
 
 def _sync(device: str) -> None:
@@ -197,7 +121,7 @@ def peak_mb(impl: str, case: BenchCase) -> float:
     """CPU: a fresh process per measurement, so earlier allocations cannot hide the peak."""
     if case.device.startswith("cuda"):
         return peak_mb_here(impl, case)
-    cmd = [sys.executable, "-m", "grpo_fast.bench", "--worker", impl, json.dumps(asdict(case))]
+    cmd = [sys.executable, "-m", "grpo_fast.benchmarking.harness", "--worker", impl, json.dumps(asdict(case))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 

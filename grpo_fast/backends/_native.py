@@ -119,54 +119,20 @@ def _chunk_partial_stats_fake(logits: Tensor, targets: Tensor, temperature: floa
     _check_out_fake("chunk_partial_stats", out, 4, logits.shape[0])
 
 
-def _chunk_grad_fake(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float) -> None:
-    _check_tile_fake("chunk_grad", logits, targets)
-
-
-def _token_pass_fake(
+def _chunk_grad_fake(
     logits: Tensor,
     targets: Tensor,
-    old_logp: Tensor | None,
-    ref_logp: Tensor | None,
-    adv: Tensor,
-    w: Tensor,
-    out: Tensor,
-    family: int,
-    lo: float,
-    hi: float,
-    cispo_max: float,
-    delta: float | None,
-    beta: float,
-    bias_correction_kl: bool,
+    lse: Tensor,
+    g: Tensor,
     temperature: float,
-    sapo_tau_pos: float,
-    sapo_tau_neg: float,
+    ent_coef: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> None:
-    _check_tile_fake("token_pass", logits, targets)
-    _check_out_fake("token_pass", out, 2, logits.shape[0])
-    torch._check(beta == 0.0 or ref_logp is not None, lambda: f"token_pass: beta={beta} needs ref_logp")
-
-
-def _token_loss_fake(
-    logp: Tensor,
-    old_logp: Tensor | None,
-    ref_logp: Tensor | None,
-    adv: Tensor,
-    w: Tensor,
-    out: Tensor,
-    family: int,
-    lo: float,
-    hi: float,
-    cispo_max: float,
-    delta: float | None,
-    beta: float,
-    bias_correction_kl: bool,
-    sapo_tau_pos: float,
-    sapo_tau_neg: float,
-) -> None:
-    torch._check(logp.dim() == 1, lambda: f"token_loss: logp must be 1-D [N], got {logp.dim()}-D")
-    _check_out_fake("token_loss", out, 5, logp.shape[0])
-    torch._check(beta == 0.0 or ref_logp is not None, lambda: f"token_loss: beta={beta} needs ref_logp")
+    _check_tile_fake("chunk_grad", logits, targets)
+    torch._check(
+        (ent_coef is None) == (entropy is None),
+        lambda: "chunk_grad: ent_coef and entropy go together (the entropy-gradient term needs both)",
+    )
 
 
 def _register_fakes() -> None:
@@ -175,13 +141,11 @@ def _register_fakes() -> None:
     if _fakes_registered:
         return
     _fakes_registered = True
-    # Registered from this module, as the C++ side's set_python_module("grpo_fast._native") demands.
+    # Registered from this module, as the C++ side's set_python_module("grpo_fast.backends._native") demands.
     torch.library.register_fake("grpo_fast::group_advantages", _group_advantages_fake)
     torch.library.register_fake("grpo_fast::chunk_stats", _chunk_stats_fake)
     torch.library.register_fake("grpo_fast::chunk_partial_stats", _chunk_partial_stats_fake)
     torch.library.register_fake("grpo_fast::chunk_grad", _chunk_grad_fake)
-    torch.library.register_fake("grpo_fast::token_pass", _token_pass_fake)
-    torch.library.register_fake("grpo_fast::token_loss", _token_loss_fake)
 
 
 # ---- wrappers ----

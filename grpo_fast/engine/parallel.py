@@ -60,20 +60,6 @@ def shared_chunk_size(chunk: int, shard: VocabShard | None, device: torch.device
     return int(shard.all_reduce_(value, dist.ReduceOp.MIN))
 
 
-def setup_shard(
-    process_group: object, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int | None
-) -> VocabShard | None:
-    """Validate the local head and agree on the shard layout; None without a process group."""
-    from .validation import check_lm_head
-
-    if process_group is None:
-        if vocab_start is not None:
-            raise ValueError("vocab_start is only meaningful with process_group (a vocab-parallel head)")
-        return None
-    weight, _ = check_lm_head(hidden, weight, bias)
-    return make_shard(process_group, weight.shape[0], hidden.device, vocab_start)
-
-
 def combine_stats(partial: Tensor, shard: VocabShard) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, logp, entropy) of the full vocabulary from every rank's ``partial_stats`` [4, C]."""
     m, s, u, t = partial

@@ -1,5 +1,7 @@
-"""The GPU benchmark's other implementations, registered into :data:`grpo_fast.bench.IMPLS`.
+"""Every implementation the loss benchmarks time, in one table (:data:`IMPLS`), and which can run where.
 
+- ``reference``: :func:`grpo_fast.reference.grpo_loss` (the full fp32 logits);
+- ``grpo_fast-torch`` / ``-native`` / ``-triton``: ``grpo_loss(backend=...)``;
 - ``trl``: TRL 1.16's own path: its fused LM head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``,
   called as ``add_fused_lm_head`` calls it: the unmasked tokens, 32768-wide vocabulary tiles, entropy
   requested) and then its torch loss on the per-token log-probs (``GRPOTrainer._compute_loss``'s lines,
@@ -8,7 +10,6 @@
   per chunk);
 - ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile`` (the
   loop itself, with its data-dependent chunking, stays eager);
-- ``grpo_fast-triton``: ``grpo_loss(backend="triton")``.
 
 Nothing heavy is imported here: each factory imports its library when the benchmark builds a step.
 :func:`runnable` says which can run on a device (library installed, CUDA where it needs CUDA).
@@ -17,18 +18,22 @@ Nothing heavy is imported here: each factory imports its library when the benchm
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import sys
 import types
-from collections.abc import Callable, Iterator
-from unittest import mock
+from collections.abc import Callable
 
 import torch
 
 import grpo_fast as gf
 
-from . import backends, bench, reference
-from .chunk_ops import TorchChunkOps
+from .. import reference
+from ..backends.torch_ops import TorchChunkOps
+from ..loss import plan_loss, run_loss_plan
+from .cases import BenchCase
+
+Factory = Callable[[dict, BenchCase], Callable[[], None]]
 
 # TRL's add_fused_lm_head vocabulary tile width (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
 TRL_VOCAB_CHUNK = 32768
@@ -45,10 +50,10 @@ def _ensure_trl_trainer_utils() -> None:
         stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
         stub.__doc__ = f"grpo_fast benchmark stand-in: trl.trainer.utils failed to import ({err})"
         sys.modules["trl.trainer.utils"] = stub
-        print(f"grpo_fast.bench_baselines: {stub.__doc__}", file=sys.stderr)
+        print(f"grpo_fast.benchmarking.baselines: {stub.__doc__}", file=sys.stderr)
 
 
-def _trl(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+def _trl(inputs: dict, case: BenchCase) -> Callable[[], None]:
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
     _ensure_trl_trainer_utils()
@@ -85,7 +90,7 @@ def _trl(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
     return step
 
 
-def _liger(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+def _liger(inputs: dict, case: BenchCase) -> Callable[[], None]:
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     cfg = case.config()
@@ -95,7 +100,7 @@ def _liger(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
         use_ref_model=cfg.beta != 0.0,
         chunk_size=1,
         epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.eps_high,
+        epsilon_high=cfg.epsilon_high,
         loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length,
         importance_sampling_level=cfg.importance_sampling_level,
@@ -120,6 +125,24 @@ def _liger(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
     return step
 
 
+def _loss_step(loss_fn: Callable) -> Factory:
+    def factory(inputs: dict, case: BenchCase) -> Callable[[], None]:
+        cfg = case.config()
+
+        def step() -> None:
+            inputs["hidden"].grad = inputs["weight"].grad = None
+            loss, _ = loss_fn(**inputs, config=cfg)
+            loss.backward()
+
+        return step
+
+    return factory
+
+
+def _grpo_fast(backend: str) -> Factory:
+    return _loss_step(lambda **kw: gf.grpo_loss(**kw, backend=backend))
+
+
 class CompiledTorchChunkOps(TorchChunkOps):
     """The "torch" chunk pass with each method under torch.compile (compiled once per process)."""
 
@@ -134,61 +157,54 @@ class CompiledTorchChunkOps(TorchChunkOps):
     def stats(self, logits, targets, temperature):
         return self._fn("stats")(logits, targets, temperature)
 
-    def grad_(self, logits, targets, lse, g, temperature):
-        return self._fn("grad_")(logits, targets, lse, g, temperature)
+    def partial_stats(self, logits, targets, temperature):
+        return self._fn("partial_stats")(logits, targets, temperature)
 
-    def token_pass_(self, logits, targets, old_logp, ref_logp, adv, w, cfg):
-        return self._fn("token_pass_")(logits, targets, old_logp, ref_logp, adv, w, cfg)
-
-
-@contextlib.contextmanager
-def _chunk_pass(ops: TorchChunkOps) -> Iterator[None]:
-    """grpo_loss(backend="torch") with another chunk pass: the public API takes backend names only."""
-    real = backends.chunk_ops
-    with mock.patch.object(backends, "chunk_ops", lambda name: ops if name == "torch" else real(name)):
-        yield
+    def grad_(self, logits, targets, lse, g, temperature, ent_coef=None, entropy=None):
+        return self._fn("grad_")(logits, targets, lse, g, temperature, ent_coef, entropy)
 
 
-def _torch_compile(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
+def _torch_compile(inputs: dict, case: BenchCase) -> Callable[[], None]:
     cfg, ops = case.config(), CompiledTorchChunkOps()
     fields = ("hidden", "weight", "targets", "mask", "advantages", "old_logp", "ref_logp")
 
     def step() -> None:
         inputs["hidden"].grad = inputs["weight"].grad = None
-        with _chunk_pass(ops):
-            loss, _ = gf.grpo_loss(**{k: inputs.get(k) for k in fields}, config=cfg, backend="torch")
+        h, w, b, plan = plan_loss(**{k: inputs.get(k) for k in fields}, config=cfg, backend="torch")
+        loss, _ = run_loss_plan(h, w, b, dataclasses.replace(plan, ops=ops))  # the compiled chunk pass
         loss.backward()
 
     return step
 
 
-def _grpo_fast_triton(inputs: dict, case: bench.BenchCase) -> Callable[[], None]:
-    return bench._grpo_fast("triton")(inputs, case)
+def _native_built() -> bool:
+    from ..backends import _native
+
+    return _native.available()
 
 
-# name -> (factory, modules it imports, needs CUDA)
-BASELINES: dict[str, tuple[Callable, tuple[str, ...], bool]] = {
+# name -> (factory, modules it imports, needs CUDA); the order is the benchmark tables' order.
+IMPLS_SPEC: dict[str, tuple[Factory, tuple[str, ...], bool]] = {
+    "reference": (_loss_step(reference.grpo_loss), (), False),
+    "grpo_fast-torch": (_grpo_fast("torch"), (), False),
+    "grpo_fast-native": (_grpo_fast("native"), (), False),
+    "grpo_fast-triton": (_grpo_fast("triton"), ("triton",), True),
     "trl": (_trl, ("trl",), True),
     "liger": (_liger, ("liger_kernel",), True),
     "torch-compile": (_torch_compile, (), True),
-    "grpo_fast-triton": (_grpo_fast_triton, ("triton",), True),
 }
-
-
-def register() -> None:
-    """Add the baselines to bench.IMPLS (idempotent)."""
-    for name, (factory, _, _) in BASELINES.items():
-        bench.IMPLS.setdefault(name, factory)
+IMPLS: dict[str, Factory] = {name: spec[0] for name, spec in IMPLS_SPEC.items()}
+# The ones that are not grpo_fast's own (what grpo_fast is compared with on a GPU).
+BASELINES = ("trl", "liger", "torch-compile")
 
 
 def runnable(name: str, device: str) -> bool:
-    """Whether implementation `name` can run on `device` here (bench's own ones always can)."""
-    if name not in BASELINES:
-        return name in bench.IMPLS
-    _, modules, needs_cuda = BASELINES[name]
+    """Whether implementation `name` can run on `device` here (library installed, CUDA, extension built)."""
+    if name not in IMPLS_SPEC:
+        return False
+    _, modules, needs_cuda = IMPLS_SPEC[name]
     if needs_cuda and not (device.startswith("cuda") and torch.cuda.is_available()):
         return False
+    if name == "grpo_fast-native" and not _native_built():
+        return False
     return all(importlib.util.find_spec(m) is not None for m in modules)
-
-
-register()

@@ -1,0 +1,43 @@
+"""The per-chunk pass over one ``[C, V]`` logits tile: the interface every backend implements.
+
+The chunk loop (:mod:`grpo_fast.engine.chunk_loop`) runs the GEMMs and calls these on each tile of raw
+logits ``x = hidden_chunk @ W^T + b``, ``z = x / T``; a backend only supplies row-wise softmax work,
+and knows nothing of GRPO (the per-token math is :mod:`grpo_fast.engine.objective`, once, for all):
+
+- ``stats``: logsumexp, target log-prob and entropy of ``z`` (fp32 ``[C]`` each); the tile is kept;
+- ``partial_stats``: for a vocabulary shard (vocab-parallel), the row max ``m``, ``s = sum exp(z - m)``,
+  ``u = sum exp(z - m) * (z - m)`` and the target logit (0 where the target is not in this shard),
+  stacked as fp32 ``[4, C]``; :mod:`grpo_fast.engine.parallel` combines them;
+- ``grad_``: ``dLoss/dx`` from per-row coefficients, written over the tile (the returned tensor is what
+  to use): ``g * (onehot - p) / T`` with ``g = dLoss/dlogp``, plus, when ``ent_coef`` (``e = dLoss/dH``)
+  is given with the rows' ``entropy`` H, ``e * dH/dx = -e * p * (log p + H) / T``.
+
+Targets outside ``[0, V_shard)`` (another shard's tokens) get no one-hot term in ``grad_``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor
+
+
+class ChunkOps(Protocol):
+    name: str
+    # fp32 [C, V] temporaries the pass allocates besides the tile (sizes the tiles, engine.chunking).
+    fp32_temps: int
+
+    def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor: ...
+
+    def grad_(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        lse: Tensor,
+        g: Tensor,
+        temperature: float,
+        ent_coef: Tensor | None = None,
+        entropy: Tensor | None = None,
+    ) -> Tensor: ...

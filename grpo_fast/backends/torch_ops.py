@@ -1,0 +1,80 @@
+"""The chunk pass in plain torch ops (:class:`TorchChunkOps`): the CPU default and the fallback everywhere."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _scaled_fp32(logits: Tensor, temperature: float, in_place: bool) -> Tensor:
+    """``logits / T`` in (at least) fp32; ``in_place`` may reuse an fp32 tile (grad_ owns it, stats not)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if in_place or logits.dtype != dtype:
+        z = logits.to(dtype)
+        return z.div_(temperature) if temperature != 1.0 else z
+    return logits / temperature
+
+
+def _entropy_(log_probs: Tensor, probs: Tensor) -> Tensor:
+    # H = -sum(p * log p): no cancellation between two large terms. The product overwrites log_probs
+    # (no second [C, V] buffer); a plain sum, not a batched dot: its blocked fp32 accumulation was
+    # measurably less accurate than PyTorch's own at V = 4099. A -inf logit (a banned token) has p = 0 and
+    # log p = -inf: clamping log p to the dtype's lowest finite value makes its term 0, not NaN.
+    return -log_probs.clamp_(min=torch.finfo(log_probs.dtype).min).mul_(probs).sum(-1)
+
+
+def _owned(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Targets clamped into the tile and whether each is really in it (vocab-parallel shards)."""
+    return targets.clamp(0, vocab - 1), (targets >= 0) & (targets < vocab)
+
+
+class TorchChunkOps:
+    """The chunk pass in plain torch ops: the CPU default and the fallback everywhere."""
+
+    name = "torch"
+    # fp32 [C, V] temporaries of the worst pass (scaled logits, probabilities, logsumexp scratch).
+    fp32_temps = 3
+
+    def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        z = _scaled_fp32(logits, temperature, in_place=False)  # the tile is kept for grad_
+        lse = torch.logsumexp(z, dim=-1)
+        log_probs = z.sub_(lse.unsqueeze(1))
+        logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        return lse, logp, _entropy_(log_probs, torch.exp(log_probs))
+
+    def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        z = _scaled_fp32(logits, temperature, in_place=False)
+        m = z.amax(dim=-1)
+        shifted = z.sub_(m.unsqueeze(1))
+        e = torch.exp(shifted)
+        s = e.sum(-1)
+        index, owned = _owned(targets, z.shape[1])
+        t = (shifted.gather(1, index.unsqueeze(1)).squeeze(1) + m) * owned
+        u = shifted.mul_(e).sum(-1)  # in place, after the gather: no second [C, V] buffer
+        return torch.stack([m, s, u, t]).float()
+
+    def grad_(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        lse: Tensor,
+        g: Tensor,
+        temperature: float,
+        ent_coef: Tensor | None = None,
+        entropy: Tensor | None = None,
+    ) -> Tensor:
+        log_probs = _scaled_fp32(logits, temperature, in_place=True).sub_(lse.unsqueeze(1))
+        dtype = log_probs.dtype
+        scale = (g / temperature).to(dtype).unsqueeze(1)
+        if ent_coef is None:
+            dz = log_probs.exp_().mul_(-scale)  # -g p / T
+        else:
+            # -(g + e (log p + H)) p / T: the softmax part of g's term and the whole entropy term.
+            # log p clamped: a -inf logit (p = 0) contributes 0, not 0 * inf = NaN.
+            finite_log_probs = log_probs.clamp(min=torch.finfo(dtype).min)
+            coef = finite_log_probs.add_(entropy.to(dtype).unsqueeze(1)).mul_(ent_coef.to(dtype).unsqueeze(1))
+            coef.add_(g.to(dtype).unsqueeze(1))
+            dz = log_probs.exp_().mul_(coef).mul_(-1.0 / temperature)
+        index, owned = _owned(targets, dz.shape[1])
+        dz.scatter_add_(1, index.unsqueeze(1), scale * owned.unsqueeze(1))
+        return dz if dz.dtype == logits.dtype else logits.copy_(dz)

@@ -1,0 +1,228 @@
+"""The GRPO objective on flat per-token vectors: the one place where the per-token math lives.
+
+Everything here is O(tokens), never O(tokens * vocab), and backend-independent. The loss is
+``sum_t w_t * loss_t(logp, H)``, with reduction weights ``w_t`` fixed by the mask and the loss type
+(:func:`reduction_weights`). The chunk loop needs from it only the per-row coefficients
+``g_t = dLoss/dlogp_t`` and ``e_t = dLoss/dH_t`` (:func:`coefficients`), which autograd takes from
+:func:`per_token_objective` on ``[C]``/``[N]`` vectors: there is no hand-written derivative to keep in
+step with the loss, in Python or in a kernel.
+
+A new loss type goes in :func:`per_token_objective` (its per-token loss), :func:`loss_and_metrics` /
+:func:`metric_names` (its metrics) and :data:`grpo_fast.config.LOSS_NORMALIZERS` (its reduction); when its
+per-token loss of one token depends on other tokens' log-probs, in :func:`needs_whole_sequences` too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..config import CLIPPED_LOSS_TYPES, GRPOConfig
+
+_TOKEN_LOCAL_FIELDS = ("seq_ids", "mask", "adv", "old_logp", "ref_logp", "loss_w")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """The unmasked tokens of a batch, flattened, with what each token needs from its sequence."""
+
+    seq_ids: Tensor  # [n] int64, sequence of each token
+    mask: Tensor  # [n] fp32, the (non-zero) mask value of each token
+    adv: Tensor  # [n] fp32, advantage of the token's sequence
+    old_logp: Tensor | None  # [n] fp32; None means "on-policy": old = logp.detach()
+    ref_logp: Tensor | None  # [n] fp32
+    seq_adv: Tensor  # [B] fp32
+    seq_len: Tensor  # [B] fp32, sum of the mask per sequence
+    loss_w: Tensor  # [n] fp32, reduction weight: loss = sum(loss_w * per_token_loss)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_adv.shape[0]
+
+    def rows(self, start: int, end: int) -> TokenBatch:
+        """Tokens [start, end) (per-sequence fields kept whole): valid only where the objective is
+        token-local, i.e. not :func:`needs_whole_sequences`."""
+        return replace(
+            self, **{k: v[start:end] for k in _TOKEN_LOCAL_FIELDS if (v := getattr(self, k)) is not None}
+        )
+
+
+def needs_whole_sequences(cfg: GRPOConfig) -> bool:
+    """True when a token's loss depends on the log-probs of other tokens of its sequence.
+
+    Then every log-prob must be known before any ``g`` (two passes over the head); otherwise ``g`` of a
+    chunk of tokens comes from that chunk alone (one pass).
+    """
+    return cfg.importance_sampling_level == "sequence" or cfg.loss_type == "vespo"
+
+
+def segment_sum(x: Tensor, seq_ids: Tensor, num_seqs: int) -> Tensor:
+    return x.new_zeros(num_seqs).index_add_(0, seq_ids, x)
+
+
+def reduction_weights(
+    mask: Tensor, seq_ids: Tensor, seq_len: Tensor, cfg: GRPOConfig, num_items_in_batch: Tensor | None
+) -> Tensor:
+    """w_t such that the loss type's reduction (``cfg.normalizer``) of the masked loss is sum w_t loss_t."""
+    num_seqs = max(seq_len.shape[0], 1)
+    rule = cfg.normalizer
+    if rule == "sequence_mean":
+        return mask / seq_len.clamp(min=1.0)[seq_ids] / num_seqs
+    if rule == "batch_tokens":
+        return mask / mask.sum().clamp(min=1.0)
+    if rule == "fixed_length":
+        return mask / float(seq_len.shape[0] * cfg.max_completion_length)
+    if rule == "global_tokens":
+        items = mask.sum() if num_items_in_batch is None else num_items_in_batch.to(mask)
+        return mask / items.clamp(min=1.0)
+    if rule == "sequence_sum":
+        return mask / num_seqs
+    raise AssertionError(f"no reduction for normalizer {rule!r}")
+
+
+def _old(logp: Tensor, batch: TokenBatch) -> Tensor:
+    return logp.detach() if batch.old_logp is None else batch.old_logp
+
+
+def sequence_log_ratio(logp: Tensor, batch: TokenBatch) -> Tensor:
+    """GSPO's per-sequence mean log-ratio, [B]."""
+    summed = segment_sum((logp - _old(logp, batch)) * batch.mask, batch.seq_ids, batch.num_seqs)
+    return summed / batch.seq_len.clamp(min=1.0)
+
+
+def vespo_weights(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor:
+    """VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w) of each sequence, [B], no grad.
+
+    w is the sequence's importance ratio from the summed per-token log-ratios (each clamped to [-20, 20];
+    log w clamped to [log 1e-8, 20]), k and lambda by the sign of the advantage (>= 0: the "pos" pair).
+    """
+    with torch.no_grad():
+        log_ratio = torch.clamp(logp - _old(logp, batch), -20.0, 20.0)
+        log_w = segment_sum(log_ratio * batch.mask, batch.seq_ids, batch.num_seqs)
+        log_w = torch.clamp(log_w, math.log(1e-8), 20.0)
+        nonneg = batch.seq_adv >= 0
+        k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
+        lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def per_token_objective(
+    logp: Tensor, entropy: Tensor | None, batch: TokenBatch, cfg: GRPOConfig
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-token loss (KL included), per-token KL and the metric coefficient; differentiable in logp.
+
+    ``entropy`` is the tokens' entropy H, for terms that depend on it (none of TRL 1.16's loss types yet;
+    :func:`coefficients` then returns ``e = dLoss/dH`` for the entropy-gradient term of the kernels).
+    The metric coefficient is the clip-metric ratio (per token, or per sequence [B] for sequence level),
+    VESPO's phi per sequence [B].
+    """
+    old = _old(logp, batch)
+    if cfg.importance_sampling_level == "token":
+        coef_1 = torch.exp(logp - old)
+        seq_coef = coef_1
+    else:
+        seq_coef = torch.exp(sequence_log_ratio(logp, batch))
+        coef_1 = seq_coef[batch.seq_ids]
+    adv = batch.adv
+    kl = None
+    if batch.ref_logp is not None:
+        diff = batch.ref_logp - logp
+        kl = torch.exp(diff) - diff - 1
+        if cfg.use_bias_correction_kl:
+            kl = kl * coef_1
+    metric_coef = seq_coef
+    if cfg.loss_type == "cispo":
+        loss = -torch.clamp(coef_1, max=cfg.epsilon_high).detach() * adv * logp
+    elif cfg.loss_type in CLIPPED_LOSS_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+        if cfg.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=cfg.delta)
+            metric_coef = torch.clamp(seq_coef, max=cfg.delta)
+        loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    elif cfg.loss_type == "sapo":
+        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+    elif cfg.loss_type == "vespo":
+        phi = vespo_weights(logp, batch, cfg)
+        loss = -phi[batch.seq_ids] * adv * logp
+        metric_coef = phi
+    else:
+        raise AssertionError(f"no per-token loss for loss_type {cfg.loss_type!r}")
+    if cfg.beta != 0.0:
+        loss = loss + cfg.beta * kl
+    return loss, kl, metric_coef
+
+
+def coefficients(
+    logp: Tensor, entropy: Tensor, batch: TokenBatch, cfg: GRPOConfig
+) -> tuple[Tensor, Tensor | None]:
+    """``g = dLoss/dlogp`` and ``e = dLoss/dH`` (None when the loss does not use H), fp32 [n] each.
+
+    Autograd on the [n] vectors of :func:`per_token_objective` (ties and clamp bounds as TRL's autograd has
+    them). ``batch`` may be a chunk's :meth:`TokenBatch.rows` unless :func:`needs_whole_sequences`.
+    """
+    with torch.enable_grad():
+        lp = logp.detach().float().requires_grad_(True)
+        ent = entropy.detach().float().requires_grad_(True)
+        loss_t, _, _ = per_token_objective(lp, ent, batch, cfg)
+        total = (batch.loss_w * loss_t).sum()
+        g, e = torch.autograd.grad(total, (lp, ent), allow_unused=True)
+    return (g if g is not None else torch.zeros_like(lp)), e
+
+
+def metric_names(cfg: GRPOConfig) -> list[str]:
+    """The metrics of :func:`loss_and_metrics`, in order."""
+    names = ["kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"]
+    if cfg.loss_type == "cispo":
+        names.append("cispo_clip_ratio")
+    if cfg.loss_type == "vespo":
+        names.append("vespo/phi_seq_mean")
+    return names
+
+
+def averaged_over_sequences(name: str, cfg: GRPOConfig) -> bool:
+    """Whether metric ``name`` is a mean over sequences (else over unmasked tokens): how trainers weight it
+    when they combine micro-batches and processes."""
+    if name in ("kl", "entropy"):
+        return False
+    return name == "vespo/phi_seq_mean" or cfg.importance_sampling_level == "sequence"
+
+
+def loss_and_metrics(
+    logp: Tensor, entropy: Tensor, batch: TokenBatch, cfg: GRPOConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss value and TRL's metrics from the per-token log-probs and entropies (no grad)."""
+    with torch.no_grad():
+        loss_t, kl, coef = per_token_objective(logp, entropy, batch, cfg)
+        loss = (batch.loss_w * loss_t).sum()
+        mask = batch.mask
+        denom = mask.sum().clamp(min=1.0)
+        token_mean = lambda x: (x * mask).sum() / denom  # noqa: E731
+        seq_mean = lambda x: x.sum() / max(batch.num_seqs, 1)  # noqa: E731
+        zero = loss.new_zeros(())
+        metrics = {
+            "kl": token_mean(kl) if kl is not None else zero,
+            "entropy": token_mean(entropy),
+            "clip_ratio_low": zero,
+            "clip_ratio_high": zero,
+            "clip_ratio_region": zero,
+        }
+        sequence_level = cfg.importance_sampling_level == "sequence"
+        adv = batch.seq_adv if sequence_level else batch.adv
+        # Sequence-level ratios are one value per sequence: TRL averages them over sequences.
+        mean = seq_mean if sequence_level else token_mean
+        if cfg.loss_type in CLIPPED_LOSS_TYPES:
+            low = (coef < 1 - cfg.epsilon_low) & (adv < 0)
+            high = (coef > 1 + cfg.epsilon_high) & (adv > 0)
+            metrics["clip_ratio_low"] = mean(low.float())
+            metrics["clip_ratio_high"] = mean(high.float())
+            metrics["clip_ratio_region"] = mean((low | high).float())
+        elif cfg.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = mean(((coef > cfg.epsilon_high) & (adv > 0)).float())
+        elif cfg.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = seq_mean(coef)  # phi is one value per sequence
+    return loss, metrics

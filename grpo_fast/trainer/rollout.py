@@ -1,0 +1,223 @@
+"""The step's batch: G sampled completions per prompt, their rewards and advantages, and the old and
+reference log-probs the loss compares against.
+
+:class:`RolloutMixin` holds the Trainer methods that build it; ``rollout``, ``generate``, ``rewards``
+and ``logprobs`` are public so that tests and subclasses (e.g. a custom sampler) can call or override them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import grpo_fast as gf
+
+from ..integrations.hf import HIDDEN_KWARG, completion_hidden, lm_head, match_head_dtype
+from . import distributed, sharding
+from .config import TrainConfig
+from .data import Prompt, PromptDataset, PromptSampler, repeat_each
+from .generation import Rollout, context_length, encode_prompts, prompt_text, sample
+from .rewards import RewardError, RewardFn, score
+
+
+@dataclass
+class StepBatch:
+    """What a step's updates train on. Tensors hold this rank's completions unless said otherwise."""
+
+    rows: list[dict[str, Any]]  # the step's dataset rows (every rank's)
+    out: Rollout
+    prompts: list[Prompt]  # the prompt of each completion
+    layout: distributed.Layout
+    rewards: Tensor  # [N, R] of all N completions of the step, in step order
+    advantages: Tensor
+    loss_mask: Tensor
+    micro: list[Tensor]  # the rows of each micro-batch, on the device
+    old: Tensor | None  # log-probs before the first update (only when num_iterations > 1)
+    ref: Tensor | None  # log-probs of the reference model (only when beta > 0)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def completion_states(
+    model: nn.Module, rows: Rollout, bf16: bool, through: nn.Module | None = None
+) -> Tensor:
+    """Final hidden states of the completion positions, from ``model`` or a wrapper of it (DDP)."""
+    num_completion = rows.completion_ids.shape[1]
+    with autocast(rows.input_ids.device, bf16):
+        if through is None and not sharding.is_sharded(model):
+            return completion_hidden(model, rows.input_ids, rows.attention_mask, num_completion)
+        out = (through or model)(
+            input_ids=rows.input_ids, attention_mask=rows.attention_mask, **{HIDDEN_KWARG: True}
+        )
+    return out.last_hidden_state[:, -num_completion - 1 : -1]
+
+
+class RolloutMixin:
+    """Sampling, scoring and the no-grad log-probs of a step; the Trainer sets these attributes."""
+
+    cfg: TrainConfig
+    device: torch.device
+    group: distributed.Group
+    model: nn.Module
+    ref_model: nn.Module | None
+    tokenizer: Any
+    sharded: bool
+    bf16: bool
+    data: PromptDataset
+    sampler: PromptSampler
+    reward_funcs: list[RewardFn]
+    reward_weights: Tensor
+    reward_names: list[str]
+    step: int
+    _warned: set[str]
+
+    def build_batch(self) -> StepBatch:
+        """The next prompts, sampled, scored and ready for the loss; raises RewardError on a failure."""
+        cfg, G, group = self.cfg, self.cfg.num_generations, self.group
+        indices = self.sampler.next_batch()
+        layout = distributed.Layout.build(
+            len(indices) * G, cfg.gradient_accumulation_steps, group.world, group.rank
+        )
+        if group.active:  # each rank samples differently, reproducibly from any checkpoint
+            torch.manual_seed(distributed.step_seed(cfg.seed, self.step, group.rank))
+        rows, out = self.rollout(indices, layout.local if group.active else None)
+        rewards = self._all_rewards(rows, out, layout)  # all N completions: groups are normalised whole
+        advantages = gf.group_advantages(rewards, G, cfg.scale_rewards, reward_weights=self.reward_weights)
+        if group.active:
+            advantages = advantages[layout.local]
+        advantages = advantages.to(self.device)
+
+        loss_mask = out.completion_mask
+        if cfg.mask_truncated_completions:
+            loss_mask = loss_mask * (~out.truncated).unsqueeze(1).long()
+        micro = [index.to(self.device) for index in layout.local_micro()]
+        # Later iterations see a moved policy; the first one's ratio is exactly 1, as in TRL.
+        old = self.logprobs(self.model, out, micro) if cfg.num_iterations > 1 else None
+        ref = None
+        if self.ref_model is not None:
+            ref = self.logprobs(self.ref_model, out, micro)
+            sharding.release(self.ref_model)  # FSDP2: its embeddings and head, gathered, are not kept
+        prompts = repeat_each([self.data.prompt(r) for r in rows], G)
+        if group.active:
+            prompts = [prompts[i] for i in layout.local.tolist()]
+        return StepBatch(rows, out, prompts, layout, rewards, advantages, loss_mask, micro, old, ref)
+
+    def rollout(
+        self, indices: list[int], select: Tensor | None = None
+    ) -> tuple[list[dict[str, Any]], Rollout]:
+        """Prompt rows of ``indices`` and a completion for each of the ``len(indices) * G`` rows in
+        ``select`` (default: all of them; several processes each generate their share)."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        rows = [self.data[i] for i in indices]
+        prompts = [self.data.prompt(r) for r in rows]
+        texts = [prompt_text(self.tokenizer, p) for p in prompts]
+        ids, mask = encode_prompts(
+            self.tokenizer,
+            texts,
+            indices,
+            context=context_length(self.model),
+            max_completion_length=cfg.max_completion_length,
+            source=self.data.source,
+        )
+        # Padded to the longest prompt of the whole step on every rank: a row's numbers do not
+        # depend on which rank generates it.
+        ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+        select = torch.arange(ids.shape[0]) if select is None else select
+        if len(select) != ids.shape[0]:
+            ids, mask = ids[select], mask[select]
+        out = self.generate(
+            ids.to(self.device), mask.to(self.device), not isinstance(prompts[0], str), select
+        )
+        return rows, out
+
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, conversational: bool, rows: Tensor
+    ) -> Rollout:
+        """One sampled completion per row; ``rows`` are their ids in the step's batch of N completions."""
+        cfg = self.cfg
+        with autocast(self.device, self.bf16):
+            return sample(
+                self.model,
+                self.tokenizer,
+                prompt_ids,
+                prompt_mask,
+                max_completion_length=cfg.max_completion_length,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                repetition_penalty=cfg.repetition_penalty,
+                conversational=conversational,
+                synced=self.sharded,
+            )
+
+    def rewards(self, rows: list[dict[str, Any]], out: Rollout, select: Tensor | None = None) -> Tensor:
+        """Rewards ``[n, R]`` of the rollout's completions (rows ``select`` of the step's N)."""
+        G = self.cfg.num_generations
+        prompts = repeat_each([self.data.prompt(r) for r in rows], G)
+        columns = {k: repeat_each(v, G) for k, v in self.data.columns(rows).items()}
+        if select is not None and len(select) != len(prompts):
+            pick = select.tolist()
+            prompts = [prompts[i] for i in pick]
+            columns = {k: [v[i] for i in pick] for k, v in columns.items()}
+        ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask, strict=True)]
+        return score(self.reward_funcs, prompts, out.completions, columns, completion_ids=ids)
+
+    def _warn_not_applicable(self, values: Tensor) -> None:
+        for j, name in enumerate(self.reward_names):
+            if torch.isnan(values[:, j]).all() and name not in self._warned:
+                self._warned.add(name)
+                if self.group.is_main:
+                    warnings.warn(
+                        f"reward function {name!r} returned None/NaN for every completion of step "
+                        f"{self.step + 1}: it applies to none of them (its weight is skipped)",
+                        stacklevel=3,
+                    )
+
+    def _all_rewards(self, rows: list[dict[str, Any]], out: Rollout, layout: distributed.Layout) -> Tensor:
+        """Rewards of all N completions, in step order; a failure on any rank fails the step on all."""
+        if not self.group.active:
+            values = self.rewards(rows, out)
+            self._warn_not_applicable(values)
+            return values
+        error: RewardError | None = None
+        try:
+            values = self.rewards(rows, out, layout.local)
+        except RewardError as err:
+            error = err
+        if self.group.any(error is not None):
+            errors = self.group.gather_objects(None if error is None else (error.name, str(error)))
+            if error is not None:
+                raise error
+            rank, (name, text) = next((r, e) for r, e in enumerate(errors) if e is not None)
+            raise RewardError(name, f"failed on rank {rank}: {text}")
+        values = self.group.gather_rows(values, layout)
+        self._warn_not_applicable(values)
+        return values
+
+    @torch.no_grad()
+    def logprobs(self, model: nn.Module, out: Rollout, micro: list[Tensor]) -> Tensor:
+        """Per-token log-probs ``[N, L]`` of the sampled completions under ``model`` (no logits formed)."""
+        parts = []
+        for index in micro:
+            rows = out.rows(index)
+            hidden = completion_states(model, rows, self.bf16)
+            weight, bias = match_head_dtype(hidden, *lm_head(model))
+            parts.append(
+                gf.selective_logprobs(
+                    hidden,
+                    weight,
+                    rows.completion_ids,
+                    bias,
+                    self.cfg.temperature,
+                    backend=self.cfg.backend,
+                    chunk_size=self.cfg.chunk_size,
+                )
+            )
+        return torch.cat(parts)

@@ -1,0 +1,218 @@
+"""The optimizer updates of a step: ``num_iterations`` passes over the batch's micro-batches, each loss
+from ``gf.grpo_loss`` on the backbone's hidden states (no logits formed), gradients accumulated (and
+shared by the ranks), clipped, then an AdamW step on a warm-up + cosine schedule.
+
+With several processes each rank's loss is scaled so that the summed gradient is that of one process
+on the whole batch; see :mod:`grpo_fast.trainer.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+import grpo_fast as gf
+from grpo_fast.engine.objective import averaged_over_sequences
+
+from ..integrations.hf import lm_head, match_head_dtype
+from . import distributed, sharding
+from .config import TrainConfig
+from .generation import Rollout
+from .rollout import StepBatch, completion_states
+
+
+def cosine_schedule(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` updates."""
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        progress = min(1.0, (update - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    # Matrices decay; norms and biases do not (the usual AdamW recipe).
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    total_updates = cfg.max_steps * cfg.num_iterations
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(cfg.warmup_steps, total_updates, cfg.min_lr_ratio)
+    )
+
+
+def loss_share(
+    loss_cfg: gf.GRPOConfig, j: int, layout: distributed.Layout, tokens: float, micro_tokens: float
+) -> float:
+    """This rank's loss on micro-batch j times this is its part of the micro-batch's loss."""
+    if loss_cfg.uses_num_items_in_batch:  # already divided by the whole batch's token count
+        return 1.0
+    if loss_cfg.normalizer == "batch_tokens":  # a token mean over the micro-batch
+        return max(tokens, 1.0) / max(micro_tokens, 1.0)
+    # sequence_mean, sequence_sum, fixed_length: a mean over the micro-batch's sequences
+    return len(layout.pieces[j][layout.rank]) / len(layout.micro[j])
+
+
+class MetricMeans:
+    """Token-weighted means of grpo_loss's metrics over micro-batches and iterations."""
+
+    RENAME = {"clip_ratio_region": "clip_ratio"}  # the headline clip metric gets the short name
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, metrics: dict[str, Tensor], weight: float, weights: dict[str, float] | None = None) -> None:
+        """``weights`` overrides the weight of some metrics (their total weight is still ``weight``)."""
+        for key, value in metrics.items():
+            w = weights.get(key, weight) if weights else weight
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * w
+        self.weight += weight
+
+    def means(self) -> dict[str, float]:
+        w = max(self.weight, 1e-12)
+        return {self.RENAME.get(k, k): v / w for k, v in self.sums.items()}
+
+
+@dataclass
+class UpdateStats:
+    """What the updates of a step report; with several processes, this rank's parts (summed later)."""
+
+    losses: list[float] = field(default_factory=list)  # one per update
+    grad_norms: list[float] = field(default_factory=list)
+    metrics: MetricMeans = field(default_factory=MetricMeans)
+
+
+class UpdateMixin:
+    """The policy's loss and optimizer updates; the Trainer sets these attributes."""
+
+    cfg: TrainConfig
+    device: torch.device
+    group: distributed.Group
+    model: nn.Module
+    ddp: DistributedDataParallel | None
+    sharded: bool
+    bf16: bool
+    loss_config: gf.GRPOConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def policy_loss(
+        self,
+        rows: Rollout,
+        loss_mask: Tensor,
+        advantages: Tensor,
+        old: Tensor | None,
+        ref: Tensor | None,
+        num_items: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        hidden = completion_states(self.model, rows, self.bf16, through=self.ddp)
+        # Under FSDP2 the root's forward has just gathered the head: this is the full weight.
+        weight, bias = match_head_dtype(hidden, *lm_head(self.model))
+        return gf.grpo_loss(
+            hidden,
+            weight,
+            rows.completion_ids,
+            loss_mask,
+            advantages,
+            old,
+            ref,
+            bias,
+            config=self.loss_config,
+            num_items_in_batch=num_items,
+            backend=self.cfg.backend,
+            chunk_size=self.cfg.chunk_size,
+        )
+
+    def update(self, batch: StepBatch) -> UpdateStats:
+        """``num_iterations`` optimizer updates on the batch."""
+        cfg, group, layout, micro = self.cfg, self.group, batch.layout, batch.micro
+        out, loss_mask, advantages, old, ref = (
+            batch.out,
+            batch.loss_mask,
+            batch.advantages,
+            batch.old,
+            batch.ref,
+        )
+        local_tokens = [float(loss_mask[index].sum()) for index in micro]
+        if group.active:  # tokens of each micro-batch over all ranks; their sum is dapo's normaliser
+            micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
+            num_items = torch.tensor(sum(micro_tokens), dtype=torch.float32, device=self.device)
+            shares = [
+                loss_share(cfg.loss_config(), j, layout, local_tokens[j], micro_tokens[j])
+                for j in range(len(micro))
+            ]
+        else:
+            num_items = loss_mask.sum().float()
+        # Losses divided by the whole batch's token count add up; the others average per micro-batch (as TRL).
+        accumulate = 1.0 if cfg.loss_config().uses_num_items_in_batch else float(len(micro))
+
+        stats = UpdateStats()
+        for _ in range(cfg.num_iterations):
+            total = 0.0
+            for j, index in enumerate(micro):
+                # DDP: all-reduce the gradients once, after the last micro-batch of the update
+                # (FSDP2 reduce-scatters after each one: no unsharded gradients are kept).
+                sync = self.ddp is None or j == len(micro) - 1
+                if self.sharded:  # the head stays gathered until the update's last backward
+                    sharding.keep_head_gathered(self.model, j < len(micro) - 1)
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    loss, metrics = self.policy_loss(
+                        out.rows(index),
+                        loss_mask[index],
+                        advantages[index],
+                        old[index] if old is not None else None,
+                        ref[index] if ref is not None else None,
+                        num_items,
+                    )
+                    if not group.active:
+                        (loss / accumulate).backward()
+                        total += loss.item() / accumulate
+                        stats.metrics.add(metrics, local_tokens[j])
+                        continue
+                    # This rank's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
+                    share = shares[j]
+                    (loss * (share * group.world / accumulate)).backward()
+                    total += loss.item() * share / accumulate
+                    # Metrics are token means of each micro-batch, but some (sequence-level ratios,
+                    # VESPO's phi) are averaged over sequences (weight: this rank's share of them, times
+                    # the tokens).
+                    seq_weight = len(layout.pieces[j][group.rank]) / len(layout.micro[j]) * micro_tokens[j]
+                    stats.metrics.add(
+                        metrics,
+                        local_tokens[j],
+                        {k: seq_weight for k in metrics if averaged_over_sequences(k, self.loss_config)},
+                    )
+            stats.grad_norms.append(self._optimizer_step())
+            stats.losses.append(total)
+        return stats
+
+    def _optimizer_step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        norm = float(sharding.full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
