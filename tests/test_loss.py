@@ -215,3 +215,26 @@ def test_auto_chunk_size_respects_budget(monkeypatch):
     monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "-3")
     with pytest.raises(ValueError, match="GRPO_FAST_CHUNK_BUDGET_MB"):
         auto_chunk_size(10, 10, torch.float32, torch.device("cpu"), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_gradient_accumulator_needs_no_zero_fill(monkeypatch, dtype):
+    """The fp32 dW accumulator starts as garbage (here NaN) and the first chunk overwrites it (beta = 0)."""
+    from grpo_fast.engine import chunk_loop
+
+    original = chunk_loop._Grads.allocate
+
+    def poisoned(*args, **kwargs):
+        grads = original(*args, **kwargs)
+        if grads.weight is not None:
+            grads.weight.fill_(float("nan"))
+        return grads
+
+    batch = make_batch(seed=40, dtype=torch.float64)
+    cfg = gf.GRPOConfig(beta=0.04)
+    want = run_loss(cast(batch, dtype), cfg, gf.grpo_loss, backend="torch", chunk_size=7)
+    monkeypatch.setattr(chunk_loop._Grads, "allocate", staticmethod(poisoned))
+    got = run_loss(cast(batch, dtype), cfg, gf.grpo_loss, backend="torch", chunk_size=7)
+    assert torch.equal(got[0], want[0])
+    assert got[2].keys() == want[2].keys() and "weight" in got[2]
+    assert all(torch.equal(got[2][k], want[2][k]) for k in want[2])

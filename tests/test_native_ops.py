@@ -450,3 +450,36 @@ def test_cuda_loss_matches_truth():
     torch.testing.assert_close(got[0].cpu().double(), truth[0].double(), rtol=1e-5, atol=1e-6)
     for k in truth[2]:
         torch.testing.assert_close(got[2][k].cpu().double(), truth[2][k].double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_pass_is_stats_then_coefficients_then_grad(dtype, with_entropy):
+    """Every CPU backend's tile_pass_ (the torch ops share their probabilities between statistics and
+    dlogits) gives the fp64 truth, with the coefficients computed from the statistics it handed over."""
+    from grpo_fast.backends.base import split_tile_pass_
+
+    logits, targets = tile(dtype, seed=31, rows=6, cols=2053)
+    logits[1, 7:900] = float("-inf")  # banned tokens: p = 0, no NaN from the entropy term
+    seen = {}
+
+    def coefficients(logp, entropy):  # some smooth function of the statistics, as the objective is
+        seen["logp"], seen["entropy"] = logp, entropy
+        return torch.tanh(logp) * 0.5, (torch.sin(entropy) if with_entropy else None)
+
+    truth_lse, truth_logp, truth_ent = truth_stats(logits, targets, 0.8)
+    g, e = coefficients(truth_logp.float(), truth_ent.float())
+    truth = (
+        truth_entropy_grad(logits, targets, g, e, 0.8)
+        if with_entropy
+        else truth_dlogits(logits, targets, truth_lse, g, 0.8)
+    )
+    for ops in (TorchChunkOps(), NativeChunkOps()):
+        for run in (ops.tile_pass_, lambda *a, ops=ops: split_tile_pass_(ops, *a)):
+            lse, logp, ent, dl = run(logits.clone(), targets, 0.8, coefficients)
+            assert torch.equal(seen["logp"], logp) and torch.equal(seen["entropy"], ent)
+            torch.testing.assert_close(ent.double(), truth_ent, rtol=2e-5, atol=2e-5)
+            torch.testing.assert_close(logp.double(), truth_logp, rtol=2e-5, atol=2e-5)
+            assert torch.isfinite(dl).all() and torch.equal(dl[1, 7:900].float(), torch.zeros(893))
+            tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(dl.double(), truth, **tol)

@@ -12,14 +12,23 @@ and knows nothing of GRPO (the per-token math is :mod:`grpo_fast.engine.objectiv
   to use): ``g * (onehot - p) / T`` with ``g = dLoss/dlogp``, plus, when ``ent_coef`` (``e = dLoss/dH``)
   is given with the rows' ``entropy`` H, ``e * dH/dx = -e * p * (log p + H) / T``.
 
+- ``tile_pass_``: ``stats``, then ``coefficients(logp, entropy) -> (g, e)`` (the objective's per-row
+  coefficients, computed by the caller's Python), then ``grad_``, on one tile: a backend may share work
+  between the two (the torch ops compute the probabilities once); :func:`split_tile_pass_` is the plain
+  sequence.
+
 Targets outside ``[0, V_shard)`` (another shard's tokens) get no one-hot term in ``grad_``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from torch import Tensor
+
+# (logp, entropy) of a tile's rows -> (g = dLoss/dlogp, e = dLoss/dH or None), fp32 [C] each.
+Coefficients = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 class ChunkOps(Protocol):
@@ -41,3 +50,19 @@ class ChunkOps(Protocol):
         ent_coef: Tensor | None = None,
         entropy: Tensor | None = None,
     ) -> Tensor: ...
+
+    def tile_pass_(
+        self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(lse, logp, entropy, dlogits) of one tile, dlogits written over it (use the returned tensor)."""
+        ...
+
+
+def split_tile_pass_(
+    ops: ChunkOps, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``tile_pass_`` as ``stats``, the coefficients, then ``grad_`` (entropy term only when e is given)."""
+    lse, logp, entropy = ops.stats(logits, targets, temperature)
+    g, e = coefficients(logp, entropy)
+    terms = (e, entropy) if e is not None else (None, None)
+    return lse, logp, entropy, ops.grad_(logits, targets, lse, g, temperature, *terms)

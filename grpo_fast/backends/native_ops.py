@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from .base import Coefficients, split_tile_pass_
 from .torch_ops import TorchChunkOps
 
 __all__ = ["NativeChunkOps"]
@@ -62,6 +63,11 @@ class NativeChunkOps:
         out = torch.empty(4, logits.shape[0], dtype=torch.float32, device=logits.device)
         torch.ops.grpo_fast.chunk_partial_stats(logits, targets.long().contiguous(), float(temperature), out)
         return out
+
+    def tile_pass_(
+        self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return split_tile_pass_(self, logits, targets, temperature, coefficients)
 
     def grad_(
         self,

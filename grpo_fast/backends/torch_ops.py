@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import Coefficients
+
 
 def _scaled_fp32(logits: Tensor, temperature: float, in_place: bool) -> Tensor:
     """``logits / T`` in (at least) fp32; ``in_place`` may reuse an fp32 tile (grad_ owns it, stats not)."""
@@ -15,17 +17,37 @@ def _scaled_fp32(logits: Tensor, temperature: float, in_place: bool) -> Tensor:
     return logits / temperature
 
 
-def _entropy_(log_probs: Tensor, probs: Tensor) -> Tensor:
-    # H = -sum(p * log p): no cancellation between two large terms. The product overwrites log_probs
-    # (no second [C, V] buffer); a plain sum, not a batched dot: its blocked fp32 accumulation was
-    # measurably less accurate than PyTorch's own at V = 4099. A -inf logit (a banned token) has p = 0 and
-    # log p = -inf: clamping log p to the dtype's lowest finite value makes its term 0, not NaN.
-    return -log_probs.clamp_(min=torch.finfo(log_probs.dtype).min).mul_(probs).sum(-1)
+def _entropy(log_probs: Tensor, probs: Tensor) -> Tensor:
+    # H = -sum(p * log p): no cancellation between two large terms; a plain sum, not a batched dot (its
+    # blocked fp32 accumulation was measurably less accurate than PyTorch's own at V = 4099). A -inf logit
+    # (a banned token) has p = 0 and log p = -inf: nansum drops its 0 * -inf (a NaN logit still shows, in
+    # the logsumexp).
+    return -torch.mul(log_probs, probs).nansum(-1)
 
 
 def _owned(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """Targets clamped into the tile and whether each is really in it (vocab-parallel shards)."""
     return targets.clamp(0, vocab - 1), (targets >= 0) & (targets < vocab)
+
+
+def _entropy_coef_(log_probs: Tensor, g: Tensor, ent_coef: Tensor, entropy: Tensor) -> Tensor:
+    """g + e (log p + H) per element, over ``log_probs``; log p clamped so that a -inf logit (p = 0) gives
+    0 in dlogits, not 0 * inf = NaN."""
+    dtype = log_probs.dtype
+    coef = log_probs.clamp_(min=torch.finfo(dtype).min).add_(entropy.to(dtype).unsqueeze(1))
+    return coef.mul_(ent_coef.to(dtype).unsqueeze(1)).add_(g.to(dtype).unsqueeze(1))
+
+
+def _write_dlogits(
+    logits: Tensor, probs: Tensor, targets: Tensor, g: Tensor, temperature: float, coef: Tensor | None
+) -> Tensor:
+    """dLoss/dlogits = g onehot / T - coef p / T over ``probs`` (coef: g, or the entropy term's)."""
+    dtype = probs.dtype
+    scale = (g / temperature).to(dtype).unsqueeze(1)
+    dz = probs.mul_(-scale) if coef is None else probs.mul_(coef).mul_(-1.0 / temperature)
+    index, owned = _owned(targets, dz.shape[1])
+    dz.scatter_add_(1, index.unsqueeze(1), scale * owned.unsqueeze(1))
+    return dz if dz.dtype == logits.dtype else logits.copy_(dz)
 
 
 class TorchChunkOps:
@@ -40,7 +62,23 @@ class TorchChunkOps:
         lse = torch.logsumexp(z, dim=-1)
         log_probs = z.sub_(lse.unsqueeze(1))
         logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        return lse, logp, _entropy_(log_probs, torch.exp(log_probs))
+        return lse, logp, _entropy(log_probs, torch.exp(log_probs))
+
+    def tile_pass_(
+        self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # One set of probabilities for the statistics and dlogits (the split stats + grad_ computes them
+        # twice); the tile is this pass's, so an fp32 one is scaled in place.
+        z = _scaled_fp32(logits, temperature, in_place=True)
+        lse = torch.logsumexp(z, dim=-1)
+        log_probs = z.sub_(lse.unsqueeze(1))
+        logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        probs = torch.exp(log_probs)
+        entropy = _entropy(log_probs, probs)
+        g, e = coefficients(logp, entropy)
+        coef = None if e is None else _entropy_coef_(log_probs, g, e, entropy)
+        dz = _write_dlogits(logits, probs, targets, g, temperature, coef)
+        return lse, logp, entropy, dz
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         z = _scaled_fp32(logits, temperature, in_place=False)
@@ -64,17 +102,5 @@ class TorchChunkOps:
         entropy: Tensor | None = None,
     ) -> Tensor:
         log_probs = _scaled_fp32(logits, temperature, in_place=True).sub_(lse.unsqueeze(1))
-        dtype = log_probs.dtype
-        scale = (g / temperature).to(dtype).unsqueeze(1)
-        if ent_coef is None:
-            dz = log_probs.exp_().mul_(-scale)  # -g p / T
-        else:
-            # -(g + e (log p + H)) p / T: the softmax part of g's term and the whole entropy term.
-            # log p clamped: a -inf logit (p = 0) contributes 0, not 0 * inf = NaN.
-            finite_log_probs = log_probs.clamp(min=torch.finfo(dtype).min)
-            coef = finite_log_probs.add_(entropy.to(dtype).unsqueeze(1)).mul_(ent_coef.to(dtype).unsqueeze(1))
-            coef.add_(g.to(dtype).unsqueeze(1))
-            dz = log_probs.exp_().mul_(coef).mul_(-1.0 / temperature)
-        index, owned = _owned(targets, dz.shape[1])
-        dz.scatter_add_(1, index.unsqueeze(1), scale * owned.unsqueeze(1))
-        return dz if dz.dtype == logits.dtype else logits.copy_(dz)
+        coef = None if ent_coef is None else _entropy_coef_(log_probs.clone(), g, ent_coef, entropy)
+        return _write_dlogits(logits, log_probs.exp_(), targets, g, temperature, coef)  # p in the tile

@@ -21,6 +21,7 @@ from ..kernels import advantages as _advantages
 from ..kernels import chunk_grad as _chunk_grad
 from ..kernels import chunk_stats as _chunk_stats
 from ..kernels import logprobs as _logprobs
+from .base import Coefficients, split_tile_pass_
 
 __all__ = ["TritonChunkOps", "triton_group_advantages", "triton_selective_logprobs"]
 
@@ -41,6 +42,11 @@ class TritonChunkOps:
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         return _chunk_stats.chunk_partial_stats(logits, targets.contiguous(), temperature)
+
+    def tile_pass_(
+        self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return split_tile_pass_(self, logits, targets, temperature, coefficients)
 
     def grad_(
         self,

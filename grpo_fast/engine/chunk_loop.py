@@ -21,37 +21,69 @@ from .objective import TokenBatch, coefficients, loss_and_metrics, metric_names,
 from .parallel import VocabShard, combine_stats
 
 
+def _has_fp32_out_gemm() -> bool:
+    """Whether this torch has addmm with an fp32 output for half inputs on CUDA (torch >= 2.8)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", "CUDA")
+    except RuntimeError:  # no such operator in this torch
+        return False
+
+
+# Probed once, at import; set to False the first time the op fails at run time (then the fallback runs).
+FP32_OUT_GEMM = {"cuda": _has_fp32_out_gemm()}
+
+
 @dataclass
 class _Grads:
     hidden: Tensor | None
-    weight: Tensor | None  # fp32 accumulator
+    weight: Tensor | None  # fp32 accumulator; garbage until the first chunk (no zero-fill)
     bias: Tensor | None  # fp32 accumulator
+    started: bool = False  # whether a chunk has written the weight accumulator
 
     @classmethod
     def allocate(cls, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, ...]) -> _Grads:
         acc = dict(dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
         return cls(
             hidden=torch.empty_like(hidden) if needs[0] else None,
-            weight=torch.zeros(weight.shape, **acc) if needs[1] else None,
+            weight=torch.empty(weight.shape, **acc) if needs[1] else None,
             bias=torch.zeros(weight.shape[0], **acc) if (bias is not None and needs[2]) else None,
         )
+
+    def _accumulate_weight(self, dlogits: Tensor, h_chunk: Tensor) -> None:
+        acc, a, b = self.weight, dlogits.t(), h_chunk
+        beta = 1.0 if self.started else 0.0  # the first chunk overwrites: no zero-fill beforehand
+        if dlogits.dtype == acc.dtype:
+            torch.addmm(acc, a, b, beta=beta, out=acc)
+            return
+        if acc.device.type == "cuda" and FP32_OUT_GEMM["cuda"]:
+            # Half inputs, fp32 output accumulated by the GEMM itself (beta = 1): no half [V, H] temporary.
+            try:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=beta, out=acc)
+                return
+            except (RuntimeError, NotImplementedError):  # this build/GPU has no such kernel after all
+                FP32_OUT_GEMM["cuda"] = False
+        part = torch.mm(a, b)  # half-precision GEMM (fp32 accumulate inside), summed across chunks in fp32
+        if self.started:
+            acc.add_(part)
+        else:
+            acc.copy_(part)
 
     def accumulate(self, dlogits: Tensor, h_chunk: Tensor, weight: Tensor, start: int, end: int) -> None:
         if self.hidden is not None:
             torch.mm(dlogits, weight, out=self.hidden[start:end])
         if self.weight is not None:
-            if dlogits.dtype == self.weight.dtype:
-                self.weight.addmm_(dlogits.t(), h_chunk)
-            else:  # half-precision GEMM (fp32 accumulate inside), summed across chunks in fp32
-                self.weight.add_(torch.mm(dlogits.t(), h_chunk))
+            self._accumulate_weight(dlogits, h_chunk)
         if self.bias is not None:
             self.bias.add_(dlogits.sum(0, dtype=self.bias.dtype))
+        self.started = True
 
     def final(
         self, weight: Tensor, bias: Tensor | None, shard: VocabShard | None
     ) -> tuple[Tensor | None, ...]:
         if shard is not None and self.hidden is not None:
             shard.all_reduce_(self.hidden)  # each rank holds its vocab shard's part of dL/dh
+        if self.weight is not None and not self.started:  # no token at all: the gradient is 0
+            self.weight.zero_()
         gw = self.weight.to(weight.dtype) if self.weight is not None else None
         gb = self.bias.to(bias.dtype) if self.bias is not None else None
         return self.hidden, gw, gb
@@ -153,9 +185,14 @@ def run_grpo(
         for s, e in _chunks(n, chunk):
             h, t = hidden[s:e], targets[s:e]
             logits = _logits(h, weight, bias)
-            lse, lp, ent = _stats(ops, logits, t, temperature, shard)
-            g, ec = coefficients(lp, ent, batch.rows(s, e), cfg)
-            dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
+            rows = batch.rows(s, e)
+            coefs = lambda lp, ent, rows=rows: coefficients(lp, ent, rows, cfg)  # noqa: E731
+            if shard is None:
+                _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
+            else:  # the statistics of every shard first, then the same coefficients and dlogits
+                lse, lp, ent = _stats(ops, logits, t, temperature, shard)
+                g, ec = coefs(lp, ent)
+                dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
             logp[s:e], entropy[s:e] = lp, ent
             grads.accumulate(dl, h, weight, s, e)
     else:
