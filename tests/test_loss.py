@@ -238,3 +238,25 @@ def test_weight_gradient_accumulator_needs_no_zero_fill(monkeypatch, dtype):
     assert torch.equal(got[0], want[0])
     assert got[2].keys() == want[2].keys() and "weight" in got[2]
     assert all(torch.equal(got[2][k], want[2][k]) for k in want[2])
+
+
+def test_cuda_tile_budget_follows_free_memory(monkeypatch):
+    """CUDA tiles: 1/8 of the free memory, at least 2 GiB on a big GPU, at most 4 GiB and half the free
+    memory; the env override still wins. With no fp32 temporaries (Triton, native) the tile is all of it."""
+    from grpo_fast.engine import chunking
+
+    cuda = torch.device("cuda")
+    gib = 2**30
+    for (free, total), want in {
+        (130 * gib, 141 * gib): 4 * gib,  # H200: capped
+        (12 * gib, 80 * gib): 2 * gib,  # a big GPU, mostly full: still 2 GiB
+        (3 * gib, 80 * gib): 1.5 * gib,  # ... but never more than half of what is free
+        (8 * gib, 16 * gib): 1 * gib,  # a small GPU: 1/8 of the free memory
+    }.items():
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free, t=total: (f, t))
+        assert chunking.chunk_budget_bytes(cuda) == int(want)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (130 * gib, 141 * gib))
+    rows = chunking.auto_chunk_size(10**6, 151936, torch.bfloat16, cuda, fp32_temps=0)
+    assert rows == (4 * gib // (151936 * 2)) // 16 * 16  # 14128 rows: 1 chunk of N=8192 instead of 17
+    monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "64")
+    assert chunking.chunk_budget_bytes(cuda) == 64 * 2**20

@@ -171,3 +171,35 @@ def test_selective_logprobs_rejects(ok, change, exc, match):
 def test_group_advantages_rejects(args, exc, match):
     with pytest.raises(exc, match=match):
         gf.group_advantages(**args)
+
+
+def test_loss_input_value_checks_take_one_transfer(monkeypatch):
+    """Every value check of grpo_loss's inputs (targets, mask, seq_ids, advantages, num_items) runs in one
+    device-to-host transfer: on CUDA, one synchronization instead of one per check."""
+    from grpo_fast.engine import validation
+
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **kw):
+            calls.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    N, H, V = 11, 8, 13
+    hidden, weight = torch.randn(N, H), torch.randn(V, H)
+    targets, mask = torch.randint(0, V, (N,)), torch.ones(N)
+    seq_ids, adv = torch.tensor([0] * 5 + [1] * 6), torch.randn(2)
+    args = (hidden, weight, targets, mask, adv, None, None, None, gf.GRPOConfig())
+    validation.validate_loss_inputs(*args, torch.tensor(9.0), seq_ids)
+    assert calls == ["tolist"]
+    calls.clear()
+    bad = args[:4] + (torch.tensor([1.0, float("nan")]),) + args[5:]
+    with pytest.raises(ValueError, match="advantages must be finite"):
+        validation.validate_loss_inputs(*bad, torch.tensor(9.0), seq_ids)
+    with pytest.raises(ValueError, match="num_items_in_batch must be a non-negative count"):
+        validation.validate_loss_inputs(*args, torch.tensor(-1.0), seq_ids)
+    out_of_range = r"targets at unmasked positions must lie in \[0, V=13\), got values in \[0, 99\]"
+    with pytest.raises(ValueError, match=out_of_range):
+        validation.validate_loss_inputs(*args[:2], torch.where(targets > 5, 99, 0), *args[3:], None, seq_ids)

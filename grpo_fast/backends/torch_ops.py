@@ -17,12 +17,13 @@ def _scaled_fp32(logits: Tensor, temperature: float, in_place: bool) -> Tensor:
     return logits / temperature
 
 
-def _entropy(log_probs: Tensor, probs: Tensor) -> Tensor:
-    # H = -sum(p * log p): no cancellation between two large terms; a plain sum, not a batched dot (its
-    # blocked fp32 accumulation was measurably less accurate than PyTorch's own at V = 4099). A -inf logit
-    # (a banned token) has p = 0 and log p = -inf: nansum drops its 0 * -inf (a NaN logit still shows, in
-    # the logsumexp).
-    return -torch.mul(log_probs, probs).nansum(-1)
+def _entropy_(log_probs: Tensor, probs: Tensor) -> Tensor:
+    # H = -sum(p * log p): no cancellation between two large terms. The product overwrites log_probs (a
+    # new [C, V] buffer costs more than the product itself: page faults); a plain sum, not a batched dot
+    # (its blocked fp32 accumulation was measurably less accurate than PyTorch's own at V = 4099). A -inf
+    # logit (a banned token) has p = 0 and log p = -inf: nansum drops its 0 * -inf (a NaN logit still
+    # shows, in the logsumexp).
+    return -log_probs.mul_(probs).nansum(-1)
 
 
 def _owned(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
@@ -62,7 +63,7 @@ class TorchChunkOps:
         lse = torch.logsumexp(z, dim=-1)
         log_probs = z.sub_(lse.unsqueeze(1))
         logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        return lse, logp, _entropy(log_probs, torch.exp(log_probs))
+        return lse, logp, _entropy_(log_probs, torch.exp(log_probs))
 
     def tile_pass_(
         self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
@@ -74,9 +75,10 @@ class TorchChunkOps:
         log_probs = z.sub_(lse.unsqueeze(1))
         logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
         probs = torch.exp(log_probs)
-        entropy = _entropy(log_probs, probs)
+        entropy = _entropy_(log_probs, probs)  # log_probs is gone now
         g, e = coefficients(logp, entropy)
-        coef = None if e is None else _entropy_coef_(log_probs, g, e, entropy)
+        # The entropy term (rare) needs log p again: recomputed into the same buffer.
+        coef = None if e is None else _entropy_coef_(torch.log(probs, out=log_probs), g, e, entropy)
         dz = _write_dlogits(logits, probs, targets, g, temperature, coef)
         return lse, logp, entropy, dz
 

@@ -35,7 +35,7 @@ class TritonChunkOps:
     """The chunk pass in Triton kernels; logits tiles are fp16/bf16/fp32, with fp32 math throughout."""
 
     name = "triton"
-    fp32_temps = 3  # the kernels need none; kept at the torch ops' value, the GPU tile size as measured
+    fp32_temps = 0  # the kernels work in registers, row block by row block: the tile is all the memory
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         return _chunk_stats.chunk_stats(logits, targets.contiguous(), temperature)

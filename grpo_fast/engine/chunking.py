@@ -6,8 +6,20 @@ import os
 
 import torch
 
-# Bytes the tile and its fp32 temporaries may take; GRPO_FAST_CHUNK_BUDGET_MB overrides.
-DEFAULT_BUDGET_MB = {"cpu": 96, "cuda": 1024}
+# Bytes the tile and its fp32 temporaries may take; GRPO_FAST_CHUNK_BUDGET_MB overrides. CUDA: a share of
+# the free memory (the rest is for activations, the fp32 dW and the allocator), at least 2 GiB on a big GPU
+# (fewer, larger tiles: fewer passes over the dW accumulator), at most 4 GiB and half of what is free.
+DEFAULT_BUDGET_MB = {"cpu": 96}
+CUDA_FREE_SHARE = 1 / 8
+CUDA_BIG_GPU, CUDA_BIG_MIN, CUDA_MAX = 40 * 2**30, 2 * 2**30, 4 * 2**30
+
+
+def cuda_budget_bytes(device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(free * CUDA_FREE_SHARE)
+    if total >= CUDA_BIG_GPU:
+        budget = max(budget, CUDA_BIG_MIN)
+    return max(1, min(budget, CUDA_MAX, free // 2))
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -19,6 +31,8 @@ def chunk_budget_bytes(device: torch.device) -> int:
             raise ValueError(f"GRPO_FAST_CHUNK_BUDGET_MB must be a number of MiB, got {env!r}") from err
         if mb <= 0:
             raise ValueError(f"GRPO_FAST_CHUNK_BUDGET_MB must be positive, got {env!r}")
+    elif device.type == "cuda":
+        return cuda_budget_bytes(device)
     else:
         mb = DEFAULT_BUDGET_MB.get(device.type, DEFAULT_BUDGET_MB["cpu"])
     return int(mb * 2**20)

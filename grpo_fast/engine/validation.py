@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,29 @@ INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 def _shape(x: Tensor) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+class ValueChecks:
+    """Checks of tensor values, evaluated together: one device-to-host transfer for all of them, so CUDA
+    inputs cost one synchronization however many checks there are (the shape and dtype checks need none)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Tensor, tuple[Tensor, ...], Callable[..., str]]] = []
+
+    def add(self, bad: Tensor, message: Callable[..., str], *values: Tensor) -> None:
+        """``bad``: a 0-dim bool tensor; ``message(*values)`` (as floats) is the error when it is true."""
+        self._items.append((bad, values, message))
+
+    def run(self) -> None:
+        if not self._items:
+            return
+        flat = [x.reshape(()).double() for bad, values, _ in self._items for x in (bad, *values)]
+        host = torch.stack(flat).tolist()  # the one transfer
+        i = 0
+        for _, values, message in self._items:
+            if host[i]:
+                raise ValueError(message(*host[i + 1 : i + 1 + len(values)]))
+            i += 1 + len(values)
 
 
 def check_tensor(name: str, x: object) -> Tensor:
@@ -72,8 +96,16 @@ def check_temperature(temperature: object) -> float:
     return float(temperature)
 
 
-def check_targets(targets: object, shape: torch.Size, vocab: int, valid: Tensor | None = None) -> Tensor:
-    """Integer ids of the given shape, in [0, V) wherever ``valid`` (the mask) is set."""
+def check_targets(
+    targets: object,
+    shape: torch.Size,
+    vocab: int,
+    valid: Tensor | None = None,
+    checks: ValueChecks | None = None,
+) -> Tensor:
+    """Integer ids of the given shape, in [0, V) wherever ``valid`` (the mask) is set.
+
+    The range check runs now, or with ``checks`` when that collector runs."""
     targets = check_tensor("targets", targets)
     if targets.dtype not in INT_DTYPES:
         raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
@@ -81,11 +113,24 @@ def check_targets(targets: object, shape: torch.Size, vocab: int, valid: Tensor 
         raise ValueError(
             f"targets must have shape {list(shape)} (hidden without its last dim), got {_shape(targets)}"
         )
-    checked = targets if valid is None else targets[valid]
-    if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
-        lo, hi = int(checked.min()), int(checked.max())
+    if targets.numel():
         where = "" if valid is None else " at unmasked positions"
-        raise ValueError(f"targets{where} must lie in [0, V={vocab}), got values in [{lo}, {hi}]")
+        # Masked positions may hold anything (-100): neutral values there, without a boolean index.
+        ids = targets.long()
+        if valid is not None:
+            big = torch.iinfo(torch.int64)
+            lo, hi = torch.where(valid, ids, big.max).min(), torch.where(valid, ids, big.min).max()
+        else:
+            lo, hi = ids.min(), ids.max()
+        own = checks if checks is not None else ValueChecks()
+        own.add(
+            (lo < 0) | (hi >= vocab),
+            lambda lo, hi: f"targets{where} must lie in [0, V={vocab}), got values in [{lo:.0f}, {hi:.0f}]",
+            lo,
+            hi,
+        )
+        if checks is None:
+            own.run()
     return targets
 
 
@@ -113,13 +158,21 @@ class LossInputs:
     num_items: Tensor | None  # 0-dim fp32
 
 
-def _check_num_items(num_items: object, device: torch.device) -> Tensor | None:
+def _check_num_items(num_items: object, device: torch.device, checks: ValueChecks) -> Tensor | None:
     if num_items is None:
         return None
     if isinstance(num_items, Tensor):
         if num_items.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {_shape(num_items)}")
-        value = float(num_items)
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items_in_batch must be a real count, got a {num_items.dtype} tensor")
+        value = num_items.reshape(()).to(device=device, dtype=torch.float32)
+        checks.add(
+            ~torch.isfinite(value) | (value < 0),
+            lambda v: f"num_items_in_batch must be a non-negative count, got {v!r}",
+            value,
+        )
+        return value  # stays on the device: no synchronization
     elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
         value = float(num_items)
     else:
@@ -165,9 +218,13 @@ def validate_loss_inputs(
         mask_f = mask.float()
     else:
         raise TypeError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
-    if mask_f.numel() and (not torch.isfinite(mask_f).all() or bool((mask_f < 0).any())):
-        raise ValueError("mask must hold finite non-negative values (1 = token counts, 0 = padding)")
-    targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0)
+    checks = ValueChecks()  # every value check of the inputs, run at the end in one transfer
+    if mask_f.numel():
+        checks.add(
+            ~torch.isfinite(mask_f).all() | (mask_f < 0).any(),
+            lambda: "mask must hold finite non-negative values (1 = token counts, 0 = padding)",
+        )
+    targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0, checks=checks)
 
     advantages = check_tensor("advantages", advantages)
     check_float("advantages", advantages)
@@ -194,11 +251,16 @@ def validate_loss_inputs(
                 f"{seq_ids_t.dtype} {_shape(seq_ids_t)}"
             )
         num_seqs = advantages.shape[0]
-        if seq_ids_t.numel() and (int(seq_ids_t.min()) < 0 or int(seq_ids_t.max()) >= num_seqs):
-            raise ValueError(f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)")
+        if seq_ids_t.numel():
+            checks.add(
+                (seq_ids_t.min() < 0) | (seq_ids_t.max() >= num_seqs),
+                lambda: f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)",
+            )
         seq_ids_t = seq_ids_t.long()
-    if not torch.isfinite(advantages).all():
-        raise ValueError("advantages must be finite (group_advantages maps unscorable completions to 0)")
+    checks.add(
+        ~torch.isfinite(advantages).all(),
+        lambda: "advantages must be finite (group_advantages maps unscorable completions to 0)",
+    )
 
     old = check_logp("old_logp", old_logp, token_shape)
     ref = check_logp("ref_logp", ref_logp, token_shape)
@@ -213,7 +275,8 @@ def validate_loss_inputs(
         ref_logp=ref,
         seq_ids=seq_ids_t,
     )
-    num_items = _check_num_items(num_items_in_batch, device)
+    num_items = _check_num_items(num_items_in_batch, device, checks)
+    checks.run()
 
     flat_mask = mask_f.reshape(-1)
     inputs = LossInputs(
