@@ -53,7 +53,7 @@ class _Grads:
         acc, a, b = self.weight, dlogits.t(), h_chunk
         beta = 1.0 if self.started else 0.0  # the first chunk overwrites: no zero-fill beforehand
         if dlogits.dtype == acc.dtype:
-            torch.addmm(acc, a, b, beta=beta, out=acc)
+            acc.addmm_(a, b, beta=beta)
             return
         if acc.device.type == "cuda" and FP32_OUT_GEMM["cuda"]:
             # Half inputs, fp32 output accumulated by the GEMM itself (beta = 1): no half [V, H] temporary.
