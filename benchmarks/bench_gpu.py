@@ -1,24 +1,28 @@
-"""GPU benchmark of the whole GRPO loss (forward + backward) against the tools users pick today.
+"""The GPU run: preamble, fp64 truth, the speed/memory table and the long-context search, on the record.
 
-Phases:
+Phases (``--phase``; ``all`` runs them in this order):
 
-- ``table``: the issue's shapes (N, H, V) in bf16, dapo, token level, with old log-probs, once with
-  beta=0 and once with beta=0.04 and ref log-probs, for every implementation in one run: median ms,
-  effective TFLOP/s (6*N*H*V / time), the ratio to a cuBLAS GEMM of the same shape measured in the same
-  run (``3 * gemm_ms / ms``: 1.0 means the three GEMMs of forward + backward at cuBLAS speed, nothing
-  else), and the peak memory above the inputs;
-- ``longctx``: per implementation, the largest N that fits a memory budget (default 40 GB, inputs
-  included) at H=4096, V=151936;
-- ``report``: the PNG chart and the README's markdown tables, from the results file.
+- ``preamble``: versions, the same-run cuBLAS GEMM rate and device copy bandwidth (:mod:`gpu_model`);
+- ``truth``: every loss family on both GPU backends against an fp64 reference (:mod:`gpu_truth`);
+- ``table``: the issue's shapes (N, H, V), dapo, token level, old log-probs, beta 0 and 0.04: grpo_fast's
+  rows first (native, triton, and Triton's no-grad log-probs: tile path vs fused GEMM kernel), then TRL
+  1.16's path, Liger's ``LigerFusedLinearGRPOLoss``, and torch.compile of the torch chunk pass at the
+  first shape. Rows ``{impl, N, H, V, dtype, beta, ms, tflops, gemm_ratio, peak_mb, chunk_rows,
+  predicted_ms}``: ``gemm_ratio`` is ``flops / ms`` over the same-shape cuBLAS GEMM's rate, measured in
+  the same run; ``predicted_ms`` the roofline model's figure (:func:`gpu_model.predicted_ms`);
+- ``longctx``: for two implementations, the largest N that fits a memory budget (default 40 GB, inputs
+  included) at H=4096, V=151936, each search bounded by the run's deadline;
+- ``report``: the Markdown tables and the PNG chart (:mod:`gpu_report`), from the results file.
 
 Every token is unmasked, so 6*N*H*V is the work each implementation must do (none may skip padding).
-Results go to ``benchmarks/results/<device>-<yyyymmdd>.json`` (``--out``), rewritten after each row, so
-a run cut short keeps what it measured; a re-run with the same ``--out`` resumes, skipping rows on
-record. ``--time-limit`` stops starting new measurements after that many seconds.
+Results go to ``--out`` (default ``results/<device>-<yyyymmdd>.json``), rewritten after every
+measurement, so a run cut short keeps what it measured; a re-run with the same ``--out`` resumes,
+skipping what is on record. ``--time-limit`` stops starting new measurements after that many seconds.
+``--dry-run`` rehearses every phase on CPU tensors at tiny shapes (fp32; Triton under
+``TRITON_INTERPRET=1``, TRL and Liger on CPU): CI runs it, so the GPU run cannot die on a script bug.
 
-    python benchmarks/bench_gpu.py --phase table --time-limit 500
-    python benchmarks/bench_gpu.py --phase longctx
-    python benchmarks/bench_gpu.py --phase report --out benchmarks/results/<file>.json
+    python benchmarks/bench_gpu.py --time-limit 420 --out $OUT/h200-20261202.json
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --dry-run --out /tmp/dry.json
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gpu_model
+import gpu_report
+import gpu_truth
 import torch
 
 from grpo_fast.benchmarking import baselines as bench_baselines
@@ -44,9 +51,31 @@ from grpo_fast.benchmarking import harness as bench
 ROOT = Path(__file__).resolve().parent
 SHAPES = [(8192, 4096, 151936), (16384, 4096, 128256), (4096, 2048, 151936), (32768, 3584, 152064)]
 BETAS = [0.0, 0.04]
-IMPLS = ["reference", "trl", "liger", "torch-compile", "grpo_fast-triton", "grpo_fast-native"]
+# The table's order: grpo_fast first, then what users run today; torch-compile at the first shape only.
+IMPLS = [
+    "grpo_fast-native",
+    "grpo_fast-triton",
+    "grpo_fast-triton-logprobs",
+    "grpo_fast-triton-logprobs-fused",
+    "trl",
+    "liger",
+    "torch-compile",
+]
+FIRST_SHAPE_ONLY = ("torch-compile",)
 SEQ_LEN = 1024  # tokens per completion: N = B * SEQ_LEN
 LONGCTX_SHAPE = (4096, 151936)
+LONGCTX_IMPLS = ("grpo_fast-triton", "trl")
+PREAMBLE_COPY_MB = 1024
+TRUTH_SHAPE = (2, 1024, 2048, 151936)  # (B, T, H, V): the real vocabulary, an fp64 truth in seconds
+# --dry-run: the same phases at tiny shapes on the CPU.
+DRY = dict(
+    shapes=[(64, 24, 301), (96, 40, 517)],
+    truth=(2, 37, 67, 1013),
+    preamble=(64, 64, 1024),
+    copy_mb=16,
+    longctx=(24, 301),
+    seq_len=16,
+)
 
 
 def device_inputs(case: bench.BenchCase, seed: int) -> dict:
@@ -108,9 +137,17 @@ class Results:
     def open(cls, path: Path, env: dict) -> Results:
         data = json.loads(path.read_text()) if path.exists() else {}
         data.update({k: v for k, v in env.items() if k not in data or not data[k]})
+        data.setdefault("preamble", {})
+        data.setdefault("truth", [])
         data.setdefault("rows", [])
         data.setdefault("long_context", [])
         return cls(path, data)
+
+    def has_truth(self, entry: dict) -> bool:
+        return any(
+            (t["config"], t["backend"], t["dtype"]) == (entry["config"], entry["backend"], entry["dtype"])
+            for t in self.data["truth"]
+        )
 
     def has_row(self, impl: str, case: bench.BenchCase) -> bool:
         key = (impl, case.N, case.H, case.V, case.dtype, case.beta)
@@ -150,17 +187,24 @@ class Deadline:
         return self.end is not None and time.monotonic() > self.end
 
 
-def measure_row(impl: str, case: bench.BenchCase, gemm: float, iters: int) -> dict:
+def measure_row(impl: str, case: bench.BenchCase, gemm: float, iters: int, pre: dict) -> dict:
     """One implementation at one case: a row of the results table (``error`` set when it failed)."""
-    flops = 6.0 * case.N * case.H * case.V
+    flops = gpu_model.flops(impl, case.N, case.H, case.V)
+    rows = gpu_model.chunk_rows(impl, case.N, case.V, case.dtype, case.device)
     row = dict(impl=impl, N=case.N, H=case.H, V=case.V, dtype=case.dtype, beta=case.beta)
-    row.update(ms=None, tflops=None, gemm_ratio=None, peak_mb=None, gemm_ms=gemm)
+    row.update(ms=None, tflops=None, gemm_ratio=None, peak_mb=None, gemm_ms=gemm, chunk_rows=rows)
+    row["predicted_ms"] = (
+        gpu_model.predicted_ms(impl, case.N, case.H, case.V, case.dtype, rows, pre) if pre else None
+    )
     steps: list = []
     try:
         steps = [bench.IMPLS[impl](device_inputs(case, seed), case) for seed in range(2)]
         # warmup=2: torch.compile and autotuners compile on the first calls of each input set
         ms = bench._median_ms(steps, case.device, iters, warmup=2)
-        row.update(ms=ms, tflops=flops / ms / 1e9, gemm_ratio=3.0 * gemm / ms)
+        # gemm_ratio: this step's FLOP rate over the same-shape forward GEMM's (2NHV in gemm ms).
+        row.update(
+            ms=ms, tflops=flops / ms / 1e9, gemm_ratio=flops / (2.0 * case.N * case.H * case.V) * gemm / ms
+        )
         row["peak_mb"] = peak_above_inputs_mb(steps[0], case.device)
     except Exception as err:  # one failing implementation must not stop the run
         row["error"] = "OOM" if _is_oom(err) else f"{type(err).__name__}: {err}"[:500]
@@ -173,12 +217,14 @@ def measure_row(impl: str, case: bench.BenchCase, gemm: float, iters: int) -> di
 
 
 def run_table(args, results: Results, impls: list[str], deadline: Deadline) -> None:
-    for n, h, v in args.shapes:
+    pre = results.data.get("preamble") or {}
+    for k, (n, h, v) in enumerate(args.shapes):
         for beta in args.betas:
             case = bench.BenchCase(
-                N=n, H=h, V=v, B=max(1, n // SEQ_LEN), dtype=args.dtype, device=args.device, beta=beta
+                N=n, H=h, V=v, B=max(1, n // args.seq_len), dtype=args.dtype, device=args.device, beta=beta
             )
-            todo = [i for i in impls if not results.has_row(i, case)]
+            here = [i for i in impls if k == 0 or i not in FIRST_SHAPE_ONLY]
+            todo = [i for i in here if not results.has_row(i, case)]
             if not todo:
                 continue
             if deadline.passed():
@@ -190,14 +236,15 @@ def run_table(args, results: Results, impls: list[str], deadline: Deadline) -> N
                 if deadline.passed():
                     print("time limit reached: stopping (re-run with the same --out to resume)", flush=True)
                     return
-                row = measure_row(impl, case, gemm, args.iters)
+                row = measure_row(impl, case, gemm, args.iters, pre)
                 results.add("rows", row)
                 if row.get("error"):
                     print(f"  {impl:<18} failed: {row['error'][:120]}", flush=True)
                 else:
                     peak = f"{row['peak_mb']:9.0f} MB" if row["peak_mb"] is not None else "n/a"
+                    model = f"{row['predicted_ms']:9.2f}" if row["predicted_ms"] is not None else "      n/a"
                     print(
-                        f"  {impl:<18} {row['ms']:9.2f} ms {row['tflops']:7.1f} TFLOP/s "
+                        f"  {impl:<31} {row['ms']:9.2f} ms (model {model}) {row['tflops']:7.1f} TFLOP/s "
                         f"{100 * row['gemm_ratio']:5.1f}% of cuBLAS  peak {peak}",
                         flush=True,
                     )
@@ -206,23 +253,38 @@ def run_table(args, results: Results, impls: list[str], deadline: Deadline) -> N
 # ---------------------------------------------------------------- long context
 
 
-def probe_peak_bytes(impl: str, n: int, args, budget: int) -> int | None:
-    """Total peak bytes (inputs included) of one step at N=n, or None when it runs out of the budget."""
-    h, v = LONGCTX_SHAPE
-    case = bench.BenchCase(N=n, H=h, V=v, B=max(1, n // SEQ_LEN), dtype=args.dtype, device=args.device)
+class OutOfTime(Exception):
+    """The run's deadline passed in the middle of a long-context search."""
+
+
+def probe_peak_bytes(impl: str, n: int, args, budget: int, deadline: Deadline) -> int | None:
+    """Total peak bytes (inputs included) of one step at N=n, or None when it runs out of the budget.
+
+    On the CPU (``--dry-run``) the step runs (the code path is what is rehearsed) and the bytes are the
+    inputs' own: the CUDA allocator is what measures peaks."""
+    if deadline.passed():
+        raise OutOfTime
+    h, v = args.longctx_shape
+    case = bench.BenchCase(N=n, H=h, V=v, B=max(1, n // args.seq_len), dtype=args.dtype, device=args.device)
     _free()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
-        step = bench.IMPLS[impl](device_inputs(case, 0), case)
+        inputs = device_inputs(case, 0)
+        step = bench.IMPLS[impl](inputs, case)
         step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = sum(t.numel() * t.element_size() for t in inputs.values() if torch.is_tensor(t))
     except Exception as err:
         if not _is_oom(err):
             raise
         peak = None
     finally:
-        step = None  # noqa: F841 - drop the inputs before the next probe
+        inputs = step = None  # noqa: F841 - drop the inputs before the next probe
         _free()
     return peak if peak is not None and peak <= budget else None
 
@@ -279,133 +341,82 @@ def largest_fitting(probe: Callable[[int], int | None], budget: int, step: int, 
 
 
 def run_longctx(args, results: Results, impls: list[str], deadline: Deadline) -> None:
-    if not args.device.startswith("cuda"):
-        print("long-context search needs CUDA (peak memory from the CUDA allocator): skipped")
-        return
     budget = int(args.budget_gb * 1e9)
-    total = torch.cuda.get_device_properties(0).total_memory
-    # The allocator refuses past the budget: a run that cannot fit fails fast instead of filling the card.
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (budget + 2**30) / total))
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        # The allocator refuses past the budget: a run that cannot fit fails fast instead of filling the card.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget + 2**30) / total))
+    h, v = args.longctx_shape
     try:
-        for impl in impls:
+        for impl in [i for i in LONGCTX_IMPLS if i in impls]:
             if results.has_long(impl):
                 continue
             if deadline.passed():
                 print("time limit reached: stopping (re-run with the same --out to resume)", flush=True)
                 return
             t0 = time.monotonic()
+            row = dict(impl=impl, H=h, V=v, dtype=args.dtype, budget_gb=args.budget_gb, dry_run=not cuda)
             try:
                 n, probes = largest_fitting(
-                    lambda n, impl=impl: probe_peak_bytes(impl, n, args, budget), budget, SEQ_LEN, args.max_n
+                    lambda n, impl=impl: probe_peak_bytes(impl, n, args, budget, deadline),
+                    budget,
+                    args.seq_len,
+                    args.max_n,
                 )
-                row = dict(impl=impl, H=LONGCTX_SHAPE[0], V=LONGCTX_SHAPE[1], dtype=args.dtype)
-                row.update(budget_gb=args.budget_gb, max_N=n, capped=n >= args.max_n, probes=probes)
+                row.update(max_N=n, capped=n >= args.max_n, probes=probes)
+            except OutOfTime:
+                row.update(max_N=None, error="the run's time limit passed during the search")
             except Exception as err:
                 traceback.print_exc()
-                row = dict(impl=impl, H=LONGCTX_SHAPE[0], V=LONGCTX_SHAPE[1], dtype=args.dtype)
-                row.update(budget_gb=args.budget_gb, max_N=None, error=f"{type(err).__name__}: {err}"[:500])
+                row.update(max_N=None, error=f"{type(err).__name__}: {err}"[:500])
             results.add("long_context", row)
             print(f"  {impl:<18} largest N in {args.budget_gb:g} GB: {row['max_N']} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)  # fmt: skip
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-
-
-# ---------------------------------------------------------------- report
-
-
-def markdown(data: dict) -> str:
-    """The README's tables: speed and memory per shape, then the long-context table."""
-    dtypes = ", ".join(sorted({r["dtype"] for r in data["rows"]}))
-    lines = [
-        f"Device: {data.get('device')}, torch {data.get('torch')}, triton {data.get('triton')}, "
-        f"commit {data.get('commit')}. Forward + backward of the whole GRPO loss (dapo, token level, "
-        f"old log-probs; beta=0.04 adds ref log-probs), {dtypes}, every token unmasked.",
-        "",
-        "| N | H | V | beta | implementation | ms | TFLOP/s | vs cuBLAS GEMM | peak MB above inputs "
-        "| speed-up vs reference |",
-        "|---:|---:|---:|---:|:---|---:|---:|---:|---:|---:|",
-    ]
-    ref = {(r["N"], r["H"], r["V"], r["beta"]): r for r in data["rows"] if r["impl"] == "reference"}
-    for r in data["rows"]:
-        base = ref.get((r["N"], r["H"], r["V"], r["beta"]))
-        if r.get("ms") is None:
-            cells = [r.get("error", "failed")[:40], "", "", "", ""]
-        else:
-            speed = f"{base['ms'] / r['ms']:.2f}x" if base and base.get("ms") else ""
-            peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
-            cells = [f"{r['ms']:.1f}", f"{r['tflops']:.0f}", f"{100 * r['gemm_ratio']:.0f}%", peak, speed]
-        head = f"| {r['N']} | {r['H']} | {r['V']} | {r['beta']} | {r['impl']} | "
-        lines.append(head + " | ".join(cells) + " |")
-    if data.get("long_context"):
-        lines += ["", "| implementation | largest N in budget | H | V | budget |"]
-        lines += ["|:---|---:|---:|---:|---:|"]
-        for r in data["long_context"]:
-            n = r.get("max_N")
-            shown = "error" if n is None else (f">= {n}" if r.get("capped") else str(n))
-            lines.append(f"| {r['impl']} | {shown} | {r['H']} | {r['V']} | {r['budget_gb']:g} GB |")
-    return "\n".join(lines) + "\n"
-
-
-def chart(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in data["rows"] if r.get("ms") is not None]
-    cases = sorted({(r["N"], r["H"], r["V"], r["beta"]) for r in data["rows"]})
-    present = list(dict.fromkeys(r["impl"] for r in data["rows"]))
-    impls = [i for i in IMPLS if i in present] + [i for i in present if i not in IMPLS]
-    panels = 3 if data.get("long_context") else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
-    width = 0.8 / max(len(impls), 1)
-    for k, impl in enumerate(impls):
-        by_case = {(r["N"], r["H"], r["V"], r["beta"]): r for r in rows if r["impl"] == impl}
-        xs = [i + k * width for i in range(len(cases))]
-        speed = [100 * by_case[c]["gemm_ratio"] if c in by_case else 0.0 for c in cases]
-        memory = [(by_case[c]["peak_mb"] or 0.0) / 1024 if c in by_case else 0.0 for c in cases]
-        axes[0].bar(xs, speed, width, label=impl)
-        axes[1].bar(xs, memory, width, label=impl)
-    labels = [f"{n // 1024}k x {h} x {v // 1000}k\nbeta={b}" for n, h, v, b in cases]
-    for ax, title in zip(axes[:2], ("speed: % of cuBLAS GEMM rate (3 GEMMs)", "peak GiB above inputs"),
-                         strict=True):  # fmt: skip
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, fontsize=7)
-        ax.set_title(title)
-    if any(r["peak_mb"] and r["peak_mb"] > 0 for r in rows):  # NaN on CPU smoke runs
-        axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    if panels == 3:
-        longs = [r for r in data["long_context"] if r.get("max_N")]
-        axes[2].barh([r["impl"] for r in longs], [r["max_N"] / 1024 for r in longs])
-        budget = data["long_context"][0]["budget_gb"]
-        h, v = LONGCTX_SHAPE
-        axes[2].set_title(f"largest N (k tokens) in {budget:g} GB, H={h}, V={v}")
-    dtypes = ", ".join(sorted({r["dtype"] for r in data["rows"]}))
-    fig.suptitle(f"GRPO loss, forward + backward, {data.get('device')}, {dtypes}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 # ---------------------------------------------------------------- command line
 
 
+PHASES = ("preamble", "truth", "table", "longctx", "report")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", choices=["table", "longctx", "report", "all"], default="all")
+    p.add_argument("--phase", action="append", choices=[*PHASES, "all"], help="default: all, in order")
     p.add_argument("--out", type=Path, help="results JSON (default: results/<device>-<date>.json)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(bench.DTYPES))
+    p.add_argument("--device", default=None, help="default: cuda when available (cpu with --dry-run)")
+    p.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES), help="default: bfloat16")
     p.add_argument("--impl", action="append", help="implementations (default: every one that can run)")
     p.add_argument("--shape", action="append", metavar="N,H,V", help="default: the issue's four shapes")
     p.add_argument("--beta", action="append", type=float, help="default: 0 and 0.04")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--budget-gb", type=float, default=40.0)
-    p.add_argument("--max-n", type=int, default=2**21, help="largest N the long-context search tries")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per median (default 5; 2 dry)")
+    p.add_argument("--budget-gb", type=float, default=None, help="long-context budget (default 40)")
+    p.add_argument("--max-n", type=int, default=None, help="largest N the long-context search tries")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; then stop starting new work")
+    p.add_argument("--dry-run", action="store_true", help="every phase on CPU tensors at tiny shapes")
     args = p.parse_args(argv)
-    args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else SHAPES
+    dry = args.dry_run
+    args.phases = (
+        PHASES if not args.phase or "all" in args.phase else tuple(x for x in PHASES if x in args.phase)
+    )
+    args.device = args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda")
+    # The interpreter's tl.dot is wrong in bf16: the CPU rehearsal runs in fp32.
+    args.dtype = args.dtype or ("float32" if dry else "bfloat16")
+    args.iters = args.iters or (2 if dry else 5)
+    args.budget_gb = args.budget_gb or (0.01 if dry else 40.0)
+    args.seq_len = DRY["seq_len"] if dry else SEQ_LEN
+    args.max_n = args.max_n or (64 * args.seq_len if dry else 2**21)
+    args.longctx_shape = DRY["longctx"] if dry else LONGCTX_SHAPE
+    args.truth_shape = DRY["truth"] if dry else TRUTH_SHAPE
+    args.preamble_shape = DRY["preamble"] if dry else None
+    args.copy_mb = DRY["copy_mb"] if dry else PREAMBLE_COPY_MB
+    shapes = DRY["shapes"] if dry else SHAPES
+    args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else shapes
+    args.preamble_shape = args.preamble_shape or args.shapes[0]
     args.betas = args.beta or BETAS
     return args
 
@@ -414,23 +425,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = environment()
     out = args.out or default_out(env["device"])
-    results = Results.open(out, env)
+    results = Results.open(out, {**env, "dry_run": args.dry_run})
     if args.impl:
         unknown = [i for i in args.impl if i not in bench.IMPLS]
         if unknown:
             raise SystemExit(f"unknown implementations {unknown}; known: {sorted(bench.IMPLS)}")
         impls = args.impl
     else:
-        impls = [i for i in IMPLS if i in bench.IMPLS and bench_baselines.runnable(i, args.device)]
+        impls = [i for i in IMPLS if bench_baselines.runnable(i, args.device, dry_run=args.dry_run)]
     deadline = Deadline(args.time_limit)
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}: {impls} -> {out}", flush=True)
-    if args.phase in ("table", "all"):
+    if "preamble" in args.phases and not results.data["preamble"]:
+        pre = gpu_model.preamble(args.device, args.dtype, args.preamble_shape, args.copy_mb, args.iters)
+        results.data["preamble"] = pre
+        results.save()
+        print(
+            f"preamble: GEMM {pre['gemm']['tflops']:.1f} TFLOP/s, copy {pre['copy']['gbs']:.0f} GB/s",
+            flush=True,
+        )
+    if "truth" in args.phases:
+
+        def add(entry: dict) -> None:
+            if not results.has_truth(entry):
+                results.add("truth", entry)
+
+        gpu_truth.run_truth(args.device, args.dtype, args.truth_shape, add, deadline.passed)
+    if "table" in args.phases:
         run_table(args, results, impls, deadline)
-    if args.phase in ("longctx", "all"):
+    if "longctx" in args.phases:
         run_longctx(args, results, impls, deadline)
-    if args.phase in ("report", "all") and results.data["rows"]:
-        out.with_suffix(".md").write_text(markdown(results.data))
-        chart(results.data, out.with_suffix(".png"))
+    if "report" in args.phases and results.data["rows"]:
+        gpu_report.write(results.data, out, IMPLS)
         print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 

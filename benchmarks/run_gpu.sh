@@ -1,91 +1,124 @@
 #!/usr/bin/env bash
-# The GPU session's one command: carried wheels, the build, the GPU tests and the benchmark.
+# The GPU session's one command: carried wheels, the build, then the phases of the GPU record.
 #
-#   benchmarks/run_gpu.sh [PHASE ...]      PHASE: tests, vocab_parallel, table, longctx, report
-#                                          (default: all five, in that order)
+#   benchmarks/run_gpu.sh [--cpu-dry-run] [PHASE ...]
+#       PHASE: preamble truth tests table longctx report (default: all six, in that order);
+#              vocab_parallel (the NCCL overhead of the vocab-parallel path) only when named.
 #
-# On the dev machine first: benchmarks/fetch_wheels.sh (TRL and liger-kernel into .whl/), then run this
-# on the GPU machine with .whl carried. Everything is written under $OUT when set (the device tool
-# brings $OUT back): tests.log, bench.log and the results <device>-<date>.json/.png/.md. Results also go
-# to benchmarks/results/. The whole run keeps within RUN_BUDGET seconds (default 540: one device call);
-# the benchmark stops starting new measurements when the budget is spent, and a re-run with the partial
-# JSON copied back into benchmarks/results/ resumes where it stopped:
-#   benchmarks/run_gpu.sh table longctx report
+# Results: $OUT/<device>-<date>.json (benchmarks/results/ when OUT is unset), rewritten after every
+# measurement, so a run that is killed still returns what it measured; tests.log and bench.log next to it;
+# the .md table and .png chart at the end. A copy lands in benchmarks/results/ too. The run keeps within
+# RUN_BUDGET seconds (default 480: 8 minutes of a 10-minute device call): each phase gets what is left, the
+# benchmark stops starting new measurements at its deadline, and a re-run with the same results file
+# resumes where it stopped.
 #
-# Environment: RUN_BUDGET (s), GRPO_FAST_NO_CUDA (default 0: the native CUDA kernels are built, for
-# this GPU's architecture only unless TORCH_CUDA_ARCH_LIST says otherwise, so their GPU tests run; set 1
-# to skip them and save the compile time), GRPO_FAST_COMMIT (recorded in the results), BENCH_ARGS
-# (extra arguments for bench_gpu.py, e.g. "--iters 3").
+# --cpu-dry-run: every phase on CPU tensors at tiny shapes (fp32; Triton under TRITON_INTERPRET=1, TRL
+# and Liger on the CPU), no wheels, no build (the checkout's environment as is). CI runs it, so the GPU
+# run cannot die on a script bug. Its record says dry_run: true and measures nothing worth keeping.
+#
+# On the dev machine first: benchmarks/fetch_wheels.sh (TRL, liger-kernel and what they need beyond the
+# image, into .whl/), then run this on the GPU machine with .whl carried.
+#
+# Environment: RUN_BUDGET (s), GRPO_FAST_NO_CUDA (default 0: the native CUDA kernels are built for this
+# GPU's architecture only unless TORCH_CUDA_ARCH_LIST says otherwise; 1 skips them), GRPO_FAST_COMMIT
+# (recorded in the results when git is not there), BENCH_ARGS (extra arguments for bench_gpu.py).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
 START=$(date +%s)
-BUDGET=${RUN_BUDGET:-540}
+DRY=0
+if [ "${1:-}" = "--cpu-dry-run" ]; then
+    DRY=1
+    shift
+fi
+BUDGET=${RUN_BUDGET:-480}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests vocab_parallel table longctx report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth tests table longctx report)
 PY=${PYTHON:-python3}
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the phases cd around
 status=0
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing the carried wheels failed"; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-
-# Editable install: kernels/ becomes grpo_fast.kernels (setup.py's package_dir). Skipped when this
-# checkout is installed already (a warm machine).
-ROOT=$PWD
-if ! (cd /tmp && "$PY" -c "import grpo_fast.kernels as k, sys; sys.exit(not k.__file__.startswith('$ROOT/'))") 2>/dev/null; then
-    echo "== building grpo_fast ($(left) s left)"
-    # This GPU's architecture only (sm_90a on Hopper): half the compile time of the full list.
-    ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))" 2>/dev/null)}
-    TORCH_CUDA_ARCH_LIST=$ARCH GRPO_FAST_NO_CUDA=${GRPO_FAST_NO_CUDA:-0} MAX_JOBS=${MAX_JOBS:-16} \
-        "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "the build failed"; exit 1; }
+if [ $DRY -eq 1 ]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    DRY_ARGS=(--dry-run)
+else
+    unset TRITON_INTERPRET
+    DRY_ARGS=()
+    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || { echo "installing the carried wheels failed"; exit 1; }
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    # Editable install: kernels/ becomes grpo_fast.kernels (setup.py's package_dir). Skipped when this
+    # checkout is installed already (a warm machine).
+    ROOT=$PWD
+    if ! (cd /tmp && "$PY" -c "import grpo_fast.kernels as k, sys; sys.exit(not k.__file__.startswith('$ROOT/'))") 2>/dev/null; then
+        echo "== building grpo_fast ($(left) s left)"
+        # This GPU's architecture only (sm_90a on Hopper): half the compile time of the full list.
+        ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))" 2>/dev/null)}
+        TORCH_CUDA_ARCH_LIST=$ARCH GRPO_FAST_NO_CUDA=${GRPO_FAST_NO_CUDA:-0} MAX_JOBS=${MAX_JOBS:-16} \
+            "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "the build failed"; exit 1; }
+    fi
 fi
 "$PY" -c "import torch, triton, grpo_fast.kernels; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 
-RESULTS=${RESULTS:-$(cd benchmarks && "$PY" -c "import bench_gpu, grpo_fast.benchmarking.harness as b; print(bench_gpu.default_out(b.environment()['device']))")}
+NAME=$(cd benchmarks && "$PY" -c "import bench_gpu, grpo_fast.benchmarking.harness as b; print(bench_gpu.default_out(b.environment()['device']).name)") \
+    || { echo "bench_gpu.py does not import"; exit 1; }
+[ $DRY -eq 1 ] && NAME=${NAME%.json}-dry-run.json
+RESULTS=${RESULTS:-$LOGDIR/$NAME}
 echo "results: $RESULTS"
+
+bench() {  # bench_gpu.py phases within the time left, keeping 20 s for what follows
+    local limit=$(( $(left) - 20 ))
+    [ $limit -lt 5 ] && limit=5
+    "$PY" benchmarks/bench_gpu.py "${DRY_ARGS[@]}" "$@" --out "$RESULTS" --time-limit $limit ${BENCH_ARGS:-} \
+        2>&1 | tee -a "$LOGDIR/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
 
 for phase in "${PHASES[@]}"; do
     echo "== $phase ($(left) s left)"
+    if [ "$(left)" -le 10 ] && [ "$phase" != report ]; then
+        echo "out of time: $phase not run"
+        status=1
+        continue
+    fi
     case $phase in
+        preamble|truth|table|longctx|report)
+            bench --phase "$phase"
+            ;;
         tests)
-            # Every GPU-marked test, then the Triton tests (natively on the GPU) and the AOT compile check.
-            timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) "$PY" -m pytest -q -ra -m gpu tests \
+            # The GPU tests: every gpu-marked test, then the Triton tests natively on the GPU (the CPU-only
+            # compile tests run in CI). The dry run collects and runs the gpu-marked ones (they skip).
+            timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests \
                 2>&1 | tee "$LOGDIR/tests.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-            timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) "$PY" -m pytest -q -ra \
-                tests/test_triton_ops.py tests/test_triton_compile.py 2>&1 | tee -a "$LOGDIR/tests.log"
-            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            if [ $DRY -eq 0 ]; then
+                timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) "$PY" -m pytest -q -ra -p no:cacheprovider \
+                    tests/test_triton_ops.py 2>&1 | tee -a "$LOGDIR/tests.log"
+                [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            fi
             ;;
         vocab_parallel)
-            # Overhead of grpo_loss(process_group=...) over NCCL with one rank vs the plain path.
+            if [ $DRY -eq 1 ]; then
+                echo "vocab_parallel needs CUDA and NCCL: not in the dry run"
+                continue
+            fi
             VP_OUT="${RESULTS%.json}-vocab-parallel.json"
             timeout $(( $(left) > 120 ? 90 : 30 )) "$PY" benchmarks/bench_vocab_parallel.py --out "$VP_OUT" \
                 2>&1 | tee -a "$LOGDIR/bench.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-            [ -n "${OUT:-}" ] && [ -f "$VP_OUT" ] && cp "$VP_OUT" "$OUT/"
             ;;
-        table|longctx)
-            "$PY" benchmarks/bench_gpu.py --phase "$phase" --out "$RESULTS" --time-limit $(( $(left) - 60 )) \
-                ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGDIR/bench.log"
-            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-            ;;
-        report)
-            "$PY" benchmarks/bench_gpu.py --phase report --out "$RESULTS" 2>&1 | tee -a "$LOGDIR/bench.log"
-            ;;
-        *) echo "unknown phase $phase (tests, vocab_parallel, table, longctx, report)"; status=1 ;;
+        *) echo "unknown phase $phase (preamble, truth, tests, table, longctx, report, vocab_parallel)"; status=1 ;;
     esac
 done
 
-if [ -n "${OUT:-}" ]; then
-    for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md"; do
-        [ -f "$f" ] && cp "$f" "$OUT/"
+if [ $DRY -eq 0 ] && [ "$(dirname "$RESULTS")" != benchmarks/results ]; then
+    for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md" "${RESULTS%.json}-vocab-parallel.json"; do
+        [ -f "$f" ] && cp "$f" benchmarks/results/
     done
 fi
 echo "== done in $(( $(date +%s) - START )) s, status $status"

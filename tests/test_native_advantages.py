@@ -7,9 +7,13 @@ import shutil
 
 import pytest
 import torch
-from trl.trainer.utils import nanstd
 
 from grpo_fast.backends import _native
+
+try:  # TRL's own helper; trl.trainer.utils needs `datasets`, which the bare GPU image lacks
+    from trl.trainer.utils import nanstd
+except ImportError:  # then grpo_fast.reference's copy, held to TRL's by tests/test_reference_vs_trl.py
+    from grpo_fast.reference import nanstd
 
 pytestmark = pytest.mark.skipif(
     not _native.available(), reason=f"grpo_fast._C not built: {_native.load_error()}"

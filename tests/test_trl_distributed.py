@@ -13,6 +13,7 @@ import os
 import pytest
 
 pytest.importorskip("trl")
+pytest.importorskip("datasets")  # TRL's trainer needs it; the bare GPU image does not have it
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("trl")
+pytest.importorskip("datasets")  # TRL's trainer needs it; the bare GPU image does not have it
 
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402

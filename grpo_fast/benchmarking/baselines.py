@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -177,6 +178,24 @@ def _torch_compile(inputs: dict, case: BenchCase) -> Callable[[], None]:
     return step
 
 
+def _triton_logprobs(fused: bool) -> Factory:
+    """No-grad ``selective_logprobs`` on the Triton backend: the tile path, or the fused GEMM kernel."""
+
+    def factory(inputs: dict, case: BenchCase) -> Callable[[], None]:
+        hidden, weight, targets = inputs["hidden"].detach(), inputs["weight"].detach(), inputs["targets"]
+        temperature = case.config().temperature
+
+        def step() -> None:
+            with torch.no_grad():
+                gf.selective_logprobs(
+                    hidden, weight, targets, temperature=temperature, backend="triton", fused_gemm=fused
+                )
+
+        return step
+
+    return factory
+
+
 def _native_built() -> bool:
     from ..backends import _native
 
@@ -189,6 +208,8 @@ IMPLS_SPEC: dict[str, tuple[Factory, tuple[str, ...], bool]] = {
     "grpo_fast-torch": (_grpo_fast("torch"), (), False),
     "grpo_fast-native": (_grpo_fast("native"), (), False),
     "grpo_fast-triton": (_grpo_fast("triton"), ("triton",), True),
+    "grpo_fast-triton-logprobs": (_triton_logprobs(fused=False), ("triton",), True),
+    "grpo_fast-triton-logprobs-fused": (_triton_logprobs(fused=True), ("triton",), True),
     "trl": (_trl, ("trl",), True),
     "liger": (_liger, ("liger_kernel",), True),
     "torch-compile": (_torch_compile, (), True),
@@ -198,12 +219,17 @@ IMPLS: dict[str, Factory] = {name: spec[0] for name, spec in IMPLS_SPEC.items()}
 BASELINES = ("trl", "liger", "torch-compile")
 
 
-def runnable(name: str, device: str) -> bool:
-    """Whether implementation `name` can run on `device` here (library installed, CUDA, extension built)."""
+def runnable(name: str, device: str, dry_run: bool = False) -> bool:
+    """Whether implementation `name` can run on `device` here (library installed, CUDA, extension built).
+
+    ``dry_run``: the GPU kit's CPU rehearsal, where the CUDA ones run on CPU tensors too (Triton under
+    its interpreter, TRL's and Liger's torch code as is)."""
     if name not in IMPLS_SPEC:
         return False
     _, modules, needs_cuda = IMPLS_SPEC[name]
-    if needs_cuda and not (device.startswith("cuda") and torch.cuda.is_available()):
+    if needs_cuda and not dry_run and not (device.startswith("cuda") and torch.cuda.is_available()):
+        return False
+    if name.startswith("grpo_fast-triton") and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     if name == "grpo_fast-native" and not _native_built():
         return False

@@ -70,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op", action="append", choices=OPS, help="ops to check (default: all)")
 
 
-def _lm_batch(shape: tuple[int, ...], seed: int) -> dict[str, Tensor]:
-    """An fp64 batch on the CPU; row 1 (if any) fully masked, masked ids may be -100."""
+def _lm_batch(shape: tuple[int, ...], seed: int, device: str = "cpu") -> dict[str, Tensor]:
+    """An fp64 batch on the CPU (the log-probs its old/ref are drawn around computed on ``device``);
+    row 1 (if any) fully masked, masked ids may be -100."""
     B, T, H, V = shape
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
@@ -83,7 +84,8 @@ def _lm_batch(shape: tuple[int, ...], seed: int) -> dict[str, Tensor]:
         mask[1] = 0
         targets[1, :3] = -100
     with torch.no_grad():
-        logp = gf.reference.selective_logprobs(hidden, weight, targets.clamp(min=0), bias)
+        on = (hidden.to(device), weight.to(device), targets.clamp(min=0).to(device), bias.to(device))
+        logp = gf.reference.selective_logprobs(*on).cpu()
     noise = lambda: 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(
         hidden=hidden,
@@ -143,6 +145,25 @@ def _compare(
             failed.append(name)
         worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / scale)
     return worst_abs, worst_rel, f"FAIL: {', '.join(failed)}" if failed else "PASS"
+
+
+def check_loss_case(
+    backend: str,
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int],
+    cfg: gf.GRPOConfig,
+    truth_device: str = "cpu",
+) -> tuple[float, float, str]:
+    """grpo_loss on one ``(B, T, H, V)`` batch against the fp64 truth (loss and every gradient, by the
+    tolerance rule): (max abs err, max rel err, "PASS" or "FAIL: ..."). ``truth_device``: where the fp64
+    reference runs (a GPU makes real-size truth affordable)."""
+    batch = _lm_batch(shape, seed=sum(shape), device=truth_device)
+    run = partial(_loss_outputs, cfg=cfg)
+    truth = run(gf.reference.grpo_loss, _leaves(batch, torch.float64, truth_device))
+    ref = run(gf.reference.grpo_loss, _leaves(batch, dtype, device))
+    got = run(partial(gf.grpo_loss, backend=backend), _leaves(batch, dtype, device))
+    return _compare(LOSS_OUTPUTS, got, ref, truth, dtype)
 
 
 def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
