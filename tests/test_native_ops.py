@@ -483,3 +483,19 @@ def test_tile_pass_is_stats_then_coefficients_then_grad(dtype, with_entropy):
             assert torch.isfinite(dl).all() and torch.equal(dl[1, 7:900].float(), torch.zeros(893))
             tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(dl.double(), truth, **tol)
+
+
+def test_registry_says_what_runs_where_and_why_not():
+    table = {(r["backend"], r["device"], r["op"]): r["status"] for r in backends.support_table()}
+    assert len(table) == len(backends.REGISTRY) * 2 * len(backends.OPS)
+    for op in backends.OPS:
+        assert table[("native", "cpu", op)] == "auto picks it"  # measured faster than torch on the CPU
+        assert table[("torch", "cpu", op)] == "auto fallback"
+        # Triton on CPU tensors: only its interpreter (the tests set TRITON_INTERPRET=1), never for "auto"
+        triton_cpu = table[("triton", "cpu", op)]
+        assert triton_cpu == "explicit only" or "cuda tensors only" in triton_cpu
+    assert table[("native", "cuda", "grpo_loss")] in ("explicit only", "auto picks it", "auto fallback") or (
+        "without CUDA kernels" in table[("native", "cuda", "grpo_loss")]
+    )
+    assert "no backend 'bogus'" in backends.why_not("bogus", torch.device("cpu"), "grpo_loss")
+    assert backends.BACKENDS == ("auto", *backends.REGISTRY)

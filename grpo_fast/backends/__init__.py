@@ -125,16 +125,20 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
 
 
 def support_table(device_types: tuple[str, ...] = ("cpu", "cuda")) -> list[dict[str, str]]:
-    """One row per (backend, device type, op): "auto" / "explicit only" / the reason it cannot run here."""
+    """One row per (backend, device type, op): "auto picks it" (what backend="auto" runs there), "auto
+    fallback" (eligible, after a preferred one), "explicit only", or "no: <the reason it cannot run here>"."""
     rows = []
     for name in REGISTRY:
         for dev in device_types:
             for op in OPS:
-                reason = why_not(name, torch.device(dev), op)
-                if reason is None:
-                    status = "auto" if auto_picks(name, torch.device(dev), op) else "explicit only"
-                else:
+                device = torch.device(dev)
+                reason = why_not(name, device, op)
+                if reason is not None:
                     status = f"no: {reason}"
+                elif not auto_picks(name, device, op):
+                    status = "explicit only"
+                else:
+                    status = "auto picks it" if resolve("auto", device, op) == name else "auto fallback"
                 rows.append({"backend": name, "device": dev, "op": op, "status": status})
     return rows
 
