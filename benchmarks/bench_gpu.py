@@ -55,6 +55,7 @@ BETAS = [0.0, 0.04]
 IMPLS = [
     "grpo_fast-native",
     "grpo_fast-triton",
+    "grpo_fast-triton-invariant",
     "grpo_fast-triton-logprobs",
     "grpo_fast-triton-logprobs-fused",
     "trl",

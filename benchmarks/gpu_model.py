@@ -73,7 +73,12 @@ def preamble(device: str, dtype: str, shape: tuple[int, int, int], copy_mb: int,
 
 def chunk_rows(impl: str, n: int, v: int, dtype: str, device: str) -> int | None:
     """Rows per logits tile of a grpo_fast row (None for the others: they tile their own way)."""
-    name = {"grpo_fast-native": "native", "grpo_fast-triton": "triton", "grpo_fast-torch": "torch"}.get(impl)
+    name = {
+        "grpo_fast-native": "native",
+        "grpo_fast-triton": "triton",
+        "grpo_fast-triton-invariant": "triton",
+        "grpo_fast-torch": "torch",
+    }.get(impl)
     if name is None and impl in LOGPROB_IMPLS[:1]:
         name = "triton"
     if name is None:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import backends
 from .engine.chunk_loop import FusedLogprobs, LogprobPlan
-from .engine.setup import Head, open_head
+from .engine.setup import Head, check_batch_invariant, open_head
 from .engine.validation import check_same_device, check_targets, check_temperature
 
 
@@ -24,6 +24,7 @@ def selective_logprobs(
     process_group: object | None = None,
     vocab_start: int | None = None,
     fused_gemm: bool = False,
+    batch_invariant: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax((hidden @ weight.T + bias) / temperature)[targets]`` without the ``[N, V]`` logits.
 
@@ -37,6 +38,11 @@ def selective_logprobs(
     row statistics kernel; the default keeps the tile path until a GPU measurement says the fused kernel
     is faster (the GPU benchmark times both).
 
+    ``batch_invariant=True``: every logits GEMM has one shape (128 rows, the last one padded), so a
+    token's log-prob and entropy are bitwise the same whatever batch, padding, packing or ``chunk_size``
+    it comes with, and the same as inside ``grpo_loss(..., batch_invariant=True)`` (not with
+    ``fused_gemm``: its vocabulary split depends on the number of rows).
+
     With ``process_group``, weight/bias are this rank's vocabulary shard (see ``grpo_loss``).
     """
     head = open_head(hidden, weight, bias, process_group, vocab_start)
@@ -45,14 +51,20 @@ def selective_logprobs(
     check_same_device(hidden.device, targets=targets)
     if not isinstance(fused_gemm, bool):
         raise TypeError(f"fused_gemm must be a bool, got {type(fused_gemm).__name__}")
+    if check_batch_invariant(batch_invariant) and fused_gemm:
+        raise ValueError(
+            "fused_gemm=True is not batch-invariant (its vocabulary split follows the number of rows): "
+            "use one of fused_gemm and batch_invariant"
+        )
     flat = hidden.reshape(-1, hidden.shape[-1])
     if fused_gemm:
         logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
     else:
-        name, ops, chunk = head.plan(
-            "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size
+        _, ops, chunk, pad = head.plan(
+            "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size, batch_invariant
         )
-        plan = LogprobPlan(head.local_targets(targets.reshape(-1)), temperature, ops, chunk, head.shard)
+        local = head.local_targets(targets.reshape(-1))
+        plan = LogprobPlan(local, temperature, ops, chunk, head.shard, pad)
         logp, entropy = FusedLogprobs.apply(flat, head.weight, head.bias, plan)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp

@@ -6,8 +6,8 @@ from torch import Tensor, nn
 
 from .config import GRPOConfig
 from .engine.chunk_loop import FusedGRPOLoss, LossPlan
-from .engine.objective import TokenBatch, metric_names, reduction_weights, segment_sum
-from .engine.setup import open_head
+from .engine.objective import TokenBatch, metric_names, segment_sum
+from .engine.setup import check_batch_invariant, open_head
 from .engine.validation import validate_loss_inputs
 
 
@@ -28,6 +28,7 @@ def grpo_loss(
     chunk_size: int | None = None,
     process_group: object | None = None,
     vocab_start: int | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss of TRL's GRPOTrainer and its metrics, with gradients to hidden, weight and bias.
 
@@ -42,6 +43,11 @@ def grpo_loss(
     ``[vocab_start, vocab_start + V_r)`` (default: shards in rank order); every other input is the same
     on all ranks. Loss, metrics and the hidden gradient come out identical on every rank, the weight
     gradient is the local shard's.
+
+    ``batch_invariant=True``: every logits GEMM has one shape (128 rows, the last one padded), so a
+    token's log-prob, entropy and loss terms are bitwise the same whatever batch, padding, packing or
+    ``chunk_size`` it comes with, and equal to ``selective_logprobs(..., batch_invariant=True)``'s: old
+    log-probs from it give a ratio of exactly 1 on an on-policy step. Gradients are run-to-run identical.
     """
     h, weight, bias, plan = plan_loss(
         hidden,
@@ -59,6 +65,7 @@ def grpo_loss(
         chunk_size=chunk_size,
         process_group=process_group,
         vocab_start=vocab_start,
+        batch_invariant=batch_invariant,
     )
     return run_loss_plan(h, weight, bias, plan)
 
@@ -80,6 +87,7 @@ def plan_loss(
     chunk_size: int | None = None,
     process_group: object | None = None,
     vocab_start: int | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     """Validate once, then shard, resolve the backend and the tile size: what :func:`run_loss_plan` runs."""
     cfg = config if config is not None else GRPOConfig()
@@ -114,11 +122,19 @@ def plan_loss(
         ref_logp=pick(inputs.ref_logp) if inputs.ref_logp is not None else None,
         seq_adv=inputs.advantages,
         seq_len=seq_len,
-        loss_w=reduction_weights(mask, seq_ids, seq_len, cfg, inputs.num_items),
+        items=seq_len.sum() if inputs.num_items is None else inputs.num_items.to(seq_len),
     )
     h = pick(inputs.hidden)
-    _, ops, chunk = head.plan("grpo_loss", backend, h.shape[0], h.dtype, h.device, chunk_size)
-    plan = LossPlan(head.local_targets(pick(inputs.targets)), batch, cfg, ops, chunk, head.shard)
+    _, ops, chunk, pad = head.plan(
+        "grpo_loss",
+        backend,
+        h.shape[0],
+        h.dtype,
+        h.device,
+        chunk_size,
+        check_batch_invariant(batch_invariant),
+    )
+    plan = LossPlan(head.local_targets(pick(inputs.targets)), batch, cfg, ops, chunk, head.shard, pad)
     return h, weight, bias, plan
 
 
@@ -140,12 +156,14 @@ class GRPOLoss(nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
         process_group: object | None = None,
+        batch_invariant: bool = False,
     ):
         super().__init__()
         self.config = config if config is not None else GRPOConfig()
         self.backend = backend
         self.chunk_size = chunk_size
         self.process_group = process_group
+        self.batch_invariant = batch_invariant
 
     def forward(
         self,
@@ -175,10 +193,11 @@ class GRPOLoss(nn.Module):
             backend=self.backend,
             chunk_size=self.chunk_size,
             process_group=self.process_group,
+            batch_invariant=self.batch_invariant,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.config}, backend={self.backend!r}"
+        return f"{self.config}, backend={self.backend!r}, batch_invariant={self.batch_invariant}"
 
 
 __all__ = ["grpo_loss", "GRPOLoss", "plan_loss", "run_loss_plan"]

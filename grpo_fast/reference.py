@@ -212,6 +212,7 @@ def loss_from_logps(
         "clip_ratio_low": zero,
         "clip_ratio_high": zero,
         "clip_ratio_region": zero,
+        "ratio_not_one": masked_mean((per_token_logps != old_per_token_logps).float()).detach(),
     }
     if cfg.loss_type in CLIPPED_LOSS_TYPES:
         is_low = (coef_1 < 1 - cfg.epsilon_low) & (advantages < 0)

@@ -56,9 +56,10 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
         assert TRUTH_FIELDS <= set(t) and t["ok"] is True, t
     # the table: grpo_fast's rows first, every field, each with the model's prediction
     impls = list(dict.fromkeys(r["impl"] for r in data["rows"]))
-    assert impls[:4] == [
+    assert impls[:5] == [
         "grpo_fast-native",
         "grpo_fast-triton",
+        "grpo_fast-triton-invariant",
         "grpo_fast-triton-logprobs",
         "grpo_fast-triton-logprobs-fused",
     ]

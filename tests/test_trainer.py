@@ -458,3 +458,13 @@ def test_demo_default_config_learns(tmp_path):
     rewards = [r["reward_mean"] for r in read_metrics(result.metrics_path)]
     assert len(rewards) == 300
     assert sum(rewards[-20:]) / 20 - sum(rewards[:20]) / 20 >= 0.3
+
+
+def test_batch_invariant_run_has_first_update_ratios_of_exactly_one(tmp_path):
+    """--batch-invariant: the rollout's old log-probs (scored per micro-batch, every position) and the
+    first update's (masked tokens dropped) are bitwise equal: ratio_not_one is 0; it is logged either way."""
+    opts = dict(max_steps=2, num_iterations=2)
+    rows = read_metrics(Trainer(tiny(tmp_path / "a", batch_invariant=True, **opts)).train().metrics_path)
+    assert [r["ratio_not_one"] for r in rows] == [0.0, 0.0]
+    default = read_metrics(Trainer(tiny(tmp_path / "b", **opts)).train().metrics_path)
+    assert all(0.0 <= r["ratio_not_one"] <= 1.0 for r in default)

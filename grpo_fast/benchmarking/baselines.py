@@ -1,7 +1,8 @@
 """Every implementation the loss benchmarks time, in one table (:data:`IMPLS`), and which can run where.
 
 - ``reference``: :func:`grpo_fast.reference.grpo_loss` (the full fp32 logits);
-- ``grpo_fast-torch`` / ``-native`` / ``-triton``: ``grpo_loss(backend=...)``;
+- ``grpo_fast-torch`` / ``-native`` / ``-triton``: ``grpo_loss(backend=...)``; ``-triton-invariant``
+  with ``batch_invariant=True``; ``-triton-logprobs(-fused)``: no-grad ``selective_logprobs``;
 - ``trl``: TRL 1.16's own path: its fused LM head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``,
   called as ``add_fused_lm_head`` calls it: the unmasked tokens, 32768-wide vocabulary tiles, entropy
   requested) and then its torch loss on the per-token log-probs (``GRPOTrainer._compute_loss``'s lines,
@@ -140,8 +141,8 @@ def _loss_step(loss_fn: Callable) -> Factory:
     return factory
 
 
-def _grpo_fast(backend: str) -> Factory:
-    return _loss_step(lambda **kw: gf.grpo_loss(**kw, backend=backend))
+def _grpo_fast(backend: str, **options: object) -> Factory:
+    return _loss_step(lambda **kw: gf.grpo_loss(**kw, backend=backend, **options))
 
 
 class CompiledTorchChunkOps(TorchChunkOps):
@@ -208,6 +209,8 @@ IMPLS_SPEC: dict[str, tuple[Factory, tuple[str, ...], bool]] = {
     "grpo_fast-torch": (_grpo_fast("torch"), (), False),
     "grpo_fast-native": (_grpo_fast("native"), (), False),
     "grpo_fast-triton": (_grpo_fast("triton"), ("triton",), True),
+    # the cost of batch_invariant=True (128-row logits GEMMs) on the GPU
+    "grpo_fast-triton-invariant": (_grpo_fast("triton", batch_invariant=True), ("triton",), True),
     "grpo_fast-triton-logprobs": (_triton_logprobs(fused=False), ("triton",), True),
     "grpo_fast-triton-logprobs-fused": (_triton_logprobs(fused=True), ("triton",), True),
     "trl": (_trl, ("trl",), True),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends.base import ChunkOps
+from ..backends.base import ChunkOps, Coefficients
 from ..config import GRPOConfig
 from .objective import TokenBatch, coefficients, loss_and_metrics, metric_names, needs_whole_sequences
 from .parallel import VocabShard, combine_stats
@@ -94,8 +94,35 @@ def _chunks(n: int, chunk: int):
         yield start, min(start + chunk, n)
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(h, weight, bias)
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, block: int | None = None) -> Tensor:
+    """The ``[C, V]`` logits tile of ``h``; with ``block``, computed as GEMMs of exactly ``block`` rows each
+    (the last one padded with zero rows, so the tile has a multiple of ``block`` rows).
+
+    One GEMM shape whatever the tile is what makes a row's logits independent of the rows around it: GEMM
+    libraries pick their blocking and reduction order by shape (batch invariance)."""
+    if block is None:
+        return F.linear(h, weight, bias)
+    c = h.shape[0]
+    rows = -(-c // block) * block
+    if rows != c:
+        padded = h.new_zeros(rows, h.shape[1])
+        padded[:c] = h
+        h = padded
+    out = h.new_empty(rows, weight.shape[0])
+    wt = weight.t()
+    for i in range(0, rows, block):
+        if bias is None:
+            torch.mm(h[i : i + block], wt, out=out[i : i + block])
+        else:
+            torch.addmm(bias, h[i : i + block], wt, out=out[i : i + block])
+    return out
+
+
+def _padded(x: Tensor | None, rows: int) -> Tensor | None:
+    """A per-row vector extended with zeros to ``rows`` (padding rows: target 0, no gradient)."""
+    if x is None or x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0])])
 
 
 def _stats(
@@ -116,13 +143,16 @@ def logprob_pass(
     ops: ChunkOps,
     chunk: int,
     shard: VocabShard | None = None,
+    pad: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """No-grad per-token logsumexp, log-prob and entropy, fp32 [n] each."""
     n = hidden.shape[0]
     out = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
     for s, e in _chunks(n, chunk):
-        lse, logp, ent = _stats(ops, _logits(hidden[s:e], weight, bias), targets[s:e], temperature, shard)
-        out[0, s:e], out[1, s:e], out[2, s:e] = lse, logp, ent
+        logits = _logits(hidden[s:e], weight, bias, pad)
+        stats = _stats(ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard)
+        for k, x in enumerate(stats):
+            out[k, s:e] = x[: e - s]
     return out[0], out[1], out[2]
 
 
@@ -137,6 +167,7 @@ def grad_pass(
     ops: ChunkOps,
     chunk: int,
     grads: _Grads,
+    pad: int | None = None,
 ) -> None:
     """Gradients for known per-row coefficients (recomputes each tile).
 
@@ -145,9 +176,18 @@ def grad_pass(
     (lse, entropy), (g, e) = stats, coefs
     for s, t in _chunks(hidden.shape[0], chunk):
         h = hidden[s:t]
-        ent = (e[s:t], entropy[s:t]) if e is not None else (None, None)
-        dl = ops.grad_(_logits(h, weight, bias), targets[s:t], lse[s:t], g[s:t], temperature, *ent)
-        grads.accumulate(dl, h, weight, s, t)
+        logits = _logits(h, weight, bias, pad)
+        rows = logits.shape[0]
+        ent = (_padded(e[s:t], rows), _padded(entropy[s:t], rows)) if e is not None else (None, None)
+        dl = ops.grad_(
+            logits,
+            _padded(targets[s:t], rows),
+            _padded(lse[s:t], rows),
+            _padded(g[s:t], rows),
+            temperature,
+            *ent,
+        )
+        grads.accumulate(dl[: t - s], h, weight, s, t)
 
 
 @dataclass(frozen=True)
@@ -158,6 +198,7 @@ class LossPlan:
     ops: ChunkOps
     chunk: int
     shard: VocabShard | None = None
+    pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
 
 
 def run_grpo(
@@ -183,24 +224,36 @@ def run_grpo(
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
         for s, e in _chunks(n, chunk):
-            h, t = hidden[s:e], targets[s:e]
-            logits = _logits(h, weight, bias)
-            rows = batch.rows(s, e)
-            coefs = lambda lp, ent, rows=rows: coefficients(lp, ent, rows, cfg)  # noqa: E731
+            h, c = hidden[s:e], e - s
+            logits = _logits(h, weight, bias, plan.pad)
+            t = _padded(targets[s:e], logits.shape[0])
+            coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
             if shard is None:
                 _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
             else:  # the statistics of every shard first, then the same coefficients and dlogits
                 lse, lp, ent = _stats(ops, logits, t, temperature, shard)
                 g, ec = coefs(lp, ent)
                 dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
-            logp[s:e], entropy[s:e] = lp, ent
-            grads.accumulate(dl, h, weight, s, e)
+            logp[s:e], entropy[s:e] = lp[:c], ent[:c]
+            grads.accumulate(dl[:c], h, weight, s, e)
     else:
-        lse, logp, entropy = logprob_pass(hidden, weight, bias, targets, temperature, ops, chunk, shard)
+        pad = plan.pad
+        lse, logp, entropy = logprob_pass(hidden, weight, bias, targets, temperature, ops, chunk, shard, pad)
         coefs = coefficients(logp, entropy, batch, cfg)
-        grad_pass(hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, grads)
+        grad_pass(hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, grads, pad)
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     return loss, metrics, grads.final(weight, bias, shard)
+
+
+def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coefficients:
+    """The objective's (g, e) for a tile whose first ``real`` rows are ``rows``' tokens (the rest, if the
+    tile is padded, get zeros: no gradient)."""
+
+    def coefs(lp: Tensor, ent: Tensor) -> tuple[Tensor, Tensor | None]:
+        g, e = coefficients(lp[:real], ent[:real], rows, cfg)
+        return _padded(g, lp.shape[0]), _padded(e, lp.shape[0])
+
+    return coefs
 
 
 def _scaled(grad: Tensor | None, scale: Tensor, is_one: bool) -> Tensor | None:
@@ -241,6 +294,7 @@ class LogprobPlan:
     ops: ChunkOps
     chunk: int
     shard: VocabShard | None = None
+    pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
 
 
 class FusedLogprobs(torch.autograd.Function):
@@ -249,7 +303,7 @@ class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LogprobPlan):
         lse, logp, entropy = logprob_pass(
-            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard
+            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard, plan.pad
         )
         ctx.plan = plan
         ctx.save_for_backward(hidden, weight, bias, lse)
@@ -273,6 +327,7 @@ class FusedLogprobs(torch.autograd.Function):
             plan.ops,
             plan.chunk,
             grads,
+            plan.pad,
         )
         gh, gw, gb = grads.final(weight, bias, plan.shard)
         return gh, gw, gb, None

@@ -1,8 +1,9 @@
 """The GRPO objective on flat per-token vectors: the one place where the per-token math lives.
 
-Everything here is O(tokens), never O(tokens * vocab), and backend-independent. The loss is
-``sum_t w_t * loss_t(logp, H)``, with reduction weights ``w_t`` fixed by the mask and the loss type
-(:func:`reduction_weights`). The chunk loop needs from it only the per-row coefficients
+Everything here is O(tokens), never O(tokens * vocab), and backend-independent. The loss is the
+loss type's reduction (:func:`reduce_loss`, TRL's expressions) of per-token terms ``loss_t(logp, H)``,
+linear in them, with denominators fixed by the whole batch. The chunk loop needs from it only the
+per-row coefficients
 ``g_t = dLoss/dlogp_t`` and ``e_t = dLoss/dH_t`` (:func:`coefficients`), which autograd takes from
 :func:`per_token_objective` on ``[C]``/``[N]`` vectors: there is no hand-written derivative to keep in
 step with the loss, in Python or in a kernel.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from ..config import CLIPPED_LOSS_TYPES, GRPOConfig
 
-_TOKEN_LOCAL_FIELDS = ("seq_ids", "mask", "adv", "old_logp", "ref_logp", "loss_w")
+_TOKEN_LOCAL_FIELDS = ("seq_ids", "mask", "adv", "old_logp", "ref_logp")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class TokenBatch:
     ref_logp: Tensor | None  # [n] fp32
     seq_adv: Tensor  # [B] fp32
     seq_len: Tensor  # [B] fp32, sum of the mask per sequence
-    loss_w: Tensor  # [n] fp32, reduction weight: loss = sum(loss_w * per_token_loss)
+    items: Tensor  # 0-dim fp32: num_items_in_batch, or the batch's own token count (the mask's sum)
 
     @property
     def num_seqs(self) -> int:
@@ -63,23 +64,27 @@ def segment_sum(x: Tensor, seq_ids: Tensor, num_seqs: int) -> Tensor:
     return x.new_zeros(num_seqs).index_add_(0, seq_ids, x)
 
 
-def reduction_weights(
-    mask: Tensor, seq_ids: Tensor, seq_len: Tensor, cfg: GRPOConfig, num_items_in_batch: Tensor | None
-) -> Tensor:
-    """w_t such that the loss type's reduction (``cfg.normalizer``) of the masked loss is sum w_t loss_t."""
-    num_seqs = max(seq_len.shape[0], 1)
+def reduce_loss(loss_t: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor:
+    """The loss type's reduction (``cfg.normalizer``) of the per-token loss, as TRL 1.16 writes it.
+
+    The denominators come from the whole batch (``seq_len``, ``items``, the number of sequences), so on a
+    chunk's :meth:`TokenBatch.rows` this is that chunk's share of the loss, and its gradient there is the
+    whole loss's: the coefficients of a chunk need that chunk alone.
+    """
+    masked = loss_t * batch.mask
+    num_seqs = max(batch.num_seqs, 1)
     rule = cfg.normalizer
     if rule == "sequence_mean":
-        return mask / seq_len.clamp(min=1.0)[seq_ids] / num_seqs
+        per_seq = segment_sum(masked, batch.seq_ids, batch.num_seqs) / batch.seq_len.clamp(min=1.0)
+        return per_seq.sum() / num_seqs
     if rule == "batch_tokens":
-        return mask / mask.sum().clamp(min=1.0)
+        return masked.sum() / batch.seq_len.sum().clamp(min=1.0)
     if rule == "fixed_length":
-        return mask / float(seq_len.shape[0] * cfg.max_completion_length)
+        return masked.sum() / float(batch.num_seqs * cfg.max_completion_length)
     if rule == "global_tokens":
-        items = mask.sum() if num_items_in_batch is None else num_items_in_batch.to(mask)
-        return mask / items.clamp(min=1.0)
+        return masked.sum() / batch.items.clamp(min=1.0)
     if rule == "sequence_sum":
-        return mask / num_seqs
+        return segment_sum(masked, batch.seq_ids, batch.num_seqs).sum() / num_seqs
     raise AssertionError(f"no reduction for normalizer {rule!r}")
 
 
@@ -169,14 +174,14 @@ def coefficients(
         lp = logp.detach().float().requires_grad_(True)
         ent = entropy.detach().float().requires_grad_(True)
         loss_t, _, _ = per_token_objective(lp, ent, batch, cfg)
-        total = (batch.loss_w * loss_t).sum()
+        total = reduce_loss(loss_t, batch, cfg)
         g, e = torch.autograd.grad(total, (lp, ent), allow_unused=True)
     return (g if g is not None else torch.zeros_like(lp)), e
 
 
 def metric_names(cfg: GRPOConfig) -> list[str]:
     """The metrics of :func:`loss_and_metrics`, in order."""
-    names = ["kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"]
+    names = ["kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_not_one"]
     if cfg.loss_type == "cispo":
         names.append("cispo_clip_ratio")
     if cfg.loss_type == "vespo":
@@ -187,7 +192,7 @@ def metric_names(cfg: GRPOConfig) -> list[str]:
 def averaged_over_sequences(name: str, cfg: GRPOConfig) -> bool:
     """Whether metric ``name`` is a mean over sequences (else over unmasked tokens): how trainers weight it
     when they combine micro-batches and processes."""
-    if name in ("kl", "entropy"):
+    if name in ("kl", "entropy", "ratio_not_one"):
         return False
     return name == "vespo/phi_seq_mean" or cfg.importance_sampling_level == "sequence"
 
@@ -198,7 +203,7 @@ def loss_and_metrics(
     """The loss value and TRL's metrics from the per-token log-probs and entropies (no grad)."""
     with torch.no_grad():
         loss_t, kl, coef = per_token_objective(logp, entropy, batch, cfg)
-        loss = (batch.loss_w * loss_t).sum()
+        loss = reduce_loss(loss_t, batch, cfg)
         mask = batch.mask
         denom = mask.sum().clamp(min=1.0)
         token_mean = lambda x: (x * mask).sum() / denom  # noqa: E731
@@ -210,6 +215,11 @@ def loss_and_metrics(
             "clip_ratio_low": zero,
             "clip_ratio_high": zero,
             "clip_ratio_region": zero,
+            # Tokens whose log-prob differs from the given old one at all: on an on-policy step, the noise
+            # of computing the same log-prob in two batches (0 with batch_invariant=True).
+            "ratio_not_one": token_mean((logp != batch.old_logp).float())
+            if batch.old_logp is not None
+            else zero,
         }
         sequence_level = cfg.importance_sampling_level == "sequence"
         adv = batch.seq_adv if sequence_level else batch.adv

@@ -47,11 +47,24 @@ MULTIMODAL_KEYS = (
 
 
 class FastGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` with the same constructor; ``grpo_fast_backend`` (keyword) picks gf's backend."""
+    """``trl.GRPOTrainer`` with the same constructor; ``grpo_fast_backend`` (keyword) picks gf's backend,
+    ``grpo_fast_batch_invariant`` makes grpo_fast's log-probs independent of the batch (see
+    ``gf.grpo_loss``; TRL's own old/reference log-prob passes are not affected)."""
 
-    def __init__(self, *args: Any, grpo_fast_backend: str = "auto", **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        grpo_fast_backend: str = "auto",
+        grpo_fast_batch_invariant: bool = False,
+        **kwargs: Any,
+    ):
+        if not isinstance(grpo_fast_batch_invariant, bool):
+            raise TypeError(
+                f"grpo_fast_batch_invariant must be a bool, got {type(grpo_fast_batch_invariant).__name__}"
+            )
         super().__init__(*args, **kwargs)
         self.grpo_fast_backend = grpo_fast_backend
+        self.grpo_fast_batch_invariant = grpo_fast_batch_invariant
         self._fallback_warned: set[str] = set()
         # Patch where TRL patched its fused head: under PEFT, the transformers model inside.
         add_hidden_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
@@ -162,6 +175,7 @@ class FastGRPOTrainer(GRPOTrainer):
             config=self._gf_config,
             num_items_in_batch=num_items,
             backend=self.grpo_fast_backend,
+            batch_invariant=self.grpo_fast_batch_invariant,
         )
         self._log_loss_metrics(
             mode, metrics, mask, inputs["advantages"], hidden, weight, bias, completion_ids, old_logp
@@ -204,7 +218,8 @@ class FastGRPOTrainer(GRPOTrainer):
             log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
         seq_count = torch.tensor(float(mask.shape[0]), device=mask.device)
         for name, value in metrics.items():  # the loss type's own metrics (cispo_clip_ratio, vespo/...)
-            if name not in ("kl", "entropy") and not name.startswith("clip_ratio_"):
+            # ratio_not_one is grpo_fast's, not TRL's: TRL's logs keep exactly TRL's names.
+            if name not in ("kl", "entropy", "ratio_not_one") and not name.startswith("clip_ratio_"):
                 count = seq_count if averaged_over_sequences(name, self._gf_config) else tokens
                 log[name].append(self._global_mean(value, count))
 
@@ -235,6 +250,7 @@ class FastGRPOTrainer(GRPOTrainer):
                 bias.detach() if bias is not None else None,
                 self.temperature,
                 backend=self.grpo_fast_backend,
+                batch_invariant=self.grpo_fast_batch_invariant,
             )
             log_ratio = logp - old_logp
         if self.importance_sampling_level == "sequence":

@@ -122,6 +122,11 @@ class TrainConfig:
     scale_rewards: str = _opt("group", "advantage scaling: std of the group, of the batch, or none")
     backend: str = _opt("auto", "grpo_fast backend of the loss and log-probs")
     chunk_size: int | None = _opt(None, "tokens per logits tile (default: chosen by grpo_fast)")
+    batch_invariant: bool = _opt(
+        False,
+        "one GEMM shape for every logits tile: a token's log-prob does not depend on the batch it is scored "
+        "in, so the first update's ratios are exactly 1 (metric ratio_not_one)",
+    )
 
     # Optimisation.
     max_steps: int = _opt(

@@ -86,6 +86,7 @@ def step_metrics(
                 [
                     *losses,
                     *(loss_metrics.sums[k] for k in keys),
+                    *(loss_metrics.weights[k] for k in keys),
                     loss_metrics.weight,
                     len_sum,
                     len_count,
@@ -95,8 +96,10 @@ def step_metrics(
             )
         ).tolist()
         losses = packed[: len(losses)]
-        loss_metrics.sums = dict(zip(keys, packed[len(losses) : len(losses) + len(keys)], strict=True))
-        loss_metrics.weight, len_sum, len_count, truncated = packed[len(losses) + len(keys) :]
+        at = len(losses)
+        loss_metrics.sums = dict(zip(keys, packed[at : at + len(keys)], strict=True))
+        loss_metrics.weights = dict(zip(keys, packed[at + len(keys) : at + 2 * len(keys)], strict=True))
+        loss_metrics.weight, len_sum, len_count, truncated = packed[at + 2 * len(keys) :]
         means = loss_metrics.means()
     elapsed = time.perf_counter() - start
     timing = torch.tensor([elapsed, peak_memory_mb(device)], dtype=torch.float64)

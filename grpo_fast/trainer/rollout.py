@@ -218,6 +218,7 @@ class RolloutMixin:
                     self.cfg.temperature,
                     backend=self.cfg.backend,
                     chunk_size=self.cfg.chunk_size,
+                    batch_invariant=self.cfg.batch_invariant,
                 )
             )
         return torch.cat(parts)

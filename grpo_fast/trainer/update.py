@@ -79,20 +79,32 @@ class MetricMeans:
 
     RENAME = {"clip_ratio_region": "clip_ratio"}  # the headline clip metric gets the short name
 
+    # Reported for the first update of a step only: the noise of scoring the same tokens in two batches.
+    FIRST_UPDATE_ONLY = ("ratio_not_one",)
+
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
         self.weight = 0.0
 
-    def add(self, metrics: dict[str, Tensor], weight: float, weights: dict[str, float] | None = None) -> None:
+    def add(
+        self,
+        metrics: dict[str, Tensor],
+        weight: float,
+        weights: dict[str, float] | None = None,
+        first_update: bool = True,
+    ) -> None:
         """``weights`` overrides the weight of some metrics (their total weight is still ``weight``)."""
         for key, value in metrics.items():
+            if key in self.FIRST_UPDATE_ONLY and not first_update:
+                continue
             w = weights.get(key, weight) if weights else weight
             self.sums[key] = self.sums.get(key, 0.0) + float(value) * w
+            self.weights[key] = self.weights.get(key, 0.0) + weight
         self.weight += weight
 
     def means(self) -> dict[str, float]:
-        w = max(self.weight, 1e-12)
-        return {self.RENAME.get(k, k): v / w for k, v in self.sums.items()}
+        return {self.RENAME.get(k, k): v / max(self.weights[k], 1e-12) for k, v in self.sums.items()}
 
 
 @dataclass
@@ -143,6 +155,7 @@ class UpdateMixin:
             num_items_in_batch=num_items,
             backend=self.cfg.backend,
             chunk_size=self.cfg.chunk_size,
+            batch_invariant=self.cfg.batch_invariant,
         )
 
     def update(self, batch: StepBatch) -> UpdateStats:
@@ -169,7 +182,7 @@ class UpdateMixin:
         accumulate = 1.0 if cfg.loss_config().uses_num_items_in_batch else float(len(micro))
 
         stats = UpdateStats()
-        for _ in range(cfg.num_iterations):
+        for iteration in range(cfg.num_iterations):
             total = 0.0
             for j, index in enumerate(micro):
                 # DDP: all-reduce the gradients once, after the last micro-batch of the update
@@ -189,7 +202,7 @@ class UpdateMixin:
                     if not group.active:
                         (loss / accumulate).backward()
                         total += loss.item() / accumulate
-                        stats.metrics.add(metrics, local_tokens[j])
+                        stats.metrics.add(metrics, local_tokens[j], first_update=iteration == 0)
                         continue
                     # This rank's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
                     share = shares[j]
@@ -203,6 +216,7 @@ class UpdateMixin:
                         metrics,
                         local_tokens[j],
                         {k: seq_weight for k in metrics if averaged_over_sequences(k, self.loss_config)},
+                        first_update=iteration == 0,
                     )
             stats.grad_norms.append(self._optimizer_step())
             stats.losses.append(total)
