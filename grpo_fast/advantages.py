@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from . import backends, reference
@@ -38,5 +39,7 @@ def group_advantages(
         from .backends.triton_ops import triton_group_advantages
 
         return triton_group_advantages(rewards2d, weights, group_size, scale, float(eps))
-    # No chunking to win here: the plain torch version is already one vectorized pass.
-    return reference.group_advantages(rewards2d, group_size, scale, float(eps), weights)
+    # No chunking to win here: the plain torch version is already one vectorized pass. In fp64 (where the
+    # device has it): fp32 loses the differences between large rewards, as the compiled kernels do not.
+    wide = torch.float64 if rewards2d.device.type in ("cpu", "cuda") else torch.float32
+    return reference.group_advantages(rewards2d, group_size, scale, float(eps), weights, compute_dtype=wide)

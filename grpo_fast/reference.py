@@ -54,16 +54,21 @@ def group_advantages(
     scale: str = "group",
     eps: float = 1e-4,
     reward_weights: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """TRL's "sum_then_normalize" advantages: weighted nansum, group mean, group/batch/no std scaling."""
-    rewards_per_func = rewards.float()
+    """TRL's "sum_then_normalize" advantages: weighted nansum, group mean, group/batch/no std scaling.
+
+    ``compute_dtype``: TRL computes in fp32, which loses the differences between large rewards (1e7 and
+    1e7 + 1); the "torch" backend computes in fp64. The result is fp32 either way."""
+    rewards_per_func = rewards.to(compute_dtype)
     if rewards_per_func.dim() == 1:
         rewards_per_func = rewards_per_func.unsqueeze(1)
     num_funcs = rewards_per_func.shape[1]
     if reward_weights is None:
-        reward_weights = torch.ones(num_funcs, dtype=torch.float32, device=rewards.device)
+        reward_weights = torch.ones(num_funcs, dtype=compute_dtype, device=rewards.device)
     unscorable = torch.isnan(rewards_per_func).all(dim=1)
-    summed = (rewards_per_func * reward_weights.float().to(rewards.device).unsqueeze(0)).nansum(dim=1)
+    weights = reward_weights.to(device=rewards.device, dtype=compute_dtype)
+    summed = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
     summed[unscorable] = torch.nan
     mean_grouped = torch.nanmean(summed.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0)
     if scale in ("group", "none"):
@@ -76,7 +81,7 @@ def group_advantages(
     advantages = summed - mean_grouped
     if scale != "none":
         advantages = advantages / (std + eps)
-    return torch.nan_to_num(advantages, nan=0.0)
+    return torch.nan_to_num(advantages, nan=0.0).float()
 
 
 def pack_positions(seq_ids: Tensor, num_seqs: int) -> tuple[Tensor, int]:

@@ -96,6 +96,13 @@ def test_train_short_demo_run(tmp_path, capsys):
         ("loss_type: ppo\n", [], "loss_type must be one of"),
         ("", ["--reward", "nowhere_module_q:fn"], "cannot import module 'nowhere_module_q'"),
         ("", ["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
+        ("", ["--learning-rate", "inf"], "learning_rate must be finite, got inf"),
+        ("", ["--max-grad-norm", "nan"], "max_grad_norm must be finite, got nan"),
+        ("", ["--chunk-size", "0"], "chunk_size must be >= 1"),
+        ("", ["--chunk-size", "-4"], "chunk_size must be >= 1"),
+        ("", ["--device", "tpu9"], "device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
+        ("", ["--repetition-penalty", "nan"], "repetition_penalty must be finite"),
+        ("", ["--reward-weights", "nan"], "reward_weights must be finite"),
     ],
 )
 def test_train_bad_input_is_one_clear_line(tmp_path, capsys, yaml_text, flags, message):

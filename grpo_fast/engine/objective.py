@@ -115,6 +115,16 @@ def vespo_weights(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor:
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+# Largest log-ratio exponentiated: exp(80) ~ 5.5e34 leaves room for |advantage| * ratio in fp32. Beyond
+# it the ratio is held (gradient 0 through it) where TRL's exp overflows to inf and its gradients turn NaN
+# (0 * inf) for clipped, sapo and delta tokens whose true gradient is 0.
+MAX_LOG_RATIO = 80.0
+
+
+def _ratio(log_ratio: Tensor) -> Tensor:
+    return torch.exp(torch.clamp(log_ratio, max=MAX_LOG_RATIO))
+
+
 def per_token_objective(
     logp: Tensor, entropy: Tensor | None, batch: TokenBatch, cfg: GRPOConfig
 ) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -127,10 +137,10 @@ def per_token_objective(
     """
     old = _old(logp, batch)
     if cfg.importance_sampling_level == "token":
-        coef_1 = torch.exp(logp - old)
+        coef_1 = _ratio(logp - old)
         seq_coef = coef_1
     else:
-        seq_coef = torch.exp(sequence_log_ratio(logp, batch))
+        seq_coef = _ratio(sequence_log_ratio(logp, batch))
         coef_1 = seq_coef[batch.seq_ids]
     adv = batch.adv
     kl = None

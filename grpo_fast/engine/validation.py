@@ -11,6 +11,8 @@ from torch import Tensor
 
 from ..config import GRPOConfig
 
+# How far above 0 a given log-prob may be (rounding of p ~ 1 in low precision) before it is an error.
+LOGP_ROUNDING = 1e-3
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -76,6 +78,10 @@ def check_lm_head(hidden: Tensor, weight: object, bias: object) -> tuple[Tensor,
         )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row, got V=0")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden size H must be at least 1, got H=0 (hidden [..., 0], weight [V, 0])")
+    if hidden.device.type == "meta" or weight.device.type == "meta":
+        raise ValueError("hidden and weight must hold data: got a tensor on the meta device")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if bias is not None:
@@ -210,6 +216,7 @@ def validate_loss_inputs(
     device = hidden.device
 
     mask = check_tensor("mask", mask)
+    check_same_device(device, mask=mask, targets=check_tensor("targets", targets))
     if mask.shape != token_shape:
         raise ValueError(
             f"mask must have shape {list(token_shape)} (hidden without its last dim), got {_shape(mask)}"
@@ -264,6 +271,17 @@ def validate_loss_inputs(
 
     old = check_logp("old_logp", old_logp, token_shape)
     ref = check_logp("ref_logp", ref_logp, token_shape)
+    for name, logp in (("old_logp", old), ("ref_logp", ref)):
+        if logp is not None and logp.numel() and logp.device == mask_f.device:
+            # Log-probs: finite and <= 0 wherever they count (a little above 0 is rounding, e.g. bf16).
+            bad = (~torch.isfinite(logp) | (logp > LOGP_ROUNDING)) & (mask_f != 0)
+            checks.add(
+                bad.any(),
+                lambda name=name: (
+                    f"{name} must hold finite log-probs (<= 0) at unmasked positions; "
+                    "got NaN, inf or positive values"
+                ),
+            )
     if cfg.beta != 0.0 and ref is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logp (the reference model's per-token log-probs)")
     check_same_device(
@@ -302,6 +320,10 @@ def validate_advantage_inputs(
         raise ValueError(
             f"rewards must be [B*G] or [B*G, R] (R reward functions), got shape {_shape(rewards)}"
         )
+    if rewards.device.type == "meta":
+        raise ValueError("rewards must hold data: got a tensor on the meta device")
+    if rewards.numel() == 0:
+        raise ValueError(f"rewards is empty (shape {_shape(rewards)}): there are no completions to score")
     rewards2d = rewards.float().reshape(rewards.shape[0], -1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -318,7 +340,12 @@ def validate_advantage_inputs(
     if reward_weights is None:
         weights = torch.ones(num_funcs, dtype=torch.float32, device=rewards.device)
     else:
-        weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=rewards.device)
+        try:
+            weights = torch.as_tensor(reward_weights, dtype=torch.float32, device=rewards.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"reward_weights must be numbers (a sequence or tensor of floats), got {reward_weights!r}"
+            ) from err
         if weights.shape != (num_funcs,):
             raise ValueError(
                 f"reward_weights must have one weight per reward function, [{num_funcs}], "

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..backends import BACKENDS
 from ..config import GRPOConfig
@@ -200,6 +203,22 @@ class TrainConfig:
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards"
             )
+        for f in dataclasses.fields(self):  # nan/inf are never an option's value (max_grad_norm nan, ...)
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(
+                f"chunk_size must be >= 1 (or unset: chosen by grpo_fast), got {self.chunk_size}"
+            )
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.loss_config()  # GRPOConfig checks the loss options and names the bad one
 
     def loss_config(self) -> GRPOConfig:
