@@ -151,8 +151,10 @@ def test_check_lists_unavailable_backends_as_skipped(monkeypatch, capsys):
         return real(name, device, op)
 
     monkeypatch.setattr(check.backends, "resolve", resolve)
-    assert cli.main(["check", "--op", "group_advantages", "--backend", "native"]) == 0
+    # the skip is listed; and as nothing else was asked for, nothing was checked: not a pass
+    assert cli.main(["check", "--op", "group_advantages", "--backend", "native"]) == 2
     assert "skipped: grpo_fast._C is not built" in capsys.readouterr().out
+    assert cli.main(["check", "--op", "group_advantages", "--backend", "native", "--backend", "torch"]) == 0
 
 
 def test_check_reports_a_wrong_backend_as_fail(monkeypatch, capsys):
@@ -175,8 +177,38 @@ def test_check_on_cuda_includes_bf16():
     assert {r.dtype for r in rows} == {"float32", "bfloat16"}
 
 
-def test_bench_refuses_an_implementation_the_device_cannot_run():
+def test_bench_refuses_an_implementation_the_device_cannot_run(capsys):
     if torch.cuda.is_available():
         pytest.skip("every implementation may run here")
-    with pytest.raises(SystemExit, match="--impl trl cannot run on cpu"):
-        cli.main(["bench", "--device", "cpu", "--impl", "trl"])
+    assert cli.main(["bench", "--device", "cpu", "--impl", "trl"]) == 2
+    assert "--impl trl cannot run on cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--iters", "0"], "--iters must be >= 1"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+        (["--beta", "-1"], "--beta must be a finite number >= 0"),
+        (["--shape", "0,64,128"], "--shape N,H,V must all be >= 1"),
+        (["--shape", "64,16"], "--shape takes N,H,V as three integers"),
+        (["--json", "/nonexistent-dir/x.json"], "cannot be written (checked before the run)"),
+    ],
+)
+def test_bench_bad_arguments_are_one_line_and_exit_2(flags, message, capsys):
+    assert cli.main(["bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bench_unknown_loss_type_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--loss-type", "bogus"])
+    assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_check_that_checks_nothing_exits_2(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton then cannot run on CPU tensors
+    assert cli.main(["check", "--backend", "triton", "--device", "cpu", "--op", "group_advantages"]) == 2
+    assert "nothing was checked" in capsys.readouterr().err

@@ -468,3 +468,24 @@ def test_batch_invariant_run_has_first_update_ratios_of_exactly_one(tmp_path):
     assert [r["ratio_not_one"] for r in rows] == [0.0, 0.0]
     default = read_metrics(Trainer(tiny(tmp_path / "b", **opts)).train().metrics_path)
     assert all(0.0 <= r["ratio_not_one"] <= 1.0 for r in default)
+
+
+def test_a_used_output_dir_is_never_replaced_implicitly(tmp_path, capsys):
+    from grpo_fast import cli
+    from grpo_fast.trainer.loop import RunExists
+
+    first = Trainer(tiny(tmp_path, max_steps=2)).train()
+    run = tmp_path / "run"
+    before = sorted(p.name for p in run.iterdir())
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(RunExists, match=r"pass --resume to continue it, or --overwrite to replace it"):
+        Trainer(tiny(tmp_path, max_steps=2)).train()
+    argv = ["train", "--output-dir", str(run), "--max-steps", "2", "--prompts-per-step", "2", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a previous run (1 checkpoint(s), metrics.jsonl)" in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "metrics.jsonl").read_text() == metrics
+    # --resume continues it; --overwrite replaces it
+    assert Trainer(tiny(tmp_path, max_steps=3)).train(resume=True).steps == 3
+    assert Trainer(tiny(tmp_path, max_steps=1)).train(overwrite=True).steps == 1
+    assert len(read_metrics(first.metrics_path)) == 1

@@ -9,6 +9,7 @@ Backends that cannot run an op on a device are listed as skipped, with the reaso
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -248,10 +249,19 @@ def format_table(rows: list[Row]) -> str:
 def run(args: argparse.Namespace) -> int:
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+        print(
+            "grpo-fast check: error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr
+        )
+        return 2
     rows = check(args.backend or list(BACKENDS), devices, args.op or list(OPS))
     print(format_table(rows))
     failed = [r for r in rows if r.status.startswith(("FAIL", "ERROR"))]
     ran = [r for r in rows if not r.status.startswith("skipped")]
     print(f"\n{len(ran) - len(failed)} passed, {len(failed)} failed, {len(rows) - len(ran)} skipped")
+    if not ran:  # a check that checked nothing must not look like a pass
+        print(
+            "grpo-fast check: error: nothing was checked (every combination asked for was skipped)",
+            file=sys.stderr,
+        )
+        return 2
     return 1 if failed else 0

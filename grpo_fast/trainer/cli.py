@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --output-dir that holds one (its checkpoints and metrics are replaced)",
+    )
     group = parser.add_argument_group("training options (each also a YAML key)")
     types = field_types()
     for f in dataclasses.fields(TrainConfig):
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     import torch.distributed as dist
 
-    from .loop import Trainer
+    from .loop import RunExists, Trainer
     from .reporting import read_metrics
     from .rewards import RewardError
 
@@ -113,7 +118,10 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2
     try:
-        result = trainer.train(resume=args.resume)
+        result = trainer.train(resume=args.resume, overwrite=args.overwrite)
+    except RunExists as err:
+        print(f"grpo-fast train: error: {err}", file=sys.stderr)
+        return 2
     except RewardError as err:
         print(f"grpo-fast train: stopped: {err}", file=sys.stderr)
         return 1

@@ -296,13 +296,18 @@ class Trainer(RolloutMixin, UpdateMixin):
             warnings.warn(f"resuming {path} with options that differ from its run: {diffs}", stacklevel=2)
         return path
 
-    def train(self, resume: bool | str | Path = False) -> TrainResult:
-        """Run to ``max_steps``; Ctrl-C finishes the current step, saves a checkpoint and returns."""
+    def train(self, resume: bool | str | Path = False, overwrite: bool = False) -> TrainResult:
+        """Run to ``max_steps``; Ctrl-C finishes the current step, saves a checkpoint and returns.
+
+        A new run in a directory that holds a previous one (checkpoints or metrics) raises
+        :class:`RunExists` unless ``overwrite``: nothing of a run is deleted implicitly."""
         cfg, main = self.cfg, self.group.is_main
         if main:
             ckpt.clean_partial(self.run_dir)
         self.group.barrier()
         resumed = self.resume(None if resume is True else resume) if resume else None
+        if resumed is None and not overwrite:
+            self._refuse_to_replace_a_run(resume)
         if resume and resumed is None and main:
             print(f"no checkpoint in {self.run_dir} to resume from; starting a new run", flush=True)
         self.group.barrier()  # every rank has read the checkpoint (or found none) before any is removed
@@ -358,6 +363,20 @@ class Trainer(RolloutMixin, UpdateMixin):
             self._stop_requested = self.group.any(self._stop_requested)
         return self._stop_requested
 
+    def _refuse_to_replace_a_run(self, resume: bool | str | Path) -> None:
+        old = ckpt.checkpoints(self.run_dir)
+        metrics = self.run_dir / "metrics.jsonl"
+        logged = metrics.is_file() and metrics.stat().st_size > 0
+        if old or logged:
+            held = ", ".join(
+                ([f"{len(old)} checkpoint(s)"] if old else []) + (["metrics.jsonl"] if logged else [])
+            )
+            how = "" if resume else "pass --resume to continue it, or "
+            raise RunExists(
+                f"{self.run_dir} holds a previous run ({held}) that this one would replace: "
+                f"{how}--overwrite to replace it, or choose another --output-dir"
+            )
+
     def _forget_old_run(self) -> None:
         """A new run in a used directory: its old checkpoints would otherwise be what --resume finds."""
         old = ckpt.checkpoints(self.run_dir)
@@ -393,9 +412,15 @@ class Trainer(RolloutMixin, UpdateMixin):
             signal.signal(signal.SIGINT, previous)
 
 
-def train(config: TrainConfig, resume: bool | str | Path = False, **objects: Any) -> TrainResult:
-    """``Trainer(config, **objects).train(resume)``."""
-    return Trainer(config, **objects).train(resume)
+class RunExists(ValueError):
+    """The output directory holds a run that a new one would replace (see ``overwrite``)."""
+
+
+def train(
+    config: TrainConfig, resume: bool | str | Path = False, overwrite: bool = False, **objects: Any
+) -> TrainResult:
+    """``Trainer(config, **objects).train(resume, overwrite)``."""
+    return Trainer(config, **objects).train(resume, overwrite)
 
 
 __all__ = ["DEMO", "TrainResult", "Trainer", "cosine_schedule", "train"]
