@@ -176,3 +176,72 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert steps < STEPS
     assert latest_checkpoint(tmp_path).name == f"checkpoint-{steps:06d}"
     assert "continue with --resume" in out
+
+
+def _two_checkpoints(tmp_path):
+    cfg = {
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "prompts_per_step": 2,
+        "num_generations": 4,
+        "progress": False,
+        "save_every": 1,
+    }
+    Trainer(TrainConfig.from_dict(cfg)).train()
+    return cfg, checkpoints(tmp_path)
+
+
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": lambda c: (c / WEIGHTS).write_bytes((c / WEIGHTS).read_bytes()[:100]),
+    "garbage weights": lambda c: (c / WEIGHTS).write_bytes(b"not safetensors" * 10),
+    "flipped bit in the weights": lambda c: _flip_a_bit(c / WEIGHTS),
+    "truncated trainer_state.pt": lambda c: (c / TENSORS).write_bytes((c / TENSORS).read_bytes()[:50]),
+    "garbage trainer_state.json": lambda c: (c / "trainer_state.json").write_text("{{{"),
+    "empty trainer_state.json": lambda c: (c / "trainer_state.json").write_text(""),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, kind, capsys):
+    """A damaged latest checkpoint is named and passed over: the run resumes from the one before."""
+    from grpo_fast import cli
+
+    cfg, (first, last) = _two_checkpoints(tmp_path)
+    DAMAGE[kind](last)
+    trainer = Trainer(TrainConfig.from_dict({**cfg, "max_steps": 3}))
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint {last}"):
+        assert trainer.resume() == first
+    assert trainer.step == 1
+    # and named, one line, when asked for by path
+    argv = ["train", "--output-dir", str(tmp_path), "--max-steps", "3", "--prompts-per-step", "2"]
+    assert cli.main([*argv, "--resume", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {last} is damaged" in err and "Traceback" not in err
+
+
+def test_every_checkpoint_file_is_in_its_manifest(tmp_path):
+    import json
+
+    _, (first, last) = _two_checkpoints(tmp_path)
+    for ckpt in (first, last):
+        manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+        files = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert set(manifest) == files and {WEIGHTS, TENSORS, "trainer_state.json"} <= files
+
+
+def test_a_checkpoint_without_manifest_that_cannot_be_read_falls_back_too(tmp_path):
+    """Checkpoints written before manifests: a failed read is named and the previous one is used."""
+    cfg, (first, last) = _two_checkpoints(tmp_path)
+    (last / "manifest.json").unlink()
+    (first / "manifest.json").unlink()
+    (last / TENSORS).write_bytes((last / TENSORS).read_bytes()[:50])
+    trainer = Trainer(TrainConfig.from_dict({**cfg, "max_steps": 3}))
+    with pytest.warns(UserWarning, match=f"checkpoint {last} cannot be read"):
+        assert trainer.resume() == first
+    assert trainer.step == 1

@@ -1,7 +1,9 @@
 """Checkpoints that lose nothing: weights, optimizer, scheduler, every RNG and the data position.
 
 A checkpoint is a directory ``checkpoint-<step>`` written under a temporary name and renamed into
-place, so a crash mid-write never leaves a half checkpoint that looks complete. Nothing is
+place, so a crash mid-write never leaves a half checkpoint that looks complete. Its last file,
+``manifest.json``, holds the size and sha256 of every other one: a checkpoint damaged later (truncated,
+overwritten, a flipped bit) is found on load, and resuming falls back to the newest intact one. Nothing is
 unpickled on load: weights are safetensors, the optimizer/scheduler/RNG tensors load with
 ``torch.load(weights_only=True)``, the rest is JSON.
 
@@ -13,6 +15,7 @@ FSDP2 on any number of ranks loads into any of them. Under FSDP2 gathering them 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,6 +38,55 @@ from torch.distributed.checkpoint.state_dict import (
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 WEIGHTS, TENSORS, STATE = "model.safetensors", "trainer_state.pt", "trainer_state.json"
+MANIFEST = "manifest.json"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files do not match its manifest, or cannot be read."""
+
+
+class ModelMismatch(ValueError):
+    """An intact checkpoint of another model (parameter names differ)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Sizes and sha256 of every file of ``directory`` (written last, so it vouches for all of them)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write_json(directory / MANIFEST, {"files": entries})
+
+
+def damage(path: str | Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a missing, resized or changed file), or None if intact.
+
+    A checkpoint written before manifests existed is only checked for its files."""
+    path = Path(path)
+    for name in (WEIGHTS, TENSORS, STATE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        entries = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, want in entries.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['size']} were written"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} has changed since it was written (sha256 mismatch)"
+    return None
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -150,6 +202,7 @@ def save_checkpoint(
         tmp / TENSORS,
     )
     _write_json(tmp / STATE, {**state, "step": step, "rng": rng_plain})
+    write_manifest(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
         old = run_dir / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
@@ -174,6 +227,18 @@ def load_checkpoint(
     for name in (WEIGHTS, TENSORS, STATE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint: {name} is missing")
+    problem = damage(path)
+    if problem is not None:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}")
+    try:
+        return _load(path, model, optimizer, scheduler)
+    except ModelMismatch:
+        raise
+    except Exception as err:  # truncated or garbage files of a checkpoint without a manifest
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {type(err).__name__}: {err}") from err
+
+
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     weights = load_file(path / WEIGHTS)
     for names in tied_names(model):
         stored = [n for n in names if n in weights]
@@ -183,7 +248,7 @@ def load_checkpoint(
     expected = set(model.state_dict())
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
-        raise ValueError(
+        raise ModelMismatch(
             f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     import torch.distributed as dist
 
+    from .checkpoint import DamagedCheckpoint
     from .loop import RunExists, Trainer
     from .reporting import read_metrics
     from .rewards import RewardError
@@ -119,7 +120,7 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
         return 2
     try:
         result = trainer.train(resume=args.resume, overwrite=args.overwrite)
-    except RunExists as err:
+    except (RunExists, DamagedCheckpoint) as err:
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2
     except RewardError as err:

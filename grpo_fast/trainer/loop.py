@@ -270,12 +270,32 @@ class Trainer(RolloutMixin, UpdateMixin):
         Several processes: rank 0 picks the checkpoint and every rank loads it (so the run directory
         must be on a filesystem that every node sees).
         """
-        if path is None:
-            latest = ckpt.latest_checkpoint(self.run_dir) if self.group.is_main else None
-            path = self.group.broadcast_object(latest)
-        if path is None:
-            return None
-        path = Path(path)
+        if path is None:  # the newest checkpoint that is intact; a damaged one is named and passed over
+            for candidate in reversed(ckpt.checkpoints(self.run_dir) if self.group.is_main else []):
+                problem = ckpt.damage(candidate)
+                if problem is None:
+                    path = candidate
+                    break
+                warnings.warn(f"skipping damaged checkpoint {candidate}: {problem}", stacklevel=2)
+            path = self.group.broadcast_object(path)
+            if path is None:
+                return None
+            try:
+                return self._load(Path(path))
+            except ckpt.DamagedCheckpoint as err:  # unreadable though its files are all there
+                if self.group.active:
+                    raise
+                warnings.warn(f"{err}; trying the previous checkpoint", stacklevel=2)
+                older = [p for p in ckpt.checkpoints(self.run_dir) if p.name < Path(path).name]
+                for candidate in reversed(older):
+                    try:
+                        return self._load(candidate)
+                    except ckpt.DamagedCheckpoint as again:
+                        warnings.warn(f"{again}; trying the previous checkpoint", stacklevel=2)
+                return None
+        return self._load(Path(path))
+
+    def _load(self, path: Path) -> Path:
         if self.group.active and not path.is_dir():
             raise FileNotFoundError(
                 f"rank {self.group.rank} cannot see checkpoint {path}: with several nodes the output "
