@@ -489,3 +489,40 @@ def test_a_used_output_dir_is_never_replaced_implicitly(tmp_path, capsys):
     assert Trainer(tiny(tmp_path, max_steps=3)).train(resume=True).steps == 3
     assert Trainer(tiny(tmp_path, max_steps=1)).train(overwrite=True).steps == 1
     assert len(read_metrics(first.metrics_path)) == 1
+
+
+def test_reward_calling_sys_exit_saves_then_stops(tmp_path):
+    import sys
+
+    from grpo_fast.trainer.rewards import RewardError
+
+    def quits(prompts, completions, **kw):
+        sys.exit(3)
+
+    with pytest.raises(RewardError, match=r"called sys.exit\(3\)") as info:
+        Trainer(tiny(tmp_path), reward_funcs=[quits]).train()
+    assert info.value.fatal and "saved" in str(info.value)
+    assert latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_reward_beyond_fp32_is_a_reward_error_not_a_silent_inf():
+    from grpo_fast.trainer.rewards import RewardError, score
+
+    with pytest.raises(RewardError, match="rewards must be finite in fp32"):
+        score([lambda prompts, completions, **kw: [1e39] * len(completions)], ["p"], ["c"], {})
+
+
+def test_reward_module_with_a_syntax_error_is_one_line(tmp_path, monkeypatch):
+    from grpo_fast.trainer.rewards import load_reward
+
+    (tmp_path / "broken_reward_mod.py").write_text("def f(prompts, completions, **kw)\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"has a syntax error \(.*broken_reward_mod.py, line 1"):
+        load_reward("broken_reward_mod:f")
+
+
+def test_output_dir_naming_a_file_is_refused(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        tiny(tmp_path, output_dir=str(path))

@@ -245,3 +245,25 @@ def test_a_checkpoint_without_manifest_that_cannot_be_read_falls_back_too(tmp_pa
     with pytest.warns(UserWarning, match=f"checkpoint {last} cannot be read"):
         assert trainer.resume() == first
     assert trainer.step == 1
+
+
+def test_disk_full_says_so_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from grpo_fast import cli
+    from grpo_fast.trainer import checkpoint
+
+    cfg, (first, last) = _two_checkpoints(tmp_path)
+    real = checkpoint.save_file
+
+    def full(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # part of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    argv = ["train", "--output-dir", str(tmp_path), "--max-steps", "3", "--prompts-per-step", "2"]
+    assert cli.main([*argv, "--resume", "--save-every", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "earlier checkpoints are intact" in err and "Traceback" not in err
+    assert checkpoints(tmp_path) == [first, last]  # untouched, and no half-written copy left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

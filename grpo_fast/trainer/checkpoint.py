@@ -15,6 +15,7 @@ FSDP2 on any number of ranks loads into any of them. Under FSDP2 gathering them 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -187,6 +188,38 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"{PREFIX}{step:06d}"
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        return _save(
+            run_dir, final, tmp, model, optimizer_state, weights, scheduler, state, tokenizer, step, keep
+        )
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written copy, never an earlier checkpoint
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(run_dir).free
+            raise DiskFull(
+                f"the disk is full ({free / 2**20:.0f} MiB free) while writing {final.name} in {run_dir}: "
+                f"nothing of it was kept, the earlier checkpoints are intact; free some space and --resume"
+            ) from err
+        raise
+
+
+class DiskFull(OSError):
+    """No space left while writing a checkpoint (the earlier ones are untouched)."""
+
+
+def _save(
+    run_dir: Path,
+    final: Path,
+    tmp: Path,
+    model: nn.Module,
+    optimizer_state: dict[str, Any],
+    weights: dict[str, Tensor],
+    scheduler: Any,
+    state: dict[str, Any],
+    tokenizer: Any,
+    step: int,
+    keep: int,
+) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # "format": "pt" lets transformers' from_pretrained read the file too.

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     import torch.distributed as dist
 
-    from .checkpoint import DamagedCheckpoint
+    from .checkpoint import DamagedCheckpoint, DiskFull
     from .loop import RunExists, Trainer
     from .reporting import read_metrics
     from .rewards import RewardError
@@ -123,9 +123,12 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     except (RunExists, DamagedCheckpoint) as err:
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2
-    except RewardError as err:
+    except DiskFull as err:
         print(f"grpo-fast train: stopped: {err}", file=sys.stderr)
         return 1
+    except RewardError as err:
+        print(f"grpo-fast train: stopped: {err}", file=sys.stderr)
+        return 2 if err.fatal else 1
     except FileNotFoundError as err:  # --resume of a missing or incomplete checkpoint
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2

@@ -344,8 +344,15 @@ class Trainer(RolloutMixin, UpdateMixin):
                     try:
                         row = self.train_step()
                     except RewardError as err:
-                        failures += 1
                         self.optimizer.zero_grad(set_to_none=True)
+                        if err.fatal:
+                            path = self.save()
+                            raise RewardError(
+                                err.name,
+                                f"stopped the run; saved {path} first (--resume continues). {err}",
+                                fatal=True,
+                            ) from err
+                        failures += 1
                         if main:
                             progress.write(
                                 f"step {self.step + 1} skipped ({failures}/{cfg.max_reward_failures}): {err}"

@@ -19,11 +19,17 @@ RewardFn = Callable[..., Sequence[float | None]]
 
 
 class RewardError(RuntimeError):
-    """A reward function raised or returned something unusable; ``name`` says which one."""
+    """A reward function raised or returned something unusable; ``name`` says which one.
 
-    def __init__(self, name: str, message: str):
+    ``fatal``: the function asked the process to stop (sys.exit): the run saves and stops at once."""
+
+    def __init__(self, name: str, message: str, fatal: bool = False):
         super().__init__(f"reward function {name!r}: {message}")
         self.name = name
+        self.fatal = fatal
+
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def load_reward(spec: str) -> RewardFn:
@@ -35,6 +41,15 @@ def load_reward(spec: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({err})") from err
+    except SyntaxError as err:
+        where = f"{err.filename}, line {err.lineno}" if err.filename else module_name
+        raise ValueError(
+            f"reward {spec!r}: module {module_name!r} has a syntax error ({where}: {err.msg})"
+        ) from err
+    except Exception as err:  # anything its import runs: one line, not a traceback
+        raise ValueError(
+            f"reward {spec!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
+        ) from err
     fn = getattr(module, attr, None)
     if fn is None:
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
@@ -55,9 +70,11 @@ def _to_float(name: str, i: int, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RewardError(name, f"reward {i} is {value!r} ({type(value).__name__}), not a number or None")
     value = float(value)
-    if math.isinf(value):
+    if math.isinf(value) or abs(value) > FP32_MAX:  # 1e39 is finite here but inf in fp32
         raise RewardError(
-            name, f"reward {i} is {value}; rewards must be finite (None or NaN: not applicable)"
+            name,
+            f"reward {i} is {value}; rewards must be finite in fp32, |r| <= {FP32_MAX:.3g} "
+            "(None or NaN: not applicable)",
         )
     return value
 
@@ -78,6 +95,8 @@ def score(
             values = fn(prompts=prompts, completions=completions, **columns, **extra)
         except Exception as err:
             raise RewardError(name, f"raised {type(err).__name__}: {err}") from err
+        except SystemExit as err:  # the function wants the run to stop: it stops, after saving
+            raise RewardError(name, f"called sys.exit({err.code!r})", fatal=True) from err
         if isinstance(values, torch.Tensor):
             values = values.reshape(-1).tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
