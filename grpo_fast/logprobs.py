@@ -8,7 +8,14 @@ from torch import Tensor
 from . import backends
 from .engine.chunk_loop import FusedLogprobs, LogprobPlan
 from .engine.setup import Head, check_batch_invariant, open_head
-from .engine.validation import check_same_device, check_targets, check_temperature, check_tensor
+from .engine.validation import (
+    ValueChecks,
+    add_head_value_checks,
+    check_same_device,
+    check_targets,
+    check_temperature,
+    check_tensor,
+)
 
 
 def selective_logprobs(
@@ -48,7 +55,10 @@ def selective_logprobs(
     head = open_head(hidden, weight, bias, process_group, vocab_start)
     temperature = check_temperature(temperature)
     check_same_device(hidden.device, targets=check_tensor("targets", targets))
-    targets = check_targets(targets, hidden.shape[:-1], head.vocab)
+    checks = ValueChecks()  # one device-to-host transfer for all the value checks
+    targets = check_targets(targets, hidden.shape[:-1], head.vocab, checks=checks)
+    add_head_value_checks(checks, hidden, head.weight, head.bias)
+    checks.run()
     if not isinstance(fused_gemm, bool):
         raise TypeError(f"fused_gemm must be a bool, got {type(fused_gemm).__name__}")
     if check_batch_invariant(batch_invariant) and fused_gemm:

@@ -94,6 +94,21 @@ def check_lm_head(hidden: Tensor, weight: object, bias: object) -> tuple[Tensor,
     return weight, bias
 
 
+def add_head_value_checks(
+    checks: ValueChecks, hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None = None
+) -> None:
+    """hidden (at the ``rows`` that count, default all), weight and bias must be finite: a NaN there
+    would only show as a NaN loss. One read of each, in the checks' single transfer."""
+    if hidden.numel():
+        finite_rows = torch.isfinite(hidden).all(-1)
+        bad = ~finite_rows if rows is None else ~finite_rows & rows.reshape(finite_rows.shape)
+        checks.add(bad.any(), lambda: "hidden must be finite (NaN or inf found at a position that counts)")
+    if weight.numel():
+        checks.add(~torch.isfinite(weight).all(), lambda: "weight (the LM head) must be finite")
+    if bias is not None and bias.numel():
+        checks.add(~torch.isfinite(bias).all(), lambda: "bias must be finite")
+
+
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
@@ -232,6 +247,7 @@ def validate_loss_inputs(
             lambda: "mask must hold finite non-negative values (1 = token counts, 0 = padding)",
         )
     targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0, checks=checks)
+    add_head_value_checks(checks, hidden, weight, bias, rows=mask_f != 0)
 
     advantages = check_tensor("advantages", advantages)
     check_float("advantages", advantages)
@@ -325,6 +341,8 @@ def validate_advantage_inputs(
     if rewards.numel() == 0:
         raise ValueError(f"rewards is empty (shape {_shape(rewards)}): there are no completions to score")
     rewards2d = rewards.float().reshape(rewards.shape[0], -1)
+    if torch.isinf(rewards2d).any():  # beyond fp32 too (1e39): an advantage of +-inf otherwise
+        raise ValueError("rewards must be finite in fp32 (NaN means: this reward does not apply); got inf")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if rewards2d.shape[0] % group_size:
