@@ -113,6 +113,10 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
                 dist.all_gather(copies, flat)
                 assert all(torch.equal(c, copies[0]) for c in copies), name
         _resume_and_failures(Path(root), rank)
+        # Both ranks tear the group down together. Rank 1 used to destroy it while rank 0 still read the
+        # results; the suspected cause of an intermittent SIGABRT in rank 1 ("terminate called without
+        # an active exception") on the 2-core machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
