@@ -1,7 +1,8 @@
 # grpo_fast developer entry points. `make test` is what CI runs (.ci/run).
 #   make venv / install   .venv with torch, then grpo_fast editable with the dev extras; the extension
 #                         grpo_fast._C is rebuilt whenever setup.py, pyproject.toml or csrc/ change
-#   make demo             grpo-fast train on the built-in demo (tiny model, verifiable task, CPU)
+#   make demo             grpo-fast train on the built-in demo (tiny model, verifiable task, CPU); each
+#                         run replaces the previous demo run in runs/demo (--overwrite)
 #   make test             pytest
 #   make lint             ruff
 #   make clean            build outputs (keeps .venv); make distclean removes .venv too
@@ -35,7 +36,7 @@ $(STAMP): $(VENV)/pyvenv.cfg $(BUILD_INPUTS)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/grpo-fast train
+	$(VENV)/bin/grpo-fast train --output-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
