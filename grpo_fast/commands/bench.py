@@ -12,6 +12,7 @@ from pathlib import Path
 from ..benchmarking import baselines as bench_baselines
 from ..benchmarking import harness as bench
 from ..config import LOSS_TYPES
+from ..engine.validation import device_type
 
 
 class BadArgs(Exception):
@@ -85,11 +86,8 @@ def _check_args(args: argparse.Namespace) -> str:
     if not math.isfinite(args.beta) or args.beta < 0:
         raise BadArgs(f"--beta must be a finite number >= 0, got {args.beta}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
+    kind = device_type(device)
+    if kind is None:
         raise BadArgs(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise BadArgs("--device cuda asked for, but torch sees no CUDA device")

@@ -44,6 +44,15 @@ class ValueChecks:
             i += 1 + len(values)
 
 
+def device_type(name: str) -> str | None:
+    """ "cpu" or "cuda" for a device string grpo_fast runs on (cuda:1 too), None for anything else."""
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:  # not a device string at all
+        return None
+    return kind if kind in ("cpu", "cuda") else None
+
+
 def check_tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..backends import BACKENDS
 from ..config import GRPOConfig
+from ..engine.validation import device_type
 from .demo import DEMO, DEMO_PRESET
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -214,13 +213,8 @@ class TrainConfig:
             raise ValueError(
                 f"chunk_size must be >= 1 (or unset: chosen by grpo_fast), got {self.chunk_size}"
             )
-        if self.device != "auto":
-            try:
-                kind = torch.device(self.device).type
-            except RuntimeError:
-                kind = None
-            if kind not in ("cpu", "cuda"):
-                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "auto" and device_type(self.device) is None:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.loss_config()  # GRPOConfig checks the loss options and names the bad one
 
     def loss_config(self) -> GRPOConfig:

@@ -270,39 +270,35 @@ class Trainer(RolloutMixin, UpdateMixin):
         Several processes: rank 0 picks the checkpoint and every rank loads it (so the run directory
         must be on a filesystem that every node sees).
         """
-        if path is None:  # the newest checkpoint that is intact; a damaged one is named and passed over
-            for candidate in reversed(ckpt.checkpoints(self.run_dir) if self.group.is_main else []):
-                problem = ckpt.damage(candidate)
-                if problem is None:
-                    path = candidate
-                    break
-                warnings.warn(f"skipping damaged checkpoint {candidate}: {problem}", stacklevel=2)
-            path = self.group.broadcast_object(path)
-            if path is None:
-                return None
+        if path is not None:
+            return self._load(Path(path))
+        if self.group.active:  # rank 0 picks the newest intact checkpoint, every rank loads that one
+            path = self.group.broadcast_object(self._newest_intact() if self.group.is_main else None)
+            return None if path is None else self._load(Path(path), verified=True)
+        # The newest checkpoint that loads; a damaged or unreadable one is named and passed over.
+        for candidate in reversed(ckpt.checkpoints(self.run_dir)):
             try:
-                return self._load(Path(path))
-            except ckpt.DamagedCheckpoint as err:  # unreadable though its files are all there
-                if self.group.active:
-                    raise
-                warnings.warn(f"{err}; trying the previous checkpoint", stacklevel=2)
-                older = [p for p in ckpt.checkpoints(self.run_dir) if p.name < Path(path).name]
-                for candidate in reversed(older):
-                    try:
-                        return self._load(candidate)
-                    except ckpt.DamagedCheckpoint as again:
-                        warnings.warn(f"{again}; trying the previous checkpoint", stacklevel=2)
-                return None
-        return self._load(Path(path))
+                return self._load(candidate)
+            except ckpt.DamagedCheckpoint as err:
+                warnings.warn(f"skipping damaged checkpoint {candidate}: {err}", stacklevel=2)
+        return None
 
-    def _load(self, path: Path) -> Path:
+    def _newest_intact(self) -> Path | None:
+        for candidate in reversed(ckpt.checkpoints(self.run_dir)):
+            problem = ckpt.damage(candidate)
+            if problem is None:
+                return candidate
+            warnings.warn(f"skipping damaged checkpoint {candidate}: {problem}", stacklevel=3)
+        return None
+
+    def _load(self, path: Path, verified: bool = False) -> Path:
         if self.group.active and not path.is_dir():
             raise FileNotFoundError(
                 f"rank {self.group.rank} cannot see checkpoint {path}: with several nodes the output "
                 "directory must be on a filesystem that all of them share"
             )
         state = ckpt.load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, verified=verified
         )
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
