@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_device, check_rows, check_tile, interpreting, row_block
+from ._common import FP_FUSION, check_device, check_rows, check_tile, interpreting, row_block
 
 
 @triton.jit
@@ -103,5 +103,6 @@ def chunk_grad_(
         HAS_ENT=has_ent,
         BLOCK_V=block,
         num_warps=4,
+        enable_fp_fusion=FP_FUSION,
     )
     return logits

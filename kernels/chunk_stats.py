@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_device, check_rows, check_tile, interpreting, online_update, row_block
+from ._common import FP_FUSION, check_device, check_rows, check_tile, interpreting, online_update, row_block
 
 
 @triton.jit
@@ -84,6 +84,7 @@ def _launch(op: str, logits: Tensor, targets: Tensor, temperature: float, partia
         PARTIAL=partial,
         BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
+        enable_fp_fusion=FP_FUSION,
     )
     return out
 

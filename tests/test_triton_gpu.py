@@ -193,3 +193,30 @@ def test_group_advantages_on_cuda():
         got = triton_group_advantages(rewards.to(CUDA), weights.to(CUDA), 16, scale, 1e-4)
         want = gf.reference.group_advantages(rewards, 16, scale, 1e-4, weights)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-2])
+def test_low_temperature_accuracy_on_cuda(backend, temperature):
+    # Every pass must round z = x / T alike (no fma fusion of the product in one pass only): issue 15,
+    # item 7. fp32 with the split (tile) path: the fused log-prob GEMM is forward-only.
+    from .test_logprobs import run
+
+    try:
+        backends.resolve(backend, CUDA, "selective_logprobs")
+    except ValueError as err:
+        pytest.skip(str(err))
+    base = make_batch(B=2, T=130, H=96, V=4099, seed=4327, dtype=torch.float64, empty_row=False)
+
+    def leaves(dtype, device):
+        head = ("hidden", "weight", "bias")
+        out = {k: v.to(device) for k, v in base.items() if torch.is_tensor(v)}
+        return out | {k: out[k].to(dtype).clone().requires_grad_(True) for k in head if k in out}
+
+    truth = run(gf.reference.selective_logprobs, leaves(torch.float64, "cpu"), temperature)
+    same = run(gf.reference.selective_logprobs, leaves(torch.float32, CUDA), temperature)
+    got = run(gf.selective_logprobs, leaves(torch.float32, CUDA), temperature, backend=backend)
+    assert_within("logp", got[0], same[0], truth[0], torch.float32)
+    assert_within("entropy", got[1], same[1], truth[1], torch.float32)
+    for k in truth[2]:
+        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], torch.float32)

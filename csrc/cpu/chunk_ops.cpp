@@ -78,6 +78,8 @@ struct RowStats {
   float u = 0.0f;
 };
 
+// Every loop rounds z = x * inv_t to fp32 on its own (-ffp-contract=off, csrc/flags.txt): the max, the exps
+// and the gradient see the same z, so p of a row's top logit is exactly exp(z - lse) of one z.
 // Folds x[0:n] * inv_t into `st`.
 GF_MULTIVERSION void fold_block(const float* x, int64_t n, float inv_t, RowStats* st) {
   float bm = kNegInf;

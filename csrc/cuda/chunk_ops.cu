@@ -143,6 +143,11 @@ __device__ Stats block_merge(Stats st) {
   return st;
 }
 
+// z = x / T, rounded to fp32 alone: __fmul_rn is never fused into an fma, so every pass (max, exps, grad)
+// sees the same z. A product fused in one place and rounded in another puts up to half an ulp of z
+// (|z| ~ 1/T) into every p: 8x PyTorch's gradient error at T = 1e-3.
+__device__ __forceinline__ float scaled(float x, float inv_t) { return __fmul_rn(x, inv_t); }
+
 // Pass 1 over one row (every thread gets the row's state).
 template <typename T, int VEC>
 __device__ Stats row_stats(const T* row, int64_t cols, float inv_t) {
@@ -152,7 +157,7 @@ __device__ Stats row_stats(const T* row, int64_t cols, float inv_t) {
     const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(row + i);
     float z[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = to_float(pk.v[k]) * inv_t;
+    for (int k = 0; k < VEC; ++k) z[k] = scaled(to_float(pk.v[k]), inv_t);
     fold<VEC>(st, z);
   }
   return block_merge(st);
@@ -161,7 +166,7 @@ __device__ Stats row_stats(const T* row, int64_t cols, float inv_t) {
 // The scaled target logit, 0 when the target is not in [0, cols) (another vocabulary shard's token).
 template <typename T>
 __device__ __forceinline__ float target_logit(const T* row, int64_t target, int64_t cols, float inv_t) {
-  return (target >= 0 && target < cols) ? to_float(row[target]) * inv_t : 0.0f;
+  return (target >= 0 && target < cols) ? scaled(to_float(row[target]), inv_t) : 0.0f;
 }
 
 // Pass 2 over one row: row = scale * (onehot(target) - p) - ent * p * (log p + entropy), p = exp(z - lse),
@@ -175,7 +180,7 @@ __device__ void row_grad(T* row, int64_t cols, float inv_t, int64_t target, floa
     Pack<T, VEC> pk = *ptr;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float d = to_float(pk.v[k]) * inv_t - lse;
+      const float d = scaled(to_float(pk.v[k]), inv_t) - lse;
       const float p = expf(d);
       float coef = scale;
       if constexpr (ENT) coef += ent * (fmaxf(d, kMinLogP) + entropy);  // NaN logits: p is NaN anyway

@@ -29,7 +29,10 @@ ADV_SHAPES = ((5, 7, 1), (16, 8, 3))
 LOSS_CONFIGS = {
     "dapo+kl": gf.GRPOConfig(loss_type="dapo", beta=0.04, epsilon_high=0.28),
     "grpo-seq": gf.GRPOConfig(loss_type="grpo", importance_sampling_level="sequence", temperature=0.7),
+    "dapo T=1e-2": gf.GRPOConfig(loss_type="dapo", beta=0.04, temperature=1e-2),
 }
+# selective_logprobs at each: |z| = |x| / T grows to ~1e3 at T = 1e-3, where every p carries z's rounding.
+TEMPERATURES = (1.0, 0.7, 1e-2, 1e-3)
 
 
 @dataclass
@@ -71,9 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op", action="append", choices=OPS, help="ops to check (default: all)")
 
 
-def _lm_batch(shape: tuple[int, ...], seed: int, device: str = "cpu") -> dict[str, Tensor]:
-    """An fp64 batch on the CPU (the log-probs its old/ref are drawn around computed on ``device``);
-    row 1 (if any) fully masked, masked ids may be -100."""
+def _lm_batch(
+    shape: tuple[int, ...], seed: int, device: str = "cpu", temperature: float = 1.0
+) -> dict[str, Tensor]:
+    """An fp64 batch on the CPU (the log-probs its old/ref are drawn around computed on ``device``, at
+    ``temperature``); row 1 (if any) fully masked, masked ids may be -100."""
     B, T, H, V = shape
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
@@ -85,8 +90,11 @@ def _lm_batch(shape: tuple[int, ...], seed: int, device: str = "cpu") -> dict[st
         mask[1] = 0
         targets[1, :3] = -100
     with torch.no_grad():
-        on = (hidden.to(device), weight.to(device), targets.clamp(min=0).to(device), bias.to(device))
-        logp = gf.reference.selective_logprobs(*on).cpu()
+        # The ids the loss reads (masked positions: 0), so old/ref are near the loss's log-probs everywhere:
+        # at T = 1e-3 another id's log-prob is thousands away and exp(ref - logp) overflows at a masked spot.
+        read = torch.where(mask != 0, targets, 0)
+        on = (hidden.to(device), weight.to(device), read.to(device), bias.to(device))
+        logp = gf.reference.selective_logprobs(*on, temperature=temperature).cpu()
     noise = lambda: 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(
         hidden=hidden,
@@ -123,8 +131,8 @@ def _loss_outputs(fn: Callable, b: dict[str, Tensor], cfg: gf.GRPOConfig) -> lis
     return [loss.detach(), *torch.autograd.grad(loss, [b["hidden"], b["weight"], b["bias"]])]
 
 
-def _logprob_outputs(fn: Callable, b: dict[str, Tensor]) -> list[Tensor]:
-    logp, entropy = fn(b["hidden"], b["weight"], b["targets"].clamp(min=0), b["bias"], 0.9, True)
+def _logprob_outputs(fn: Callable, b: dict[str, Tensor], temperature: float) -> list[Tensor]:
+    logp, entropy = fn(b["hidden"], b["weight"], b["targets"].clamp(min=0), b["bias"], temperature, True)
     upstream = torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype, device=logp.device).view_as(logp)
     return [logp.detach(), entropy, *torch.autograd.grad((logp * upstream).sum(), [b["hidden"], b["weight"]])]
 
@@ -142,7 +150,7 @@ def _compare(
         t = t.double().cpu()
         err, ref_err = max_err(g, t), max_err(r, t)
         scale = scale_of(t, LOSS_SCALE if name == "loss" else 1e-30)
-        if err > bound(ref_err, scale, dtype):
+        if not err <= bound(ref_err, scale, dtype):  # a NaN anywhere (output or truth) fails too
             failed.append(name)
         worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / scale)
     return worst_abs, worst_rel, f"FAIL: {', '.join(failed)}" if failed else "PASS"
@@ -159,7 +167,7 @@ def check_loss_case(
     """grpo_loss on one ``(B, T, H, V)`` batch against the fp64 truth (loss and every gradient, by the
     tolerance rule): (max abs err, max rel err, "PASS" or "FAIL: ..."). ``truth_device``: where the fp64
     reference runs (a GPU makes real-size truth affordable)."""
-    batch = _lm_batch(shape, seed=sum(shape), device=truth_device)
+    batch = _lm_batch(shape, seed=sum(shape), device=truth_device, temperature=cfg.temperature)
     run = partial(_loss_outputs, cfg=cfg)
     truth = run(gf.reference.grpo_loss, _leaves(batch, torch.float64, truth_device))
     ref = run(gf.reference.grpo_loss, _leaves(batch, dtype, device))
@@ -170,18 +178,22 @@ def check_loss_case(
 def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
     rows = []
     for shape in LM_SHAPES:
-        batch = _lm_batch(shape, seed=sum(shape))
-        configs = LOSS_CONFIGS.items() if op == "grpo_loss" else [("", None)]
-        for label, cfg in configs:
+        if op == "grpo_loss":
+            configs = list(LOSS_CONFIGS.items())
+        else:
+            configs = [(f"T={t:g}", t) for t in TEMPERATURES]
+        for label, arg in configs:
             if op == "grpo_loss":
+                batch = _lm_batch(shape, seed=sum(shape), temperature=arg.temperature)
                 fast, reference = partial(gf.grpo_loss, backend=name), gf.reference.grpo_loss
-                run = partial(_loss_outputs, cfg=cfg)
+                run = partial(_loss_outputs, cfg=arg)
             else:
                 fast, reference = (
                     partial(gf.selective_logprobs, backend=name),
                     gf.reference.selective_logprobs,
                 )
-                run = _logprob_outputs
+                batch = _lm_batch(shape, seed=sum(shape))
+                run = partial(_logprob_outputs, temperature=arg)
             truth = run(reference, _leaves(batch, torch.float64, "cpu"))
             ref = run(reference, _leaves(batch, dtype, device))
             got = run(fast, _leaves(batch, dtype, device))
