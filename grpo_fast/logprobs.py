@@ -52,13 +52,53 @@ def selective_logprobs(
 
     With ``process_group``, weight/bias are this rank's vocabulary shard (see ``grpo_loss``).
     """
+    if torch.compiler.is_compiling():  # one opaque op in the graph: see engine/compiled.py
+        from .engine import compiled
+
+        return compiled.selective_logprobs(
+            hidden, weight, targets, bias, temperature, return_entropy, backend=backend,
+            chunk_size=chunk_size, process_group=process_group, vocab_start=vocab_start,
+            fused_gemm=fused_gemm, batch_invariant=batch_invariant,
+        )  # fmt: skip
+    flat, head, targets, plan = plan_logprobs(
+        hidden, weight, targets, bias, temperature, backend=backend, chunk_size=chunk_size,
+        process_group=process_group, vocab_start=vocab_start, fused_gemm=fused_gemm,
+        batch_invariant=batch_invariant,
+    )  # fmt: skip
+    if plan is None:
+        logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
+    else:
+        logp, entropy = FusedLogprobs.apply(flat, head.weight, head.bias, plan)
+    logp = logp.reshape(targets.shape)
+    return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
+
+
+def plan_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    process_group: object | None = None,
+    vocab_start: int | None = None,
+    fused_gemm: bool = False,
+    batch_invariant: bool = False,
+    value_checks: bool = True,
+) -> tuple[Tensor, Head, Tensor, LogprobPlan | None]:
+    """Validate, then shard and resolve the backend and tile size: (hidden as ``[N, H]``, the head, the
+    checked targets, the plan; None for ``fused_gemm``). ``value_checks=False`` skips the checks of tensor
+    values (for a second call on inputs already checked: they cost a device-to-host transfer)."""
     head = open_head(hidden, weight, bias, process_group, vocab_start)
     temperature = check_temperature(temperature)
     check_same_device(hidden.device, targets=check_tensor("targets", targets))
     checks = ValueChecks()  # one device-to-host transfer for all the value checks
     targets = check_targets(targets, hidden.shape[:-1], head.vocab, checks=checks)
     add_head_value_checks(checks, hidden, head.weight, head.bias)
-    checks.run()
+    if value_checks:
+        checks.run()
     if not isinstance(fused_gemm, bool):
         raise TypeError(f"fused_gemm must be a bool, got {type(fused_gemm).__name__}")
     if check_batch_invariant(batch_invariant) and fused_gemm:
@@ -68,16 +108,12 @@ def selective_logprobs(
         )
     flat = hidden.reshape(-1, hidden.shape[-1])
     if fused_gemm:
-        logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
-    else:
-        _, ops, chunk, pad = head.plan(
-            "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size, batch_invariant
-        )
-        local = head.local_targets(targets.reshape(-1))
-        plan = LogprobPlan(local, temperature, ops, chunk, head.shard, pad)
-        logp, entropy = FusedLogprobs.apply(flat, head.weight, head.bias, plan)
-    logp = logp.reshape(targets.shape)
-    return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
+        return flat, head, targets, None
+    _, ops, chunk, pad = head.plan(
+        "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size, batch_invariant
+    )
+    local = head.local_targets(targets.reshape(-1))
+    return flat, head, targets, LogprobPlan(local, temperature, ops, chunk, head.shard, pad)
 
 
 def _fused_gemm_logprobs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .config import GRPOConfig
@@ -49,6 +50,14 @@ def grpo_loss(
     ``chunk_size`` it comes with, and equal to ``selective_logprobs(..., batch_invariant=True)``'s: old
     log-probs from it give a ratio of exactly 1 on an on-policy step. Gradients are run-to-run identical.
     """
+    if torch.compiler.is_compiling():  # one opaque op in the graph: see engine/compiled.py
+        from .engine import compiled
+
+        return compiled.grpo_loss(
+            hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, config, num_items_in_batch,
+            seq_ids=seq_ids, backend=backend, chunk_size=chunk_size, process_group=process_group,
+            vocab_start=vocab_start, batch_invariant=batch_invariant,
+        )  # fmt: skip
     h, weight, bias, plan = plan_loss(
         hidden,
         weight,
@@ -134,7 +143,8 @@ def plan_loss(
         chunk_size,
         check_batch_invariant(batch_invariant),
     )
-    plan = LossPlan(head.local_targets(pick(inputs.targets)), batch, cfg, ops, chunk, head.shard, pad)
+    targets = head.local_targets(pick(inputs.targets))
+    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, pad, keep if compact else None)
     return h, weight, bias, plan
 
 

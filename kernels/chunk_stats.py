@@ -58,7 +58,7 @@ def _chunk_stats_kernel(
         log_s = tl.log(s)
         lse = m + log_s
         tl.store(out_ptr + row, lse)
-        tl.store(out_ptr + n_rows + row, t - lse)
+        tl.store(out_ptr + n_rows + row, (t - m) - log_s)  # not t - lse: lse is rounded at |lse|
         tl.store(out_ptr + 2 * n_rows + row, log_s - u / s)
 
 

@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(1024) chunk_stats_kernel(ChunkParams p, bool p
     const float log_s = logf(st.s);
     const float lse = st.m + log_s;
     p.out[r] = lse;
-    p.out[p.rows + r] = t - lse;
+    p.out[p.rows + r] = (t - st.m) - log_s;  // not t - lse: lse is rounded at |lse|
     p.out[2 * p.rows + r] = log_s - st.u / st.s;
   }
 }

@@ -199,6 +199,7 @@ class LossPlan:
     chunk: int
     shard: VocabShard | None = None
     pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
+    rows: Tensor | None = None  # rows of the [N, H] hidden the loss reads (masked dropped); None: all
 
 
 def run_grpo(
@@ -313,21 +314,34 @@ class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
         hidden, weight, bias, lse = ctx.saved_tensors
-        plan: LogprobPlan = ctx.plan
-        grads = _Grads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
-        coefs = (grad_logp.float(), None)  # the entropy output carries no gradient
-        grad_pass(
-            hidden,
-            weight,
-            bias,
-            plan.targets,
-            (lse, None),
-            coefs,
-            plan.temperature,
-            plan.ops,
-            plan.chunk,
-            grads,
-            plan.pad,
-        )
-        gh, gw, gb = grads.final(weight, bias, plan.shard)
+        gh, gw, gb = logprob_grads(hidden, weight, bias, lse, grad_logp, ctx.plan, ctx.needs_input_grad[:3])
         return gh, gw, gb, None
+
+
+def logprob_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    grad_logp: Tensor,
+    plan: LogprobPlan,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients to (hidden, weight, bias) of ``sum(grad_logp * logp)``: one more pass over the tiles,
+    from the row logsumexps the forward pass kept (None where ``needs`` says no)."""
+    grads = _Grads.allocate(hidden, weight, bias, needs)
+    coefs = (grad_logp.float(), None)  # the entropy output carries no gradient
+    grad_pass(
+        hidden,
+        weight,
+        bias,
+        plan.targets,
+        (lse, None),
+        coefs,
+        plan.temperature,
+        plan.ops,
+        plan.chunk,
+        grads,
+        plan.pad,
+    )
+    return grads.final(weight, bias, plan.shard)

@@ -68,5 +68,5 @@ def combine_stats(partial: Tensor, shard: VocabShard) -> tuple[Tensor, Tensor, T
     # Shift each rank's sums to the global max; u keeps the stable "(z - max)" form for the entropy.
     packed = torch.stack([s * scale, (u + (m - big_m) * s) * scale, t])
     big_s, big_u, target = shard.all_reduce_(packed)
-    lse = big_m + torch.log(big_s)
-    return lse, target - lse, torch.log(big_s) - big_u / big_s
+    log_s = torch.log(big_s)
+    return big_m + log_s, (target - big_m) - log_s, log_s - big_u / big_s  # log p: see chunk_ops.cpp

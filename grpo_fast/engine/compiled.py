@@ -1,0 +1,309 @@
+"""``grpo_loss`` and ``selective_logprobs`` under ``torch.compile``: each is one opaque custom op.
+
+The eager functions branch on tensor values (input checks, dropping masked tokens, chunk sizes from free
+memory) and run hand-written kernels, none of which Dynamo can trace. Under ``torch.compile`` the public
+functions call these ops instead (``torch.compiler.is_compiling()``): the graph holds one node per call,
+``fullgraph=True`` works, and at run time the op runs the eager code, every value check included. A fake
+(meta) implementation gives the traced shapes and dtypes; ``register_autograd`` gives the backward.
+
+- loss: the fused pass computes the gradients in forward anyway, so the op returns them next to the
+  loss and its backward scales them by the incoming gradient, as the eager autograd Function does.
+- log-probs: the op also returns the rows' logsumexps; its backward is a second op that makes the one
+  gradient pass over the tiles from them, as the eager backward does.
+
+No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads the annotations, and
+``Optional[...]``, which every torch version's schema inference knows.
+"""
+# ruff: noqa: UP045
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import GRPOConfig
+from .objective import metric_names
+
+_NS = "grpo_fast_compiled"
+_EMPTY = (0,)  # the stand-in for "no tensor" in an op's outputs (custom ops cannot return None)
+
+
+@torch.compiler.assume_constant_result
+def _config_json(cfg: GRPOConfig) -> str:
+    """The config as the op's string argument (a trace-time constant)."""
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def _config(text: str) -> GRPOConfig:
+    return GRPOConfig(**json.loads(text))
+
+
+def _no_process_group(process_group: object, vocab_start: object) -> None:
+    if process_group is not None or vocab_start is not None:
+        raise ValueError(
+            "process_group/vocab_start (vocab-parallel head) are not supported under torch.compile: "
+            "call grpo_fast outside the compiled region (torch.compiler.disable) for a sharded head"
+        )
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Autograd dispatch back on inside an op's body, grad mode off, as in an autograd Function's forward:
+    the engine differentiates the per-token objective with autograd under its own enable_grad
+    (engine/objective.py), but a custom op runs below the autograd dispatch keys."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.no_grad():
+        yield
+
+
+def _needs(*tensors: Optional[Tensor]) -> list[bool]:
+    on = torch.is_grad_enabled()
+    return [on and t is not None and t.requires_grad for t in tensors]
+
+
+def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
+    return x if x is not None else like.new_empty(_EMPTY)
+
+
+# ---- grpo_loss
+
+
+@torch.library.custom_op(f"{_NS}::grpo_loss", mutates_args=())
+def _loss_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_items_tensor: Optional[Tensor],
+    num_items_number: Optional[float],
+    seq_ids: Optional[Tensor],
+    config: str,
+    backend: str,
+    chunk_size: Optional[int],
+    batch_invariant: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..loss import plan_loss
+    from .chunk_loop import run_grpo
+
+    num_items = num_items_tensor if num_items_tensor is not None else num_items_number
+    cfg = _config(config)
+    with _autograd_inside_op():
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
+        h, w, b, plan = plan_loss(
+            hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, cfg, num_items,
+            seq_ids=seq_ids, backend=backend, chunk_size=chunk_size, batch_invariant=batch_invariant,
+        )  # fmt: skip
+        loss, metrics, (gh, gw, gb) = run_grpo(h, w, b, plan, tuple(needs))
+    if gh is not None:  # back to hidden's shape: masked rows were dropped, their gradient is 0
+        if plan.rows is not None:
+            gh = gh.new_zeros(hidden.numel() // hidden.shape[-1], hidden.shape[-1]).index_copy_(
+                0, plan.rows, gh
+            )
+        gh = gh.reshape(hidden.shape)
+    metric_vec = torch.stack([metrics[k] for k in metric_names(cfg)])
+    return loss, metric_vec, *(_or_empty(g, hidden) for g in (gh, gw, gb))
+
+
+@_loss_op.register_fake
+def _(hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, num_items_tensor,
+      num_items_number, seq_ids, config, backend, chunk_size, batch_invariant, needs):  # fmt: skip
+    loss = hidden.new_empty((), dtype=torch.float32)
+    metrics = hidden.new_empty((len(metric_names(_config(config))),), dtype=torch.float32)
+    grads = [
+        torch.empty_like(x) if n and x is not None else hidden.new_empty(_EMPTY)
+        for x, n in zip((hidden, weight, bias), needs, strict=True)
+    ]
+    return loss, metrics, *grads
+
+
+def _loss_setup(ctx, inputs, output) -> None:
+    needs = inputs[-1]
+    ctx.needs = needs
+    ctx.save_for_backward(*output[2:])
+
+
+def _loss_backward(ctx, grad_loss, _grad_metrics, _gh, _gw, _gb):
+    saved = zip(ctx.saved_tensors, ctx.needs, strict=True)
+    gh, gw, gb = (g * grad_loss.to(g.dtype) if n else None for g, n in saved)
+    return gh, gw, None, None, None, None, None, gb, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::grpo_loss", _loss_backward, setup_context=_loss_setup)
+
+
+def grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    bias: Optional[Tensor],
+    config: Optional[GRPOConfig],
+    num_items_in_batch: object,
+    *,
+    seq_ids: Optional[Tensor],
+    backend: str,
+    chunk_size: Optional[int],
+    process_group: object,
+    vocab_start: Optional[int],
+    batch_invariant: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``gf.grpo_loss`` as one traced op (what the public function calls under ``torch.compile``)."""
+    _no_process_group(process_group, vocab_start)
+    cfg = config if config is not None else GRPOConfig()
+    if not isinstance(cfg, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(cfg).__name__}")
+    items_t = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
+    items_n = None if items_t is not None or num_items_in_batch is None else num_items_in_batch
+    if items_n is not None and (isinstance(items_n, bool) or not isinstance(items_n, (int, float))):
+        raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(items_n).__name__}")
+    loss, metric_vec, *_ = _loss_op(
+        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, items_t,
+        None if items_n is None else float(items_n), seq_ids, _config_json(cfg), backend, chunk_size,
+        batch_invariant, _needs(hidden, weight, bias),
+    )  # fmt: skip
+    return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))
+
+
+# ---- selective_logprobs
+
+
+def _plan(
+    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, checks
+):  # fmt: skip
+    from ..logprobs import plan_logprobs
+
+    return plan_logprobs(
+        hidden, weight, targets, bias, temperature, backend=backend, chunk_size=chunk_size,
+        fused_gemm=fused_gemm, batch_invariant=batch_invariant, value_checks=checks,
+    )  # fmt: skip
+
+
+@torch.library.custom_op(f"{_NS}::selective_logprobs", mutates_args=())
+def _logprobs_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    backend: str,
+    chunk_size: Optional[int],
+    fused_gemm: bool,
+    batch_invariant: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..logprobs import _fused_gemm_logprobs
+    from .chunk_loop import logprob_pass
+
+    flat, head, targets, plan = _plan(
+        hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, True
+    )
+    if plan is None:
+        logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
+        lse = flat.new_empty(_EMPTY, dtype=torch.float32)
+    else:
+        lse, logp, entropy = logprob_pass(
+            flat, head.weight, head.bias, plan.targets, plan.temperature, plan.ops, plan.chunk, None, plan.pad
+        )
+    # Outputs may not alias each other: the pass returns rows of one buffer (O(N) copies).
+    return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone(), lse.clone()
+
+
+@_logprobs_op.register_fake
+def _(hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant):
+    out = targets.new_empty(targets.shape, dtype=torch.float32)
+    rows = 0 if fused_gemm else targets.numel()
+    return out, torch.empty_like(out), hidden.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::selective_logprobs_backward", mutates_args=())
+def _logprobs_backward_op(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    lse: Tensor,
+    temperature: float,
+    backend: str,
+    chunk_size: Optional[int],
+    batch_invariant: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .chunk_loop import logprob_grads
+
+    flat, head, _, plan = _plan(
+        hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, False
+    )
+    grads = logprob_grads(flat, head.weight, head.bias, lse, grad_logp.reshape(-1), plan, tuple(needs))
+    gh = grads[0].reshape(hidden.shape) if grads[0] is not None else None
+    return tuple(_or_empty(g, hidden) for g in (gh, *grads[1:]))
+
+
+@_logprobs_backward_op.register_fake
+def _(
+    grad_logp, hidden, weight, targets, bias, lse, temperature, backend, chunk_size, batch_invariant, needs
+):  # fmt: skip
+    return tuple(
+        torch.empty_like(x) if n and x is not None else hidden.new_empty(_EMPTY)
+        for x, n in zip((hidden, weight, bias), needs, strict=True)
+    )
+
+
+def _logprobs_setup(ctx, inputs, output) -> None:
+    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant = inputs
+    ctx.args = (temperature, backend, chunk_size, batch_invariant)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, targets, bias, output[2])
+
+
+def _logprobs_backward(ctx, grad_logp, _grad_entropy, _grad_lse):
+    hidden, weight, targets, bias, lse = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:2]] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
+    gh, gw, gb = _logprobs_backward_op(grad_logp, hidden, weight, targets, bias, lse, *ctx.args, needs)
+    keep = lambda g, n: g if n else None  # noqa: E731
+    return keep(gh, needs[0]), keep(gw, needs[1]), None, keep(gb, needs[2]), None, None, None, None, None
+
+
+torch.library.register_autograd(
+    f"{_NS}::selective_logprobs", _logprobs_backward, setup_context=_logprobs_setup
+)
+
+
+def selective_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    return_entropy: bool,
+    *,
+    backend: str,
+    chunk_size: Optional[int],
+    process_group: object,
+    vocab_start: Optional[int],
+    fused_gemm: bool,
+    batch_invariant: bool,
+) -> object:
+    """``gf.selective_logprobs`` as one traced op (what the public function calls under ``torch.compile``)."""
+    _no_process_group(process_group, vocab_start)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    logp, entropy, _ = _logprobs_op(
+        hidden, weight, targets, bias, float(temperature), backend, chunk_size, fused_gemm, batch_invariant
+    )
+    return (logp, entropy) if return_entropy else logp
