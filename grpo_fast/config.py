@@ -83,6 +83,13 @@ class GRPOConfig:
     vespo_lambda_pos: float = _opt(3.0, "VESPO decay lambda for non-negative advantages")
     vespo_k_neg: float = _opt(3.0, "VESPO power exponent k for negative advantages")
     vespo_lambda_neg: float = _opt(2.0, "VESPO decay lambda for negative advantages")
+    top_entropy_quantile: float = _opt(
+        1.0, "train only on the tokens of the top fraction of entropy in the batch (1: every token)"
+    )
+    off_policy_mask_threshold: float | None = _opt(
+        None, "drop negative-advantage sequences whose mean KL(sampling || current) exceeds this"
+    )
+    entropy_coef: float = _opt(0.0, "entropy bonus: loss - entropy_coef * mean token entropy")
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -104,6 +111,14 @@ class GRPOConfig:
         _check_positive("sapo_temperature_neg", self.sapo_temperature_neg)
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
             _check_non_negative(name, getattr(self, name))
+        q = self.top_entropy_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q!r}")
+        if self.off_policy_mask_threshold is not None:
+            _check_non_negative("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        e = self.entropy_coef
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e):
+            raise ValueError(f"entropy_coef must be a finite number, got {e!r}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise ValueError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         if self.max_completion_length is not None and (

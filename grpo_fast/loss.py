@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +27,9 @@ def grpo_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     *,
     seq_ids: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
+    importance_sampling_ratio: Tensor | None = None,
+    entropy_gather: Callable[[Tensor], Tensor] | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
     process_group: object | None = None,
@@ -45,6 +50,16 @@ def grpo_loss(
     on all ranks. Loss, metrics and the hidden gradient come out identical on every rank, the weight
     gradient is the local shard's.
 
+    TRL 1.16's other loss options: ``advantages`` may be per token, ``[B, T]`` (padded layout);
+    ``config.top_entropy_quantile`` < 1 trains on the batch's highest-entropy tokens only (their threshold
+    from every process's entropies when ``entropy_gather`` maps this process's 1-D tensor to everyone's);
+    ``config.off_policy_mask_threshold`` drops negative-advantage sequences whose mean KL from the sampler
+    (``sampling_logp``, default ``old_logp``; NaN: unscored) exceeds it; ``importance_sampling_ratio`` (per
+    token, or per sequence ``[B, 1]``) multiplies the policy term (VESPO: inside phi), as TRL's vLLM
+    correction; ``config.entropy_coef`` subtracts ``entropy_coef * mean H`` with its gradient. Their metrics
+    come from the same pass: ``clip_ratio_low_min``/``clip_ratio_high_max``, ``policy_loss`` (with a bonus),
+    ``entropy_mask/tokens`` and ``entropy_mask/entropy`` (with the quantile).
+
     ``batch_invariant=True``: every logits GEMM has one shape (128 rows, the last one padded), so a
     token's log-prob, entropy and loss terms are bitwise the same whatever batch, padding, packing or
     ``chunk_size`` it comes with, and equal to ``selective_logprobs(..., batch_invariant=True)``'s: old
@@ -55,8 +70,9 @@ def grpo_loss(
 
         return compiled.grpo_loss(
             hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, config, num_items_in_batch,
-            seq_ids=seq_ids, backend=backend, chunk_size=chunk_size, process_group=process_group,
-            vocab_start=vocab_start, batch_invariant=batch_invariant,
+            seq_ids=seq_ids, sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
+            entropy_gather=entropy_gather, backend=backend, chunk_size=chunk_size,
+            process_group=process_group, vocab_start=vocab_start, batch_invariant=batch_invariant,
         )  # fmt: skip
     h, weight, bias, plan = plan_loss(
         hidden,
@@ -70,6 +86,9 @@ def grpo_loss(
         config,
         num_items_in_batch,
         seq_ids=seq_ids,
+        sampling_logp=sampling_logp,
+        importance_sampling_ratio=importance_sampling_ratio,
+        entropy_gather=entropy_gather,
         backend=backend,
         chunk_size=chunk_size,
         process_group=process_group,
@@ -92,6 +111,9 @@ def plan_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     *,
     seq_ids: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
+    importance_sampling_ratio: Tensor | None = None,
+    entropy_gather: Callable[[Tensor], Tensor] | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
     process_group: object | None = None,
@@ -114,6 +136,8 @@ def plan_loss(
         num_items_in_batch,
         seq_ids,
         vocab=head.vocab,
+        sampling_logp=sampling_logp,
+        importance_sampling_ratio=importance_sampling_ratio,
     )
     num_seqs = inputs.advantages.shape[0]
     seq_len = segment_sum(inputs.mask, inputs.seq_ids, num_seqs)
@@ -123,15 +147,19 @@ def plan_loss(
     compact = keep.numel() < inputs.mask.numel()
     pick = (lambda x: x.index_select(0, keep)) if compact else (lambda x: x)  # noqa: E731
     seq_ids, mask = pick(inputs.seq_ids), pick(inputs.mask)
+    token_adv = inputs.token_advantages
     batch = TokenBatch(
         seq_ids=seq_ids,
         mask=mask,
-        adv=inputs.advantages[seq_ids],
+        adv=inputs.advantages[seq_ids] if token_adv is None else pick(token_adv),
         old_logp=pick(inputs.old_logp) if inputs.old_logp is not None else None,
         ref_logp=pick(inputs.ref_logp) if inputs.ref_logp is not None else None,
         seq_adv=inputs.advantages,
         seq_len=seq_len,
         items=seq_len.sum() if inputs.num_items is None else inputs.num_items.to(seq_len),
+        token_adv=token_adv is not None,
+        sampling_logp=pick(inputs.sampling_logp) if inputs.sampling_logp is not None else None,
+        is_ratio=pick(inputs.is_ratio) if inputs.is_ratio is not None else None,
     )
     h = pick(inputs.hidden)
     _, ops, chunk, pad = head.plan(
@@ -144,7 +172,10 @@ def plan_loss(
         check_batch_invariant(batch_invariant),
     )
     targets = head.local_targets(pick(inputs.targets))
-    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, pad, keep if compact else None)
+    if entropy_gather is not None and not callable(entropy_gather):
+        raise TypeError(f"entropy_gather must be callable, got {type(entropy_gather).__name__}")
+    rows = keep if compact else None
+    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, pad, rows, entropy_gather)
     return h, weight, bias, plan
 
 
@@ -187,6 +218,9 @@ class GRPOLoss(nn.Module):
         bias: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         seq_ids: Tensor | None = None,
+        sampling_logp: Tensor | None = None,
+        importance_sampling_ratio: Tensor | None = None,
+        entropy_gather: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return grpo_loss(
             hidden,
@@ -200,6 +234,9 @@ class GRPOLoss(nn.Module):
             self.config,
             num_items_in_batch,
             seq_ids=seq_ids,
+            sampling_logp=sampling_logp,
+            importance_sampling_ratio=importance_sampling_ratio,
+            entropy_gather=entropy_gather,
             backend=self.backend,
             chunk_size=self.chunk_size,
             process_group=self.process_group,

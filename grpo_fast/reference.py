@@ -116,6 +116,8 @@ def grpo_loss(
     config: GRPOConfig | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     seq_ids: Tensor | None = None,
+    sampling_logp: Tensor | None = None,
+    importance_sampling_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss and metrics from materialized fp32 logits; see DESIGN.md for the math."""
     cfg = config or GRPOConfig()
@@ -126,6 +128,12 @@ def grpo_loss(
         hidden, targets, mask = pad(hidden), pad(targets), pad(mask)
         old_logp = pad(old_logp) if old_logp is not None else None
         ref_logp = pad(ref_logp) if ref_logp is not None else None
+        sampling_logp = pad(sampling_logp) if sampling_logp is not None else None
+        if importance_sampling_ratio is not None and importance_sampling_ratio.shape == seq_ids.shape:
+            # padded positions: ratio 1, as TRL's exp(0 * mask) there
+            importance_sampling_ratio = _pad(
+                importance_sampling_ratio, seq_ids.long(), positions, num_seqs, max(length, 1), fill=1.0
+            )
 
     # Masked positions may hold any id (e.g. -100); they never reach the loss.
     safe_targets = torch.where(mask != 0, targets.long(), torch.zeros_like(targets, dtype=torch.long))
@@ -133,7 +141,16 @@ def grpo_loss(
         hidden, weight, safe_targets, bias, cfg.temperature, return_entropy=True
     )
     return loss_from_logps(
-        per_token_logps, entropies, mask, advantages, old_logp, ref_logp, cfg, num_items_in_batch
+        per_token_logps,
+        entropies,
+        mask,
+        advantages,
+        old_logp,
+        ref_logp,
+        cfg,
+        num_items_in_batch,
+        sampling_logp=sampling_logp,
+        importance_sampling_ratio=importance_sampling_ratio,
     )
 
 
@@ -146,14 +163,39 @@ def loss_from_logps(
     ref_logp: Tensor | None = None,
     config: GRPOConfig | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
+    sampling_logp: Tensor | None = None,
+    importance_sampling_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss and metrics from per-token log-probs and entropies ``[B, T]``: TRL's
-    ``_compute_loss`` after its log-prob pass (also the loss of the benchmark's TRL baseline)."""
+    ``_compute_loss`` after its log-prob pass (also the loss of the benchmark's TRL baseline). The loss
+    is TRL's before its gradient-accumulation scaling (one process, no accumulation), entropy bonus
+    (``entropy_coef``) included; the entropy quantile is this batch's."""
     cfg = config or GRPOConfig()
     mask = mask.float()
-    advantages = advantages.float().reshape(-1, 1)
+    advantages = advantages.float()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    is_ratio = importance_sampling_ratio
+    if is_ratio is not None and is_ratio.dim() == 1:  # [B]: one per sequence
+        is_ratio = is_ratio.unsqueeze(1)
+
+    if cfg.top_entropy_quantile < 1.0:  # TRL's get_high_entropy_mask, one process
+        local = entropies[mask.bool()].float()
+        if local.numel() == 0:
+            entropy_mask = torch.zeros_like(entropies, dtype=torch.bool)
+        else:
+            threshold = torch.quantile(local, 1 - cfg.top_entropy_quantile)
+            entropy_mask = ((entropies * mask) >= threshold) & mask.bool()
+    else:
+        entropy_mask = None
 
     old_per_token_logps = per_token_logps.detach() if old_logp is None else old_logp.float()
+    if cfg.off_policy_mask_threshold is not None:  # TRL's get_off_policy_mask
+        sampling = old_per_token_logps if sampling_logp is None else sampling_logp
+        kl_div = torch.nan_to_num(sampling - per_token_logps.detach(), nan=0.0)
+        avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        off_policy_mask = ((advantages >= 0) | (avg_seq_kl <= cfg.off_policy_mask_threshold)).to(mask.dtype)
+
     log_ratio = per_token_logps - old_per_token_logps
     if cfg.importance_sampling_level == "token":
         log_importance_weights = log_ratio
@@ -184,8 +226,15 @@ def loss_from_logps(
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
         per_token_loss = -soft_coef_1 * advantages
     else:  # vespo
-        phi_seq = _vespo_gamma_weights(advantages, log_ratio, mask, cfg)
+        phi_seq = _vespo_gamma_weights(advantages, log_ratio, mask, cfg, is_ratio)
         per_token_loss = -phi_seq * advantages * per_token_logps
+
+    if cfg.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_mask
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if is_ratio is not None and cfg.loss_type != "vespo":
+        per_token_loss = per_token_loss * is_ratio
 
     if cfg.beta != 0.0:
         per_token_loss = per_token_loss + cfg.beta * per_token_kl
@@ -204,11 +253,24 @@ def loss_from_logps(
         loss = (per_token_loss * mask).sum() / items.to(mask.device).clamp(min=1.0)
     else:  # sequence_sum
         loss = (per_token_loss * mask).sum(-1).mean()
+    policy_loss = loss.detach()
+
+    if cfg.entropy_coef != 0.0:  # TRL's entropy bonus (no accumulation here)
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask
+        entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
+        loss = loss - cfg.entropy_coef * entropy_loss
 
     def masked_mean(x: Tensor) -> Tensor:
         if x.shape[1] == 1:  # sequence level: one value per sequence
             return x.sum() / max(x.shape[0], 1)
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def masked_seq_mean(x: Tensor) -> Tensor:
+        return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+    def nan_extreme(x: Tensor, fn) -> Tensor:  # TRL's nanmin / nanmax
+        x = x[~torch.isnan(x)]
+        return fn(x) if x.numel() else torch.tensor(float("nan"), device=x.device)
 
     zero = loss.new_zeros(()).detach()
     metrics = {
@@ -225,20 +287,34 @@ def loss_from_logps(
         metrics["clip_ratio_low"] = masked_mean(is_low.float()).detach()
         metrics["clip_ratio_high"] = masked_mean(is_high.float()).detach()
         metrics["clip_ratio_region"] = masked_mean((is_low | is_high).float()).detach()
+        metrics["clip_ratio_low_min"] = nan_extreme(masked_seq_mean(is_low.float()).detach(), torch.min)
+        metrics["clip_ratio_high_max"] = nan_extreme(masked_seq_mean(is_high.float()).detach(), torch.max)
     elif cfg.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = masked_mean(
             ((coef_1 > cfg.epsilon_high) & (advantages > 0)).float()
         ).detach()
     elif cfg.loss_type == "vespo":
         metrics["vespo/phi_seq_mean"] = masked_mean(phi_seq).detach()
+    if cfg.entropy_coef != 0.0:
+        metrics["policy_loss"] = policy_loss
+    if cfg.top_entropy_quantile < 1.0:
+        kept = mask * entropy_mask
+        metrics["entropy_mask/tokens"] = kept.sum().detach()
+        metrics["entropy_mask/entropy"] = ((entropies * kept).sum() / kept.sum().clamp(min=1.0)).detach()
     return loss, metrics
 
 
 @torch.no_grad()
-def _vespo_gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, cfg: GRPOConfig) -> Tensor:
-    """TRL's ``get_gamma_weights`` (no vLLM importance-sampling ratio): phi(w) per sequence, [B, 1]."""
+def _vespo_gamma_weights(
+    advantages: Tensor, log_ratio: Tensor, mask: Tensor, cfg: GRPOConfig, is_ratio: Tensor | None = None
+) -> Tensor:
+    """TRL's ``get_gamma_weights``: phi(w) per sequence, [B, 1] ([B, T] with per-token advantages)."""
     lower_clamp = math.log(1e-8)
     seq_log_ratio = torch.sum(torch.clamp(log_ratio, -20.0, 20.0) * mask, dim=-1, keepdim=True)
+    if is_ratio is not None:
+        seq_log_ratio = seq_log_ratio + torch.sum(
+            torch.clamp(torch.log(is_ratio), lower_clamp, 20.0), dim=-1, keepdim=True
+        )
     log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
     w_seq = torch.exp(log_w_seq)
     is_nonneg_adv = advantages >= 0

@@ -151,5 +151,5 @@ def test_custom_ops_pass_opcheck():
     op = torch.ops.grpo_fast_compiled
     torch.library.opcheck(op.selective_logprobs.default, (h, w, t, b, 1.0, "torch", None, False, False))
     cfg = compiled._config_json(gf.GRPOConfig(beta=0.04))
-    args = (*_loss_args(base), None, None, None, cfg, "torch", None, False, [True, True, True])
+    args = (*_loss_args(base), None, None, None, None, None, cfg, "torch", None, False, [True, True, True])
     torch.library.opcheck(op.grpo_loss.default, args)

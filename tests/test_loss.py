@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import pytest
@@ -45,14 +46,23 @@ def run_loss(batch: dict, cfg: gf.GRPOConfig, fn, **kw):
 
 
 def check_against_truth(
-    batch64: dict, cfg: gf.GRPOConfig, dtype: torch.dtype, backend: str, device: str | None = None, **kw
+    batch64: dict,
+    cfg: gf.GRPOConfig,
+    dtype: torch.dtype,
+    backend: str,
+    device: str | None = None,
+    data: dict | None = None,
+    **kw,
 ) -> None:
-    """``backend`` (on ``device``, default: where the batch is) vs the fp64 truth, by the tolerance rule."""
-    truth = run_loss(cast(batch64, torch.float64), cfg, gf.reference.grpo_loss)
-    same = run_loss(cast(batch64, dtype), cfg, gf.reference.grpo_loss)
+    """``backend`` (on ``device``, default: where the batch is) vs the fp64 truth, by the tolerance rule;
+    ``data``: more inputs of both (sampling_logp, importance_sampling_ratio)."""
+    data = data or {}
+    truth = run_loss(cast(batch64, torch.float64), cfg, gf.reference.grpo_loss, **data)
+    same = run_loss(cast(batch64, dtype), cfg, gf.reference.grpo_loss, **data)
     if device is not None:
         batch64 = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch64.items()}
-    got = run_loss(cast(batch64, dtype), cfg, gf.grpo_loss, backend=backend, **kw)
+        data = {k: v.to(device) for k, v in data.items()}
+    got = run_loss(cast(batch64, dtype), cfg, gf.grpo_loss, backend=backend, **data, **kw)
     assert_within("loss", got[0], same[0], truth[0], dtype)
     assert set(got[1]) == set(truth[1])
     for k in truth[1]:
@@ -80,6 +90,60 @@ def test_loss_matches_truth(backend, dtype, level, loss_type, beta):
     seed = zlib.crc32(f"{level}-{loss_type}-{beta}".encode()) % 1000
     batch = make_batch(seed=seed, dtype=torch.float64, with_ref=beta > 0)
     check_against_truth(batch, cfg, dtype, backend, chunk_size=16)
+
+
+TRL_OPTIONS = [
+    "entropy_quantile",
+    "off_policy",
+    "entropy_bonus",
+    "is_token",
+    "is_sequence",
+    "token_adv",
+    "all",
+]
+
+
+def option_inputs(option: str, batch: dict, seed: int) -> tuple[dict, dict]:
+    """GRPOConfig fields and extra grpo_loss inputs for one of TRL 1.16's loss options (or all of them)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = batch["targets"].shape
+    opts, data = {}, {}
+    if option in ("entropy_quantile", "all"):
+        opts["top_entropy_quantile"] = 0.3
+    if option in ("off_policy", "all"):
+        opts["off_policy_mask_threshold"] = 0.02
+        sampling = batch["old_logp"].double() - 0.1 * torch.rand(B, T, generator=g, dtype=torch.float64)
+        sampling[0, 2] = float("nan")  # unscored by the sampler
+        data["sampling_logp"] = sampling.float()
+    if option in ("entropy_bonus", "all"):
+        opts["entropy_coef"] = 0.05
+    if option in ("is_token", "is_sequence", "all"):
+        shape = (B, 1) if option == "is_sequence" else (B, T)
+        ratio = torch.exp(0.3 * torch.randn(*shape, generator=g, dtype=torch.float64))
+        if shape[1] > 1:
+            ratio = torch.where(batch["mask"] != 0, ratio, 1.0)
+        data["importance_sampling_ratio"] = ratio.float()
+    if option in ("token_adv", "all"):
+        batch["advantages"] = torch.randn(B, T, generator=g, dtype=torch.float64)
+    return opts, data
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("option", TRL_OPTIONS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_trl_loss_options_match_truth(backend, option, loss_type, level):
+    if loss_type == "vespo" and option == "is_sequence":
+        pytest.skip("TRL's VESPO takes token-level IS modes only (a named ValueError here)")
+    seed = zlib.crc32(f"{option}-{loss_type}-{level}".encode()) % 1000
+    batch = make_batch(seed=seed, dtype=torch.float64)
+    opts, data = option_inputs(option, batch, seed)
+    cfg = gf.GRPOConfig(
+        loss_type=loss_type, importance_sampling_level=level, beta=0.04, epsilon_high=0.28,
+        max_completion_length=40, temperature=0.8, **opts,
+    )  # fmt: skip
+    # fp32: the entropy quantile is a threshold, and bf16's entropy error moves tokens across it.
+    check_against_truth(batch, cfg, torch.float32, backend, data=data, chunk_size=16)
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
@@ -158,8 +222,12 @@ def test_all_masked_gives_zero_loss_and_grads(backend, loss_type):
     cfg = gf.GRPOConfig(loss_type=loss_type, beta=0.04, max_completion_length=40)
     loss, metrics, g = run_loss(batch, cfg, gf.grpo_loss, backend=backend)
     assert loss.item() == 0.0
-    # VESPO's phi of a sequence without tokens is phi(w=1) = 1, as TRL has it; every other metric is 0.
-    assert all(v.item() == (1.0 if k == "vespo/phi_seq_mean" else 0.0) for k, v in metrics.items())
+    # VESPO's phi of a sequence without tokens is phi(w=1) = 1, as TRL has it; the per-sequence clip
+    # extremes have no sequence with tokens: NaN, as TRL's nanmin/nanmax; every other metric is 0.
+    special = {"vespo/phi_seq_mean": 1.0, "clip_ratio_low_min": math.nan, "clip_ratio_high_max": math.nan}
+    for k, v in metrics.items():
+        want = special.get(k, 0.0)
+        assert math.isnan(v.item()) if math.isnan(want) else v.item() == want, (k, v)
     assert all(torch.count_nonzero(v) == 0 for v in g.values())
 
 
@@ -260,3 +328,16 @@ def test_cuda_tile_budget_follows_free_memory(monkeypatch):
     assert rows == (4 * gib // (151936 * 2)) // 16 * 16  # 14128 rows: 1 chunk of N=8192 instead of 17
     monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "64")
     assert chunking.chunk_budget_bytes(cuda) == 64 * 2**20
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("spread", [4.0, 8.0])
+def test_far_from_reference_kl_accuracy(backend, spread):
+    # ref - logp ~ +-spread: exp(ref - logp) of the bias-corrected KL reaches e^(3 spread). The native
+    # backend once lost 7x TRL's own gradient accuracy here (issue 13, item 4).
+    batch = make_batch(seed=5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    noise = spread * torch.randn(batch["ref_logp"].shape, generator=g, dtype=torch.float64)
+    batch["ref_logp"] = (batch["ref_logp"].double() + noise).clamp(max=0.0).float()
+    cfg = gf.GRPOConfig(loss_type="dapo", beta=0.04, use_bias_correction_kl=True)
+    check_against_truth(batch, cfg, torch.float32, backend, chunk_size=16)

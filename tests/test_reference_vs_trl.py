@@ -32,8 +32,13 @@ class _Accelerator:
     def reduce(self, x, reduction="sum"):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
 
-def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
+
+def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float, **extra):
+    """TRL's _compute_loss on ``batch``; ``extra``: more of its inputs (sampling_per_token_logps,
+    importance_sampling_ratio: the vLLM correction is then on)."""
     from collections import defaultdict
 
     def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
@@ -52,21 +57,25 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=logps_and_entropies,
         get_gamma_weights=trl_grpo.GRPOTrainer.get_gamma_weights,
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
+        get_high_entropy_mask=None,
+        get_off_policy_mask=trl_grpo.GRPOTrainer.get_off_policy_mask,
+        top_entropy_quantile=cfg.top_entropy_quantile,
+        off_policy_mask_threshold=cfg.off_policy_mask_threshold,
+        entropy_coef=cfg.entropy_coef,
+        use_adaptive_entropy=False,
         importance_sampling_level=cfg.importance_sampling_level,
         beta=cfg.beta,
         args=args,
         loss_type=cfg.loss_type,
         epsilon_low=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high,
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
+        use_vllm="importance_sampling_ratio" in extra,
+        vllm_importance_sampling_correction="importance_sampling_ratio" in extra,
         model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
         max_completion_length=cfg.max_completion_length,
         accelerator=_Accelerator(),
-        _entropy_bonus_enabled=False,
+        _entropy_bonus_enabled=cfg.entropy_coef != 0.0,
         aux_loss_enabled=False,
         _metrics={"train": defaultdict(list)},
     )
@@ -82,6 +91,8 @@ def trl_loss(batch: dict, cfg: gf.GRPOConfig, num_items: float):
         inputs["old_per_token_logps"] = batch["old_logp"]
     if cfg.beta:
         inputs["ref_per_token_logps"] = batch["ref_logp"]
+    inputs.update(extra)
+    trainer.get_high_entropy_mask = lambda *a: trl_grpo.GRPOTrainer.get_high_entropy_mask(trainer, *a)
     loss = trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
     return loss, trainer._metrics["train"]
 
@@ -119,19 +130,80 @@ def test_reference_loss_equals_trl(level, loss_type, beta, delta):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
-    names = {
-        "entropy": "entropy",
-        "kl": "kl",
-        "clip_ratio_low": "clip_ratio/low_mean",
-        "clip_ratio_high": "clip_ratio/high_mean",
-        "clip_ratio_region": "clip_ratio/region_mean",
-        "cispo_clip_ratio": "cispo_clip_ratio",
-        "vespo/phi_seq_mean": "vespo/phi_seq_mean",
-    }
-    assert set(metrics) - {"ratio_not_one"} <= set(names)  # ratio_not_one: grpo_fast's own metric
-    for ours, theirs in names.items():
-        if theirs in trl_metrics:
-            assert metrics[ours].item() == pytest.approx(trl_metrics[theirs][0], rel=1e-9, abs=1e-12), ours
+    assert_same_metrics(metrics, trl_metrics)
+
+
+# grpo_fast's metric names -> TRL's; ratio_not_one and entropy_mask/* are grpo_fast's own.
+TRL_NAMES = {
+    "entropy": "entropy",
+    "kl": "kl",
+    "clip_ratio_low": "clip_ratio/low_mean",
+    "clip_ratio_high": "clip_ratio/high_mean",
+    "clip_ratio_region": "clip_ratio/region_mean",
+    "clip_ratio_low_min": "clip_ratio/low_min",
+    "clip_ratio_high_max": "clip_ratio/high_max",
+    "cispo_clip_ratio": "cispo_clip_ratio",
+    "vespo/phi_seq_mean": "vespo/phi_seq_mean",
+    "policy_loss": "policy_loss",
+}
+
+
+def assert_same_metrics(metrics: dict, trl_metrics: dict, rel: float = 1e-9) -> None:
+    own = {k for k in metrics if k == "ratio_not_one" or k.startswith("entropy_mask/")}
+    assert set(metrics) - own <= set(TRL_NAMES)
+    for ours, theirs in TRL_NAMES.items():
+        if ours in metrics and theirs in trl_metrics:  # TRL logs kl only with beta != 0
+            want = trl_metrics[theirs][0]
+            got = metrics[ours].item()
+            assert got == pytest.approx(want, rel=rel, abs=rel * 1e-3, nan_ok=True), (ours, got, want)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(
+    "option",
+    ["entropy_quantile", "off_policy", "entropy_bonus", "is_token", "is_sequence", "token_advantages", "all"],
+)
+def test_reference_equals_trl_on_every_loss_option(loss_type, option):
+    """TRL 1.16's _compute_loss options beyond the loss type: the reference takes each, as TRL does."""
+    g = torch.Generator().manual_seed(5)
+    batch = cast(make_batch(seed=13, dtype=torch.float64), torch.float64)
+    B, T = batch["targets"].shape
+    opts, extra, kw = {}, {}, {}
+    if option in ("entropy_quantile", "all"):
+        opts["top_entropy_quantile"] = 0.3
+    if option in ("off_policy", "all"):
+        opts["off_policy_mask_threshold"] = 0.05
+        sampling = batch["old_logp"] - 0.3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+        sampling[0, 3] = float("nan")  # a token the sampler could not score
+        extra["sampling_per_token_logps"] = kw["sampling_logp"] = sampling
+    if option in ("entropy_bonus", "all"):
+        opts["entropy_coef"] = 0.05
+    if option in ("is_token", "is_sequence", "all"):
+        shape = (B, 1) if option == "is_sequence" else (B, T)
+        ratio = torch.exp(0.2 * torch.randn(*shape, generator=g, dtype=torch.float64))
+        if shape[1] > 1:
+            ratio = torch.where(batch["mask"] != 0, ratio, 1.0)  # TRL: exp(0) at padding
+        extra["importance_sampling_ratio"] = kw["importance_sampling_ratio"] = ratio
+    if option in ("token_advantages", "all"):
+        batch["advantages"] = torch.randn(B, T, generator=g, dtype=torch.float64).float()  # as cast()
+    cfg = gf.GRPOConfig(
+        loss_type=loss_type, beta=0.04, epsilon_high=3.0 if loss_type == "cispo" else 0.28,
+        max_completion_length=40, temperature=0.9, **opts,
+    )  # fmt: skip
+    num_items = float(batch["mask"].sum()) + 5.0
+    want, trl_metrics = trl_loss(batch, cfg, num_items, **extra)
+    want_grads = torch.autograd.grad(want, [batch["hidden"], batch["weight"], batch["bias"]])
+    got, metrics = gf.reference.grpo_loss(
+        batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
+        batch["old_logp"], batch["ref_logp"], batch["bias"], cfg, num_items_in_batch=num_items, **kw,
+    )  # fmt: skip
+    got_grads = torch.autograd.grad(got, [batch["hidden"], batch["weight"], batch["bias"]])
+    # TRL's VESPO with a vLLM ratio computes phi from its fp32 inputs (advantages, log-ratio): fp32 there.
+    tol = dict(rtol=1e-12, atol=1e-14) if want.dtype == torch.float64 else dict(rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got, want, check_dtype=False, **tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=max(tol["rtol"], 1e-10), atol=tol["atol"])
+    assert_same_metrics(metrics, trl_metrics, rel=1e-9 if want.dtype == torch.float64 else 2e-6)
 
 
 def test_reference_advantages_equal_trl_lines():

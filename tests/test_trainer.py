@@ -141,8 +141,8 @@ def _non_default(option: str) -> object:
         return next(c for c in reversed(CHOICES[option]) if c != default)
     if bool in scalars:
         return not default
-    if float in scalars:
-        return (default or 0.0) + 0.5
+    if float in scalars:  # a fraction in (0, 1] (top_entropy_quantile) goes down, not up
+        return default / 2 if default == 1.0 else (default or 0.0) + 0.5
     if int in scalars:
         return (default or 0) + 1
     return default
@@ -369,12 +369,22 @@ def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path):
         ),
         dict(loss_type="cispo", gradient_checkpointing=True, freeze_lm_head=True, reward_weights=[2.0]),
         dict(bf16=True, loss_type="sapo", top_k=5),
+        # TRL's other loss options, with their metrics (the thin trainer has no vLLM: sampling = old)
+        dict(
+            top_entropy_quantile=0.5,
+            off_policy_mask_threshold=0.01,
+            entropy_coef=0.01,
+            num_iterations=2,
+            gradient_accumulation_steps=2,
+        ),
     ],
 )
 def test_options_run(tmp_path, overrides):
     result = Trainer(tiny(tmp_path, max_steps=2, **overrides)).train()
     rows = read_metrics(result.metrics_path)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    if "entropy_coef" in overrides:
+        assert {"policy_loss", "entropy_mask/tokens", "clip_ratio_low_min"} <= rows[0].keys()
 
 
 def test_multiple_iterations_see_clipping(tmp_path):

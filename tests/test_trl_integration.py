@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")  # TRL's trainer needs it; the bare GPU image does not have it
@@ -135,12 +136,172 @@ def test_loss_step_never_takes_trls_logprob_path(model_dir, tmp_path, monkeypatc
     assert calls == []
 
 
-def test_unsupported_option_falls_back_to_trl_with_one_warning(model_dir, tmp_path):
-    options = dict(top_entropy_quantile=0.5)
+TRL_LOSS_OPTIONS = {
+    "entropy_quantile": dict(top_entropy_quantile=0.5),
+    "off_policy_mask": dict(off_policy_mask_threshold=0.001, num_iterations=2, beta=0.04),
+    "entropy_bonus": dict(entropy_coef=0.05),
+    # the demo's entropy is far above 0.2: a target above it turns the bonus on from the second step
+    "adaptive_entropy": dict(use_adaptive_entropy=True, entropy_target=50.0, entropy_coef=0.02),
+    "all": dict(
+        top_entropy_quantile=0.5, off_policy_mask_threshold=0.001, num_iterations=2, beta=0.04,
+        use_adaptive_entropy=True, entropy_target=50.0, entropy_coef=0.02,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("option", list(TRL_LOSS_OPTIONS))
+def test_trl_loss_options_match_trl_without_fallback(model_dir, tmp_path, option, loss_type):
+    options = dict(loss_type=loss_type, **TRL_LOSS_OPTIONS[option])
     _, want = train(GRPOTrainer, model_dir, tmp_path, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, got = train(FastGRPOTrainer, model_dir, tmp_path, **options)
+        fast, got = train(FastGRPOTrainer, model_dir, tmp_path, **options)
+    assert not fast._fallback_warned and not [w for w in caught if "FastGRPOTrainer" in str(w.message)]
+    assert_same_logs(want, got, what=option)
+
+
+def _one_batch(trainer, seed: int) -> dict:
+    """A generation batch as TRL's _generate_and_score_completions hands it to _compute_loss."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, C, V = 4, 3, 5, trainer.model.config.vocab_size
+    prompt_ids = torch.randint(0, V, (B, P), generator=g)
+    completion_ids = torch.randint(0, V, (B, C), generator=g)
+    completion_mask = torch.ones(B, C, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    with torch.no_grad():
+        logp = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([torch.ones(B, P, dtype=torch.long), completion_mask], 1),
+            C,
+        )[0]
+    return dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=torch.ones(B, P, dtype=torch.long),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.randn(B, generator=g),
+        num_items_in_batch=completion_mask.sum().float(),
+        old_per_token_logps=logp + 0.05 * torch.randn(B, C, generator=g),
+        sampling_per_token_logps=logp - 0.05 * torch.rand(B, C, generator=g),
+    )
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", "token_advantages", "is_token_truncate", "is_sequence_mask", "sampling_off_policy"]
+)
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "vespo"])
+def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
+    """Inputs a CPU run of TRL cannot make (vLLM's importance-sampling ratio and sampling log-probs) or only
+    a subclass makes (per-token advantages): TRL's _compute_loss and ours on one trainer, one batch."""
+    if loss_type == "vespo" and case == "is_sequence_mask":
+        pytest.skip("TRL's VESPO takes token-level IS modes only")
+    args = GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+        num_generations=4, max_completion_length=5, loss_type=loss_type, beta=0.04, seed=0,
+        bf16=False, off_policy_mask_threshold=0.01 if case == "sampling_off_policy" else None,
+    )  # fmt: skip
+    trainer = FastGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=[correct],
+        args=args,
+        train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    inputs = _one_batch(trainer, seed=7)
+    g = torch.Generator().manual_seed(3)
+    B, C = inputs["completion_ids"].shape
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] - 0.02
+    if case == "token_advantages":
+        inputs["advantages"] = torch.randn(B, C, generator=g)
+    if case.startswith("is_"):
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        shape = (B, C) if case == "is_token_truncate" else (B, 1)
+        ratio = torch.exp(0.2 * torch.randn(*shape, generator=g)).clamp(max=2.0)
+        if case == "is_sequence_mask":
+            ratio[0] = 0.0  # masked out by TRL's sequence_mask mode
+        inputs["importance_sampling_ratio"] = ratio * (inputs["completion_mask"] if shape[1] > 1 else 1)
+        inputs["importance_sampling_ratio"] += (1 - inputs["completion_mask"]) if shape[1] > 1 else 0
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+
+    def exact_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, **kw):
+        # TRL's loss lines on log-probs from the model's own logits: TRL's fused CPU head is up to 1.5e-3
+        # off them on these random tokens (grpo_fast: 2e-7), more than the comparison could tolerate.
+        with trainer.accelerator.autocast():  # as TRL's own log-prob pass
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logp = (logits[:, -logits_to_keep - 1 : -1].float() / trainer.temperature).log_softmax(-1)
+        per_token = logp.gather(-1, input_ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1)
+        return per_token, -(logp.exp() * logp).sum(-1) if compute_entropy else None, None
+
+    trainer._get_per_token_logps_and_entropies = exact_logps
+    results = []
+    for compute in (GRPOTrainer._compute_loss, FastGRPOTrainer._compute_loss):
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = compute(trainer, trainer.model, dict(inputs))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}))
+    (want, want_grads, want_logs), (got, got_grads, got_logs) = results
+    assert not trainer._fallback_warned
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert want_grads.keys() == got_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-6)
+    assert want_logs.keys() == got_logs.keys()
+    for key in want_logs:
+        assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
+
+
+def test_unsupported_head_falls_back_to_trl_with_one_warning(model_dir, tmp_path, monkeypatch):
+    # A soft-capped head (Gemma 2's final_logit_softcapping): TRL's fused head applies it, grpo_fast's
+    # kernels do not yet, so those steps run TRL's code, said once.
+    real = AutoModelForCausalLM.from_pretrained
+
+    def softcapped(*a, **kw):
+        model = real(*a, **kw)
+        model.config.final_logit_softcapping = 30.0
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", softcapped)
+    _, want = train(GRPOTrainer, model_dir, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, got = train(FastGRPOTrainer, model_dir, tmp_path)
     messages = [str(w.message) for w in caught if "FastGRPOTrainer" in str(w.message)]
-    assert len(messages) == 1 and "top_entropy_quantile < 1" in messages[0]
+    assert len(messages) == 1 and "final_logit_softcapping" in messages[0]
     assert_same_logs(want, got)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny Mixtral (4 experts, 2 per token) with the demo's tokenizer: TRL's MoE auxiliary loss is on."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    tokenizer = demo.build_tokenizer()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=32, router_aux_loss_coef=0.02, output_router_logits=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_moe_auxiliary_loss_matches_trl_without_fallback(moe_dir, tmp_path, loss_type):
+    _, want = train(GRPOTrainer, moe_dir, tmp_path, loss_type=loss_type)
+    fast, got = train(FastGRPOTrainer, moe_dir, tmp_path, loss_type=loss_type)
+    assert fast.aux_loss_enabled and not fast._fallback_warned
+    assert "aux_loss" in got[0]
+    assert_same_logs(want, got, what="moe")

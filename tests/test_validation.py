@@ -53,7 +53,35 @@ def loss(args, **kw):
             ValueError,
             r"advantages must have one value per sequence, B=2",
         ),
-        (dict(advantages=torch.randn(B, T)), ValueError, r"advantages must be \[B\]"),
+        (
+            dict(advantages=torch.randn(B, T + 1)),
+            ValueError,
+            r"advantages must be \[B\] \(one per sequence\) or \[B, T\] = \[2, 5\]",
+        ),
+        (dict(advantages=torch.full((B, T), float("inf"))), ValueError, r"advantages must be finite"),
+        (dict(sampling_logp=torch.randn(B)), ValueError, r"sampling_logp must have targets' shape"),
+        (dict(sampling_logp=torch.ones(B, T)), ValueError, r"sampling_logp must hold log-probs"),
+        (
+            dict(importance_sampling_ratio=torch.ones(B, T + 1)),
+            ValueError,
+            r"importance_sampling_ratio must be per token, \[2, 5\], or per sequence, \[2, 1\] or \[2\]",
+        ),
+        (
+            dict(importance_sampling_ratio=-torch.ones(B, T)),
+            ValueError,
+            r"importance_sampling_ratio must be finite and >= 0",
+        ),
+        (
+            dict(importance_sampling_ratio=torch.ones(B, T, dtype=torch.long)),
+            TypeError,
+            r"importance_sampling_ratio must be a floating tensor",
+        ),
+        (
+            dict(importance_sampling_ratio=torch.ones(B, 1), config=gf.GRPOConfig(loss_type="vespo")),
+            ValueError,
+            r"'vespo' takes a per-token importance_sampling_ratio",
+        ),
+        (dict(entropy_gather=3), TypeError, r"entropy_gather must be callable"),
         (dict(advantages=torch.tensor([0.0, float("nan")])), ValueError, r"advantages must be finite"),
         (dict(old_logp=torch.randn(B, T + 1)), ValueError, r"old_logp must have targets' shape"),
         (dict(ref_logp=torch.randn(B)), ValueError, r"ref_logp must have targets' shape"),
@@ -108,6 +136,10 @@ def test_packed_needs_seq_ids_in_range(ok):
         (dict(delta=0.0), r"delta must be a positive"),
         (dict(beta=float("nan")), r"beta must be a non-negative"),
         (dict(max_completion_length=0), r"max_completion_length must be a positive int"),
+        (dict(top_entropy_quantile=0.0), r"top_entropy_quantile must be in \(0, 1\]"),
+        (dict(top_entropy_quantile=1.5), r"top_entropy_quantile must be in \(0, 1\]"),
+        (dict(off_policy_mask_threshold=-1.0), r"off_policy_mask_threshold must be a non-negative"),
+        (dict(entropy_coef=float("inf")), r"entropy_coef must be a finite number"),
     ],
 )
 def test_config_rejects(kwargs, match):

@@ -30,7 +30,11 @@ LOSS_CONFIGS = {
     "dapo+kl": gf.GRPOConfig(loss_type="dapo", beta=0.04, epsilon_high=0.28),
     "grpo-seq": gf.GRPOConfig(loss_type="grpo", importance_sampling_level="sequence", temperature=0.7),
     "dapo T=1e-2": gf.GRPOConfig(loss_type="dapo", beta=0.04, temperature=1e-2),
+    # the policy far from the reference (ref - logp ~ +-4, exp up to e^12): the bias-corrected KL
+    "dapo+kl far-from-ref": gf.GRPOConfig(loss_type="dapo", beta=0.04, use_bias_correction_kl=True),
 }
+# How far ref_logp is drawn from the log-probs (std of the noise), per config; default 0.3.
+REF_SPREAD = {"dapo+kl far-from-ref": 4.0}
 # selective_logprobs at each: |z| = |x| / T grows to ~1e3 at T = 1e-3, where every p carries z's rounding.
 TEMPERATURES = (1.0, 0.7, 1e-2, 1e-3)
 
@@ -75,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _lm_batch(
-    shape: tuple[int, ...], seed: int, device: str = "cpu", temperature: float = 1.0
+    shape: tuple[int, ...], seed: int, device: str = "cpu", temperature: float = 1.0, ref_spread: float = 0.3
 ) -> dict[str, Tensor]:
     """An fp64 batch on the CPU (the log-probs its old/ref are drawn around computed on ``device``, at
     ``temperature``); row 1 (if any) fully masked, masked ids may be -100."""
@@ -95,7 +99,7 @@ def _lm_batch(
         read = torch.where(mask != 0, targets, 0)
         on = (hidden.to(device), weight.to(device), read.to(device), bias.to(device))
         logp = gf.reference.selective_logprobs(*on, temperature=temperature).cpu()
-    noise = lambda: 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
+    noise = lambda s=0.3: s * torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(
         hidden=hidden,
         weight=weight,
@@ -104,7 +108,7 @@ def _lm_batch(
         mask=mask,
         advantages=torch.randn(B, generator=g, dtype=torch.float64),
         old_logp=(logp + noise()).float(),
-        ref_logp=(logp + noise()).float(),
+        ref_logp=(logp + noise(ref_spread)).clamp(max=0.0).float(),
     )
 
 
@@ -184,7 +188,9 @@ def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
             configs = [(f"T={t:g}", t) for t in TEMPERATURES]
         for label, arg in configs:
             if op == "grpo_loss":
-                batch = _lm_batch(shape, seed=sum(shape), temperature=arg.temperature)
+                batch = _lm_batch(
+                    shape, seed=sum(shape), temperature=arg.temperature, ref_spread=REF_SPREAD.get(label, 0.3)
+                )
                 fast, reference = partial(gf.grpo_loss, backend=name), gf.reference.grpo_loss
                 run = partial(_loss_outputs, cfg=arg)
             else:

@@ -9,6 +9,7 @@ backend (:class:`grpo_fast.backends.base.ChunkOps`) does the row-wise tile work,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,14 @@ from torch import Tensor
 
 from ..backends.base import ChunkOps, Coefficients
 from ..config import GRPOConfig
-from .objective import TokenBatch, coefficients, loss_and_metrics, metric_names, needs_whole_sequences
+from .objective import (
+    TokenBatch,
+    coefficients,
+    loss_and_metrics,
+    metric_names,
+    needs_whole_sequences,
+    with_entropy_mask,
+)
 from .parallel import VocabShard, combine_stats
 
 
@@ -200,6 +208,8 @@ class LossPlan:
     shard: VocabShard | None = None
     pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
     rows: Tensor | None = None  # rows of the [N, H] hidden the loss reads (masked dropped); None: all
+    # The entropy quantile's pool: this process's entropies in, every process's out (None: this batch's).
+    entropy_gather: Callable[[Tensor], Tensor] | None = None
 
 
 def run_grpo(
@@ -240,6 +250,7 @@ def run_grpo(
     else:
         pad = plan.pad
         lse, logp, entropy = logprob_pass(hidden, weight, bias, targets, temperature, ops, chunk, shard, pad)
+        batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         coefs = coefficients(logp, entropy, batch, cfg)
         grad_pass(hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, grads, pad)
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)

@@ -88,6 +88,8 @@ def _loss_op(
     num_items_tensor: Optional[Tensor],
     num_items_number: Optional[float],
     seq_ids: Optional[Tensor],
+    sampling_logp: Optional[Tensor],
+    importance_sampling_ratio: Optional[Tensor],
     config: str,
     backend: str,
     chunk_size: Optional[int],
@@ -104,7 +106,8 @@ def _loss_op(
         bias = bias.detach() if bias is not None else None
         h, w, b, plan = plan_loss(
             hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, cfg, num_items,
-            seq_ids=seq_ids, backend=backend, chunk_size=chunk_size, batch_invariant=batch_invariant,
+            seq_ids=seq_ids, sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
+            backend=backend, chunk_size=chunk_size, batch_invariant=batch_invariant,
         )  # fmt: skip
         loss, metrics, (gh, gw, gb) = run_grpo(h, w, b, plan, tuple(needs))
     if gh is not None:  # back to hidden's shape: masked rows were dropped, their gradient is 0
@@ -119,7 +122,8 @@ def _loss_op(
 
 @_loss_op.register_fake
 def _(hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, num_items_tensor,
-      num_items_number, seq_ids, config, backend, chunk_size, batch_invariant, needs):  # fmt: skip
+      num_items_number, seq_ids, sampling_logp, importance_sampling_ratio, config, backend, chunk_size,
+      batch_invariant, needs):  # fmt: skip
     loss = hidden.new_empty((), dtype=torch.float32)
     metrics = hidden.new_empty((len(metric_names(_config(config))),), dtype=torch.float32)
     grads = [
@@ -138,7 +142,8 @@ def _loss_setup(ctx, inputs, output) -> None:
 def _loss_backward(ctx, grad_loss, _grad_metrics, _gh, _gw, _gb):
     saved = zip(ctx.saved_tensors, ctx.needs, strict=True)
     gh, gw, gb = (g * grad_loss.to(g.dtype) if n else None for g, n in saved)
-    return gh, gw, None, None, None, None, None, gb, None, None, None, None, None, None, None, None
+    # one per input of the op: hidden, weight, 5 data tensors, bias, then 10 more without a gradient
+    return (gh, gw, *[None] * 5, gb, *[None] * 10)
 
 
 torch.library.register_autograd(f"{_NS}::grpo_loss", _loss_backward, setup_context=_loss_setup)
@@ -157,6 +162,9 @@ def grpo_loss(
     num_items_in_batch: object,
     *,
     seq_ids: Optional[Tensor],
+    sampling_logp: Optional[Tensor],
+    importance_sampling_ratio: Optional[Tensor],
+    entropy_gather: object,
     backend: str,
     chunk_size: Optional[int],
     process_group: object,
@@ -165,6 +173,11 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``gf.grpo_loss`` as one traced op (what the public function calls under ``torch.compile``)."""
     _no_process_group(process_group, vocab_start)
+    if entropy_gather is not None:
+        raise ValueError(
+            "entropy_gather (a cross-process entropy quantile) is not supported under torch.compile: call "
+            "grpo_fast outside the compiled region (torch.compiler.disable) for it"
+        )
     cfg = config if config is not None else GRPOConfig()
     if not isinstance(cfg, GRPOConfig):
         raise TypeError(f"config must be a GRPOConfig, got {type(cfg).__name__}")
@@ -174,7 +187,8 @@ def grpo_loss(
         raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(items_n).__name__}")
     loss, metric_vec, *_ = _loss_op(
         hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, items_t,
-        None if items_n is None else float(items_n), seq_ids, _config_json(cfg), backend, chunk_size,
+        None if items_n is None else float(items_n), seq_ids, sampling_logp, importance_sampling_ratio,
+        _config_json(cfg), backend, chunk_size,
         batch_invariant, _needs(hidden, weight, bias),
     )  # fmt: skip
     return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))

@@ -16,6 +16,7 @@ per-token loss of one token depends on other tokens' log-probs, in :func:`needs_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,7 +24,9 @@ from torch import Tensor
 
 from ..config import CLIPPED_LOSS_TYPES, GRPOConfig
 
-_TOKEN_LOCAL_FIELDS = ("seq_ids", "mask", "adv", "old_logp", "ref_logp")
+_TOKEN_LOCAL_FIELDS = (
+    "seq_ids", "mask", "adv", "old_logp", "ref_logp", "sampling_logp", "is_ratio", "ent_mask"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,14 @@ class TokenBatch:
     adv: Tensor  # [n] fp32, advantage of the token's sequence
     old_logp: Tensor | None  # [n] fp32; None means "on-policy": old = logp.detach()
     ref_logp: Tensor | None  # [n] fp32
-    seq_adv: Tensor  # [B] fp32
+    seq_adv: Tensor  # [B] fp32 (per-token advantages: unused)
     seq_len: Tensor  # [B] fp32, sum of the mask per sequence
     items: Tensor  # 0-dim fp32: num_items_in_batch, or the batch's own token count (the mask's sum)
+    token_adv: bool = False  # advantages were given per token ([B, T]): TRL's (B, T) branches
+    sampling_logp: Tensor | None = None  # [n] the sampler's (vLLM's) log-probs: off-policy mask
+    is_ratio: Tensor | None = None  # [n] vLLM importance-sampling ratio (a sequence's value on its tokens)
+    ent_mask: Tensor | None = None  # [n] 1/0: in the top_entropy_quantile (set after the entropy pass)
+    ent_count: Tensor | None = None  # 0-dim: tokens the entropy bonus averages over (default: all)
 
     @property
     def num_seqs(self) -> int:
@@ -52,12 +60,47 @@ class TokenBatch:
 
 
 def needs_whole_sequences(cfg: GRPOConfig) -> bool:
-    """True when a token's loss depends on the log-probs of other tokens of its sequence.
+    """True when a token's loss depends on the log-probs (or entropies) of other tokens: of its sequence
+    (GSPO, VESPO, the off-policy mask's mean KL), or of the batch (the entropy quantile).
 
     Then every log-prob must be known before any ``g`` (two passes over the head); otherwise ``g`` of a
     chunk of tokens comes from that chunk alone (one pass).
     """
-    return cfg.importance_sampling_level == "sequence" or cfg.loss_type == "vespo"
+    return (
+        cfg.importance_sampling_level == "sequence"
+        or cfg.loss_type == "vespo"
+        or cfg.off_policy_mask_threshold is not None
+        or cfg.top_entropy_quantile < 1.0
+    )
+
+
+def with_entropy_mask(
+    entropy: Tensor, batch: TokenBatch, cfg: GRPOConfig, gather: Callable[[Tensor], Tensor] | None = None
+) -> TokenBatch:
+    """``batch`` with TRL's ``get_high_entropy_mask``: the tokens whose entropy is at least the
+    ``1 - top_entropy_quantile`` quantile of every unmasked token's (of every process, through ``gather``:
+    the local entropies in, everyone's out). A no-op at ``top_entropy_quantile == 1``."""
+    if cfg.top_entropy_quantile >= 1.0:
+        return batch
+    local = entropy.detach().float()
+    pool = gather(local) if gather is not None else local
+    if pool.numel() == 0:
+        ent_mask = torch.zeros_like(local)
+    else:
+        threshold = torch.quantile(pool.to(local.device), 1.0 - cfg.top_entropy_quantile)
+        ent_mask = (local >= threshold).float()
+    return replace(batch, ent_mask=ent_mask, ent_count=(batch.mask * ent_mask).sum())
+
+
+def entropy_bonus(entropy: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor | None:
+    """``-entropy_coef * mean H`` over the tokens the policy term trains on (TRL's entropy bonus: the mean
+    over mask * entropy mask, whatever the loss type's normalizer); None without a bonus. On a chunk's
+    rows this is the chunk's share (the denominator is the whole batch's)."""
+    if cfg.entropy_coef == 0.0:
+        return None
+    weight = batch.mask if batch.ent_mask is None else batch.mask * batch.ent_mask
+    count = batch.seq_len.sum() if batch.ent_count is None else batch.ent_count
+    return -cfg.entropy_coef * (entropy * weight).sum() / count.clamp(min=1.0)
 
 
 def segment_sum(x: Tensor, seq_ids: Tensor, num_seqs: int) -> Tensor:
@@ -99,16 +142,24 @@ def sequence_log_ratio(logp: Tensor, batch: TokenBatch) -> Tensor:
 
 
 def vespo_weights(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor:
-    """VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w) of each sequence, [B], no grad.
+    """VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w), no grad: of each sequence [B], or
+    of each token [n] with per-token advantages (k and lambda follow the token's advantage, as in TRL).
 
     w is the sequence's importance ratio from the summed per-token log-ratios (each clamped to [-20, 20];
-    log w clamped to [log 1e-8, 20]), k and lambda by the sign of the advantage (>= 0: the "pos" pair).
+    log w clamped to [log 1e-8, 20]), times the vLLM importance-sampling ratios of its tokens (each log
+    clamped to [log 1e-8, 20]); k and lambda by the sign of the advantage (>= 0: the "pos" pair).
     """
     with torch.no_grad():
+        lower = math.log(1e-8)
         log_ratio = torch.clamp(logp - _old(logp, batch), -20.0, 20.0)
         log_w = segment_sum(log_ratio * batch.mask, batch.seq_ids, batch.num_seqs)
-        log_w = torch.clamp(log_w, math.log(1e-8), 20.0)
-        nonneg = batch.seq_adv >= 0
+        if batch.is_ratio is not None:
+            log_is = torch.clamp(torch.log(batch.is_ratio), lower, 20.0)
+            log_w = log_w + segment_sum(log_is, batch.seq_ids, batch.num_seqs)
+        log_w = torch.clamp(log_w, lower, 20.0)
+        if batch.token_adv:
+            log_w = log_w[batch.seq_ids]
+        nonneg = (batch.adv if batch.token_adv else batch.seq_adv) >= 0
         k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
         lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
@@ -163,13 +214,33 @@ def per_token_objective(
         loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
     elif cfg.loss_type == "vespo":
         phi = vespo_weights(logp, batch, cfg)
-        loss = -phi[batch.seq_ids] * adv * logp
+        loss = -(phi if batch.token_adv else phi[batch.seq_ids]) * adv * logp
         metric_coef = phi
     else:
         raise AssertionError(f"no per-token loss for loss_type {cfg.loss_type!r}")
+    # TRL's order: the policy term times the off-policy mask, the entropy mask and the vLLM IS ratio
+    # (VESPO has that inside phi), then the KL term, which none of them touch.
+    if cfg.off_policy_mask_threshold is not None:
+        loss = loss * off_policy_mask(logp, batch, cfg.off_policy_mask_threshold)
+    if batch.ent_mask is not None:
+        loss = loss * batch.ent_mask
+    if batch.is_ratio is not None and cfg.loss_type != "vespo":
+        loss = loss * batch.is_ratio
     if cfg.beta != 0.0:
         loss = loss + cfg.beta * kl
     return loss, kl, metric_coef
+
+
+def off_policy_mask(logp: Tensor, batch: TokenBatch, threshold: float) -> Tensor:
+    """TRL's off-policy sequence mask (DeepSeek-V3.2), [n] 1/0 per token, no grad: keep a token when its
+    advantage is >= 0 or its sequence's mean KL(sampling || current) = mean(sampling - logp) is at most
+    ``threshold``. The sampler's log-probs default to the old ones (then to logp: KL 0); a NaN sampler
+    log-prob (vLLM could not score it) adds 0."""
+    with torch.no_grad():
+        sampling = batch.sampling_logp if batch.sampling_logp is not None else _old(logp, batch)
+        kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+        seq_kl = segment_sum(kl * batch.mask, batch.seq_ids, batch.num_seqs) / batch.seq_len.clamp(min=1.0)
+        return ((batch.adv >= 0) | (seq_kl[batch.seq_ids] <= threshold)).float()
 
 
 def coefficients(
@@ -185,6 +256,9 @@ def coefficients(
         ent = entropy.detach().float().requires_grad_(True)
         loss_t, _, _ = per_token_objective(lp, ent, batch, cfg)
         total = reduce_loss(loss_t, batch, cfg)
+        bonus = entropy_bonus(ent, batch, cfg)
+        if bonus is not None:
+            total = total + bonus
         g, e = torch.autograd.grad(total, (lp, ent), allow_unused=True)
     return (g if g is not None else torch.zeros_like(lp)), e
 
@@ -192,19 +266,30 @@ def coefficients(
 def metric_names(cfg: GRPOConfig) -> list[str]:
     """The metrics of :func:`loss_and_metrics`, in order."""
     names = ["kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_not_one"]
+    if cfg.loss_type in CLIPPED_LOSS_TYPES:
+        # This batch's extremes of the per-sequence clipped fractions (NaN without any): across batches
+        # and processes, the min of the mins and the max of the maxes are TRL's low_min and high_max.
+        names += ["clip_ratio_low_min", "clip_ratio_high_max"]
     if cfg.loss_type == "cispo":
         names.append("cispo_clip_ratio")
     if cfg.loss_type == "vespo":
         names.append("vespo/phi_seq_mean")
+    if cfg.entropy_coef != 0.0:
+        names.append("policy_loss")  # the loss without the entropy bonus
+    if cfg.top_entropy_quantile < 1.0:
+        # The tokens the entropy mask keeps and their mean entropy (adaptive entropy control's input).
+        names += ["entropy_mask/tokens", "entropy_mask/entropy"]
     return names
 
 
 def averaged_over_sequences(name: str, cfg: GRPOConfig) -> bool:
     """Whether metric ``name`` is a mean over sequences (else over unmasked tokens): how trainers weight it
     when they combine micro-batches and processes."""
-    if name in ("kl", "entropy", "ratio_not_one"):
+    if name in ("kl", "entropy", "ratio_not_one", "policy_loss") or name.startswith("entropy_mask/"):
         return False
-    return name == "vespo/phi_seq_mean" or cfg.importance_sampling_level == "sequence"
+    if name == "vespo/phi_seq_mean":
+        return True
+    return cfg.importance_sampling_level == "sequence"
 
 
 def loss_and_metrics(
@@ -213,7 +298,9 @@ def loss_and_metrics(
     """The loss value and TRL's metrics from the per-token log-probs and entropies (no grad)."""
     with torch.no_grad():
         loss_t, kl, coef = per_token_objective(logp, entropy, batch, cfg)
-        loss = reduce_loss(loss_t, batch, cfg)
+        policy = reduce_loss(loss_t, batch, cfg)
+        bonus = entropy_bonus(entropy, batch, cfg)
+        loss = policy if bonus is None else policy + bonus
         mask = batch.mask
         denom = mask.sum().clamp(min=1.0)
         token_mean = lambda x: (x * mask).sum() / denom  # noqa: E731
@@ -231,18 +318,43 @@ def loss_and_metrics(
             if batch.old_logp is not None
             else zero,
         }
-        sequence_level = cfg.importance_sampling_level == "sequence"
-        adv = batch.seq_adv if sequence_level else batch.adv
-        # Sequence-level ratios are one value per sequence: TRL averages them over sequences.
-        mean = seq_mean if sequence_level else token_mean
+        # TRL's shapes: sequence-level ratios are [B, 1], one value per sequence, averaged over sequences;
+        # with per-token advantages the flags broadcast to [B, T] and are averaged over tokens.
+        per_seq = cfg.importance_sampling_level == "sequence" and not batch.token_adv
+        if cfg.importance_sampling_level == "sequence" and batch.token_adv and cfg.loss_type != "vespo":
+            coef = coef[batch.seq_ids]  # the sequence ratio on each token (VESPO: phi is per token already)
+        adv = batch.seq_adv if per_seq else batch.adv
+        mean = seq_mean if per_seq else token_mean
         if cfg.loss_type in CLIPPED_LOSS_TYPES:
-            low = (coef < 1 - cfg.epsilon_low) & (adv < 0)
-            high = (coef > 1 + cfg.epsilon_high) & (adv > 0)
-            metrics["clip_ratio_low"] = mean(low.float())
-            metrics["clip_ratio_high"] = mean(high.float())
-            metrics["clip_ratio_region"] = mean((low | high).float())
+            low = ((coef < 1 - cfg.epsilon_low) & (adv < 0)).float()
+            high = ((coef > 1 + cfg.epsilon_high) & (adv > 0)).float()
+            metrics["clip_ratio_low"] = mean(low)
+            metrics["clip_ratio_high"] = mean(high)
+            metrics["clip_ratio_region"] = mean(torch.maximum(low, high))
+            if not per_seq:  # TRL's masked_seq_mean: NaN for a sequence without tokens
+                low = segment_sum(low * mask, batch.seq_ids, batch.num_seqs) / batch.seq_len
+                high = segment_sum(high * mask, batch.seq_ids, batch.num_seqs) / batch.seq_len
+            metrics["clip_ratio_low_min"] = _nan_extreme(low, torch.amin)
+            metrics["clip_ratio_high_max"] = _nan_extreme(high, torch.amax)
         elif cfg.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = mean(((coef > cfg.epsilon_high) & (adv > 0)).float())
-        elif cfg.loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"] = seq_mean(coef)  # phi is one value per sequence
+        elif cfg.loss_type == "vespo":  # phi: one value per sequence, or per token (per-token advantages)
+            metrics["vespo/phi_seq_mean"] = token_mean(coef) if batch.token_adv else seq_mean(coef)
+        if cfg.entropy_coef != 0.0:
+            metrics["policy_loss"] = policy
+        if cfg.top_entropy_quantile < 1.0:
+            kept = mask * batch.ent_mask
+            metrics["entropy_mask/tokens"] = kept.sum()
+            metrics["entropy_mask/entropy"] = (entropy * kept).sum() / kept.sum().clamp(min=1.0)
     return loss, metrics
+
+
+def _nan_extreme(x: Tensor, extreme: Callable[..., Tensor]) -> Tensor:
+    """min or max over the non-NaN values of ``x``; NaN when there are none (TRL's nanmin / nanmax).
+    No boolean indexing: no host synchronization on CUDA."""
+    nan = torch.isnan(x)
+    if not x.numel():
+        return x.new_full((), float("nan"))
+    fill = float("inf") if extreme is torch.amin else float("-inf")
+    value = extreme(torch.where(nan, fill, x))
+    return torch.where(nan.all(), float("nan"), value)

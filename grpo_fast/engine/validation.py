@@ -186,6 +186,9 @@ class LossInputs:
     old_logp: Tensor | None
     ref_logp: Tensor | None
     num_items: Tensor | None  # 0-dim fp32
+    token_advantages: Tensor | None = None  # [N] fp32 when advantages were given per token ([B, T])
+    sampling_logp: Tensor | None = None  # [N] fp32 (NaN: the sampler could not score the token)
+    is_ratio: Tensor | None = None  # [N] fp32, per token (a per-sequence ratio repeated on its tokens)
 
 
 def _check_num_items(num_items: object, device: torch.device, checks: ValueChecks) -> Tensor | None:
@@ -227,6 +230,8 @@ def validate_loss_inputs(
     num_items_in_batch: object,
     seq_ids: object,
     vocab: int | None = None,
+    sampling_logp: object = None,
+    importance_sampling_ratio: object = None,
 ) -> tuple[LossInputs, Tensor, Tensor | None]:
     """``vocab``: the global vocabulary when ``weight`` is one shard of a vocab-parallel head."""
     if not isinstance(cfg, GRPOConfig):
@@ -260,10 +265,18 @@ def validate_loss_inputs(
 
     advantages = check_tensor("advantages", advantages)
     check_float("advantages", advantages)
-    if advantages.dim() == 2 and advantages.shape[1] == 1:
+    token_adv = None
+    if hidden.dim() == 3 and advantages.dim() == 2 and advantages.shape == token_shape:
+        # Per-token advantages (TRL's (B, T) branch): the per-sequence vector is only a placeholder.
+        token_adv = advantages.reshape(-1).float()
+        advantages = advantages.new_zeros(advantages.shape[0])
+    elif advantages.dim() == 2 and advantages.shape[1] == 1:
         advantages = advantages.squeeze(1)
     if advantages.dim() != 1:
-        raise ValueError(f"advantages must be [B] (one per sequence), got shape {_shape(advantages)}")
+        per_token = f" or [B, T] = {list(token_shape)} (one per token)" if hidden.dim() == 3 else ""
+        raise ValueError(
+            f"advantages must be [B] (one per sequence){per_token}, got shape {_shape(advantages)}"
+        )
     if hidden.dim() == 3:
         if advantages.shape[0] != hidden.shape[0]:
             raise ValueError(
@@ -290,7 +303,7 @@ def validate_loss_inputs(
             )
         seq_ids_t = seq_ids_t.long()
     checks.add(
-        ~torch.isfinite(advantages).all(),
+        ~torch.isfinite(advantages if token_adv is None else token_adv).all(),
         lambda: "advantages must be finite (group_advantages maps unscorable completions to 0)",
     )
 
@@ -307,6 +320,21 @@ def validate_loss_inputs(
                     "got NaN, inf or positive values"
                 ),
             )
+    sampling = check_logp("sampling_logp", sampling_logp, token_shape)
+    if sampling is not None and sampling.numel() and sampling.device == mask_f.device:
+        # NaN is allowed (vLLM could not score the token: it adds no KL evidence, as in TRL).
+        checks.add(
+            ((sampling > LOGP_ROUNDING) & (mask_f != 0)).any(),
+            lambda: "sampling_logp must hold log-probs (<= 0) at unmasked positions; got positive values",
+        )
+    is_ratio, ratio_per_seq = _check_is_ratio(
+        importance_sampling_ratio, token_shape, num_seqs, mask_f, checks
+    )
+    if ratio_per_seq and cfg.loss_type == "vespo":
+        raise ValueError(
+            "loss_type='vespo' takes a per-token importance_sampling_ratio (targets' shape), as TRL's "
+            "token_truncate / token_mask modes give it; a per-sequence ratio is not defined for VESPO"
+        )
     if cfg.beta != 0.0 and ref is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logp (the reference model's per-token log-probs)")
     check_same_device(
@@ -316,6 +344,7 @@ def validate_loss_inputs(
         advantages=advantages,
         old_logp=old,
         ref_logp=ref,
+        sampling_logp=sampling,
         seq_ids=seq_ids_t,
     )
     num_items = _check_num_items(num_items_in_batch, device, checks)
@@ -331,8 +360,39 @@ def validate_loss_inputs(
         old_logp=old.reshape(-1) if old is not None else None,
         ref_logp=ref.reshape(-1) if ref is not None else None,
         num_items=num_items,
+        token_advantages=token_adv,
+        sampling_logp=sampling.reshape(-1) if sampling is not None else None,
+        # a per-sequence ratio on its tokens (after the checks: seq_ids are in range now)
+        is_ratio=is_ratio[seq_ids_t.reshape(-1)] if ratio_per_seq else is_ratio,
     )
     return inputs, weight, bias
+
+
+def _check_is_ratio(
+    ratio: object, token_shape: torch.Size, num_seqs: int, mask: Tensor, checks: ValueChecks
+) -> tuple[Tensor | None, bool]:
+    """The vLLM importance-sampling ratio, flat: given per token (targets' shape) or per sequence ([B, 1],
+    or [B] for [B, T] inputs), and whether it is per sequence; finite and >= 0 where it counts."""
+    if ratio is None:
+        return None, False
+    ratio = check_tensor("importance_sampling_ratio", ratio)
+    check_float("importance_sampling_ratio", ratio)
+    per_seq_shapes = [(num_seqs, 1)] + ([(num_seqs,)] if len(token_shape) == 2 else [])
+    per_seq = ratio.shape != token_shape
+    if per_seq and tuple(ratio.shape) not in per_seq_shapes:
+        raise ValueError(
+            f"importance_sampling_ratio must be per token, {list(token_shape)}, or per sequence, "
+            f"{' or '.join(str(list(s)) for s in per_seq_shapes)}; got {_shape(ratio)}"
+        )
+    check_same_device(mask.device, importance_sampling_ratio=ratio)
+    flat = ratio.reshape(-1).float()
+    if flat.numel():
+        bad = ~torch.isfinite(flat) | (flat < 0)
+        checks.add(
+            (bad if per_seq else bad & (mask.reshape(-1) != 0)).any(),
+            lambda: "importance_sampling_ratio must be finite and >= 0 at unmasked positions",
+        )
+    return flat, per_seq
 
 
 def validate_advantage_inputs(

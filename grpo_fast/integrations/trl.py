@@ -9,8 +9,11 @@ Everything but the loss step is TRL's own code: generation, rewards, advantages,
 log-probs, logging, checkpoints. The loss step runs the backbone once and hands its final hidden
 states and the LM head weight to ``gf.grpo_loss``, which never forms the ``[tokens, vocab]`` logits,
 and returns the same number TRL's ``_compute_loss`` would (gradient-accumulation and ``num_items``
-normalisation included) while logging TRL's metrics under TRL's names. Options grpo_fast does not
-implement fall back to TRL's code for that step, with a one-time warning naming the option.
+normalisation included) while logging TRL's metrics under TRL's names. TRL's loss options all run
+on this path: the entropy quantile, the off-policy mask, the entropy bonus (static or adaptive), the vLLM
+importance-sampling correction, per-token advantages, the MoE auxiliary loss. What grpo_fast cannot run
+(multimodal inputs, a soft-capped or scaled LM head, a sharded head, Liger's loss) falls back to TRL's
+code for that step, with a one-time warning naming it.
 """
 
 from __future__ import annotations
@@ -91,14 +94,6 @@ class FastGRPOTrainer(GRPOTrainer):
         a = self.args
         checks = [
             (self.loss_type not in LOSS_TYPES, f"loss_type={self.loss_type!r}"),
-            (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
-            (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1"),
-            (
-                self.use_vllm and self.vllm_importance_sampling_correction,
-                "vLLM importance sampling correction",
-            ),
-            (self._entropy_bonus_enabled, "the entropy bonus (entropy_coef / use_adaptive_entropy)"),
-            (self.aux_loss_enabled, "the MoE auxiliary loss"),
             (bool(a.use_liger_kernel), "use_liger_kernel"),
         ]
         for failed, name in checks:
@@ -109,8 +104,6 @@ class FastGRPOTrainer(GRPOTrainer):
     def _batch_fallback(self, inputs: dict[str, Any]) -> str | None:
         if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
             return "multimodal inputs"
-        if inputs["advantages"].dim() != 1:
-            return "per-token advantages"
         weight = lm_head(self.accelerator.unwrap_model(self.model))[0]
         if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
             return "a sharded LM head (FSDP / DeepSpeed ZeRO-3)"
@@ -135,8 +128,11 @@ class FastGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         num_completion = completion_ids.size(1)
+        forward_kwargs: dict[str, Any] = {HIDDEN_KWARG: True}
+        if self.aux_loss_enabled:  # MoE: the backbone returns its router logits for the balancing loss
+            forward_kwargs["output_router_logits"] = True
         with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, **{HIDDEN_KWARG: True})
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         hidden = out.last_hidden_state[:, -num_completion - 1 : -1]
         weight, bias = lm_head(self.accelerator.unwrap_model(model))
         if self.args.cast_lm_head_to_fp32:
@@ -146,7 +142,8 @@ class FastGRPOTrainer(GRPOTrainer):
             weight, bias = match_head_dtype(hidden, weight, bias)
 
         mode = "train" if self.model.training else "eval"
-        num_items, divide_by = None, 1.0
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_items, divide_by = None, float(accumulation)
         if self._gf_config.uses_num_items_in_batch:
             # TRL: num_items_in_batch (the generation batch's tokens, all-gathered over processes) spans
             # the generation batch; rescale it to one accumulation window of one process. DDP then
@@ -159,10 +156,22 @@ class FastGRPOTrainer(GRPOTrainer):
             # grpo_loss clamps its normaliser at 1; TRL's may be below 1 (a few tokens, many processes).
             num_items = normalizer.clamp(min=1.0)
             divide_by = normalizer / num_items
-        elif mode == "train":
-            divide_by = self.current_gradient_accumulation_steps
+        # The entropy bonus is a mean over tokens scaled for accumulation only, whatever the loss type's
+        # normalizer: inside grpo_loss (its gradient comes from the same pass) it is divided by divide_by
+        # with the rest, so its coefficient carries divide_by / accumulation.
+        bonus = self._entropy_bonus_coef() if self._entropy_bonus_enabled else 0.0
+        config = self._gf_config
+        if bonus != 0.0:
+            # (a float for the config: one host read of divide_by, only for steps with a bonus)
+            config = dataclasses.replace(config, entropy_coef=bonus * float(divide_by) / accumulation)
+        elif config.entropy_coef != 0.0:
+            config = dataclasses.replace(config, entropy_coef=0.0)
         old_logp = inputs.get("old_per_token_logps")
         ref_logp = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        is_ratio = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = inputs["importance_sampling_ratio"]
+        gather = self._gather_entropies if self.accelerator.num_processes > 1 else None
         loss, metrics = gf.grpo_loss(
             hidden,
             weight,
@@ -172,100 +181,113 @@ class FastGRPOTrainer(GRPOTrainer):
             old_logp,
             ref_logp,
             bias,
-            config=self._gf_config,
+            config=config,
             num_items_in_batch=num_items,
+            sampling_logp=inputs.get("sampling_per_token_logps"),
+            importance_sampling_ratio=is_ratio,
+            entropy_gather=gather if config.top_entropy_quantile < 1.0 else None,
             backend=self.grpo_fast_backend,
             batch_invariant=self.grpo_fast_batch_invariant,
         )
-        self._log_loss_metrics(
-            mode, metrics, mask, inputs["advantages"], hidden, weight, bias, completion_ids, old_logp
+        self._log_loss_metrics(mode, metrics, mask, token_adv=inputs["advantages"].dim() == 2)
+        if self._entropy_bonus_enabled:
+            # TRL's policy_loss: the policy term as its normalizer has it, before accumulation scaling
+            policy = metrics.get("policy_loss", loss).detach()
+            if self._gf_config.uses_num_items_in_batch:
+                policy = policy / divide_by
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            self._entropy_bonus_step(mode, metrics, mask)
+        loss = loss / divide_by
+        if self.aux_loss_enabled:
+            aux_loss = self._aux_loss(model, out, attention_mask)
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item()
+            )
+        return loss
+
+    # ----- TRL's entropy bonus, auxiliary loss and the cross-process entropy quantile ----------------------
+    def _entropy_bonus_coef(self) -> float:
+        """The coefficient applied this step: TRL's adaptive gate from the previous step's entropy."""
+        if self.use_adaptive_entropy:
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return self.entropy_coef
+
+    def _entropy_bonus_step(self, mode: str, metrics: dict[str, Tensor], mask: Tensor) -> None:
+        """TRL's adaptive entropy controller update and entropy_coef log, from the loss's metrics."""
+        if self.use_adaptive_entropy and mode == "train":
+            if "entropy_mask/tokens" in metrics:
+                count = metrics["entropy_mask/tokens"]
+                total = metrics["entropy_mask/entropy"] * count
+            else:
+                count = mask.sum().float()
+                total = metrics["entropy"] * count
+            stats = torch.stack([total.float(), count.float()]).detach()
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                window_stats = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window_stats[0] / window_stats[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    def _gather_entropies(self, local: Tensor) -> Tensor:
+        """Every process's entropies (TRL's get_high_entropy_mask pads with a sentinel, then gathers)."""
+        pad_value = -1e9  # entropies are >= 0: the sentinel cannot be one
+        padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=pad_value)
+        gathered = self.accelerator.gather(padded)
+        return gathered[gathered != pad_value]
+
+    def _aux_loss(self, model: nn.Module, out: Any, attention_mask: Tensor) -> Tensor:
+        """The MoE load-balancing loss of TRL's fused head (Mixtral's, which every MoE family uses)."""
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        config = self.accelerator.unwrap_model(model).config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+        return load_balancing_loss_func(
+            out.router_logits, num_experts, text.num_experts_per_tok, attention_mask
         )
-        return loss / divide_by
 
     # ----- TRL's metrics, same names and the same cross-process reductions --------------------------------
     def _global_mean(self, local_mean: Tensor, count: Tensor) -> float:
         totals = self.accelerator.reduce(torch.stack([local_mean.float() * count, count]), reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-    def _log_loss_metrics(
-        self,
-        mode: str,
-        metrics: dict[str, Tensor],
-        mask: Tensor,
-        advantages: Tensor,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        completion_ids: Tensor,
-        old_logp: Tensor | None,
-    ) -> None:
+    def _log_loss_metrics(self, mode: str, metrics: dict[str, Tensor], mask: Tensor, token_adv: bool) -> None:
+        """TRL's metric lines from grpo_loss's metrics, weighted as TRL's global_masked_mean weighs them:
+        one value per sequence for sequence-level ratios (and VESPO's phi), per token otherwise, and per
+        token whenever the advantages are per token ((B, T) broadcasts)."""
         log = self._metrics[mode]
         tokens = mask.sum().float()
-        sequence_level = self.importance_sampling_level == "sequence"
-        ratio_count = torch.tensor(float(mask.shape[0]), device=mask.device) if sequence_level else tokens
+        seqs = torch.tensor(float(mask.shape[0]), device=mask.device)
         if self.beta != 0.0:
             log["kl"].append(self._global_mean(metrics["kl"], tokens))
         log["entropy"].append(self._global_mean(metrics["entropy"], tokens))
-        if self.loss_type in CLIPPED_LOSS_TYPES:
-            for side in ("low", "high", "region"):
-                log[f"clip_ratio/{side}_mean"].append(
-                    self._global_mean(metrics[f"clip_ratio_{side}"], ratio_count)
-                )
-            low, high = self._per_sequence_clip(
-                mask, advantages, hidden, weight, bias, completion_ids, old_logp
-            )
-            log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())
-            log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
-        seq_count = torch.tensor(float(mask.shape[0]), device=mask.device)
-        for name, value in metrics.items():  # the loss type's own metrics (cispo_clip_ratio, vespo/...)
-            # ratio_not_one is grpo_fast's, not TRL's: TRL's logs keep exactly TRL's names.
-            if name not in ("kl", "entropy", "ratio_not_one") and not name.startswith("clip_ratio_"):
-                count = seq_count if averaged_over_sequences(name, self._gf_config) else tokens
-                log[name].append(self._global_mean(value, count))
+        for name, value in metrics.items():
+            if name in self._NOT_TRL_METRICS or name.startswith("entropy_mask/"):
+                continue
+            if name.startswith("clip_ratio_") and self.loss_type not in CLIPPED_LOSS_TYPES:
+                continue  # always 0 there: TRL logs no clip ratios for cispo, sapo, vespo
+            if name in ("clip_ratio_low_min", "clip_ratio_high_max"):  # this batch's extremes, same pass
+                extreme, trl_name = (nanmin, "low_min") if name.endswith("min") else (nanmax, "high_max")
+                log[f"clip_ratio/{trl_name}"].append(extreme(self.accelerator.gather(value)).item())
+                continue
+            per_seq = averaged_over_sequences(name, self._gf_config) and not token_adv
+            count = seqs if per_seq else tokens
+            trl_name = self._TRL_NAMES.get(name, name)
+            log[trl_name].append(self._global_mean(value, count))
 
-    @torch.no_grad()
-    def _per_sequence_clip(
-        self,
-        mask: Tensor,
-        advantages: Tensor,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        completion_ids: Tensor,
-        old_logp: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Per-sequence clipped fractions (TRL's clip_ratio/low_min, high_max need them, not just the means).
-
-        Without old log-probs the ratio is exactly 1 and nothing is computed; with them, the per-token
-        log-probs cost one extra no-grad pass over the vocabulary.
-        """
-        mask = mask.float()
-        if old_logp is None:
-            log_ratio = torch.zeros_like(mask)
-        else:
-            logp = gf.selective_logprobs(
-                hidden.detach(),
-                weight.detach(),
-                completion_ids,
-                bias.detach() if bias is not None else None,
-                self.temperature,
-                backend=self.grpo_fast_backend,
-                batch_invariant=self.grpo_fast_batch_invariant,
-            )
-            log_ratio = logp - old_logp
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        coef = torch.exp(log_ratio)
-        if self.args.delta is not None:
-            coef = torch.clamp(coef, max=self.args.delta)
-        adv = advantages.unsqueeze(1)
-        low = ((coef < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((coef > 1 + self.epsilon_high) & (adv > 0)).float()
-
-        def seq_mean(x: Tensor) -> Tensor:  # TRL's masked_seq_mean: NaN for an empty completion
-            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
-
-        return seq_mean(low), seq_mean(high)
+    _TRL_NAMES = {f"clip_ratio_{s}": f"clip_ratio/{s}_mean" for s in ("low", "high", "region")}
+    # grpo_fast's own metrics and those logged elsewhere: TRL's logs keep exactly TRL's names.
+    _NOT_TRL_METRICS = ("kl", "entropy", "ratio_not_one", "policy_loss")
 
 
 __all__ = ["FastGRPOTrainer"]

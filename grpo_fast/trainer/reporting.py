@@ -100,6 +100,11 @@ def step_metrics(
         loss_metrics.sums = dict(zip(keys, packed[at : at + len(keys)], strict=True))
         loss_metrics.weights = dict(zip(keys, packed[at + len(keys) : at + 2 * len(keys)], strict=True))
         loss_metrics.weight, len_sum, len_count, truncated = packed[at + 2 * len(keys) :]
+        extreme_keys = sorted(loss_metrics.extremes)
+        if extreme_keys:  # min / max metrics: a max over ranks of sign * value
+            values = [loss_metrics.extremes[k] for k in extreme_keys]
+            reduced = group.max(torch.tensor(values, dtype=torch.float64)).tolist()
+            loss_metrics.extremes = dict(zip(extreme_keys, reduced, strict=True))
         means = loss_metrics.means()
     elapsed = time.perf_counter() - start
     timing = torch.tensor([elapsed, peak_memory_mb(device)], dtype=torch.float64)

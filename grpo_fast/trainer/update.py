@@ -9,6 +9,7 @@ on the whole batch; see :mod:`grpo_fast.trainer.distributed`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -81,11 +82,14 @@ class MetricMeans:
 
     # Reported for the first update of a step only: the noise of scoring the same tokens in two batches.
     FIRST_UPDATE_ONLY = ("ratio_not_one",)
+    # Extremes, not means: the min (sign -1) or max (+1) over micro-batches and ranks, NaN ignored.
+    EXTREMES = {"clip_ratio_low_min": -1.0, "clip_ratio_high_max": 1.0}
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.weight = 0.0
+        self.extremes: dict[str, float] = {}  # sign * value, max-reduced; -inf: none yet
 
     def add(
         self,
@@ -98,13 +102,21 @@ class MetricMeans:
         for key, value in metrics.items():
             if key in self.FIRST_UPDATE_ONLY and not first_update:
                 continue
+            if key in self.EXTREMES:
+                v = self.EXTREMES[key] * float(value)
+                best = self.extremes.get(key, float("-inf"))
+                self.extremes[key] = best if math.isnan(v) else max(best, v)
+                continue
             w = weights.get(key, weight) if weights else weight
             self.sums[key] = self.sums.get(key, 0.0) + float(value) * w
             self.weights[key] = self.weights.get(key, 0.0) + weight
         self.weight += weight
 
     def means(self) -> dict[str, float]:
-        return {self.RENAME.get(k, k): v / max(self.weights[k], 1e-12) for k, v in self.sums.items()}
+        out = {self.RENAME.get(k, k): v / max(self.weights[k], 1e-12) for k, v in self.sums.items()}
+        for k, v in self.extremes.items():
+            out[k] = self.EXTREMES[k] * v if v != float("-inf") else float("nan")
+        return out
 
 
 @dataclass
@@ -151,12 +163,21 @@ class UpdateMixin:
             old,
             ref,
             bias,
-            config=self.loss_config,
+            config=self._micro_config(),
             num_items_in_batch=num_items,
             backend=self.cfg.backend,
             chunk_size=self.cfg.chunk_size,
             batch_invariant=self.cfg.batch_invariant,
         )
+
+    def _micro_config(self) -> gf.GRPOConfig:
+        """The loss config of one micro-batch. The entropy bonus is a mean over the micro-batch's tokens,
+        scaled for accumulation only (as TRL's): losses over the whole batch's token count are not divided
+        by the number of micro-batches afterwards, so their bonus is divided here."""
+        cfg, num_micro = self.loss_config, getattr(self, "_num_micro", 1)
+        if cfg.entropy_coef != 0.0 and cfg.uses_num_items_in_batch and num_micro > 1:
+            return dataclasses.replace(cfg, entropy_coef=cfg.entropy_coef / num_micro)
+        return cfg
 
     def update(self, batch: StepBatch) -> UpdateStats:
         """``num_iterations`` optimizer updates on the batch."""
@@ -168,6 +189,7 @@ class UpdateMixin:
             batch.old,
             batch.ref,
         )
+        self._num_micro = len(micro)
         local_tokens = [float(loss_mask[index].sum()) for index in micro]
         if group.active:  # tokens of each micro-batch over all ranks; their sum is dapo's normaliser
             micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
