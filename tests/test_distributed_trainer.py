@@ -158,7 +158,8 @@ def _assert_rows_close(got: list[dict], want: list[dict], what: str) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys(), what
         for key in w.keys() - TIMING:
-            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (what, g["step"], key, g[key], w[key])
+            want = pytest.approx(w[key], rel=1e-4, abs=1e-6, nan_ok=True)  # clip extremes: NaN without any
+            assert g[key] == want, (what, g["step"], key, g[key], w[key])
 
 
 def test_layout_splits_each_micro_batch_across_ranks():

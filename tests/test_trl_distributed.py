@@ -27,6 +27,8 @@ WORLD = 2
 CASES = [
     dict(loss_type="dapo", beta=0.04, num_iterations=2),
     dict(loss_type="grpo", beta=0.0, num_iterations=1, importance_sampling_level="sequence"),
+    # the entropy quantile over both processes' tokens; the adaptive controller's window over both
+    dict(loss_type="dapo", top_entropy_quantile=0.5, use_adaptive_entropy=True, entropy_target=50.0),
 ]
 
 

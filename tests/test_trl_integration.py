@@ -305,3 +305,41 @@ def test_moe_auxiliary_loss_matches_trl_without_fallback(moe_dir, tmp_path, loss
     assert fast.aux_loss_enabled and not fast._fallback_warned
     assert "aux_loss" in got[0]
     assert_same_logs(want, got, what="moe")
+
+
+class _BatchInvariant(FastGRPOTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, grpo_fast_batch_invariant=True, **kwargs)
+
+
+def test_old_logprobs_come_from_grpo_fast_and_on_policy_ratio_is_one(model_dir, tmp_path, monkeypatch):
+    """bf16, GSPO's epsilons (3e-4 / 4e-4): old log-probs from TRL's own pass used to make 12.5% of
+    sequences clipped on freshly sampled data; from gf.selective_logprobs (the loss pass's numerics) the
+    first update's ratio is exactly 1."""
+    import grpo_fast.integrations.trl as fast_trl
+
+    trl_pass = []
+    real_trl = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def trl_spy(*args, **kwargs):
+        trl_pass.append(1)
+        return real_trl(*args, **kwargs)
+
+    seen = []
+    real_loss = fast_trl.gf.grpo_loss
+
+    def loss_spy(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        seen.append({k: float(v) for k, v in metrics.items()})
+        return loss, metrics
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", trl_spy)
+    monkeypatch.setattr(fast_trl.gf, "grpo_loss", loss_spy)
+    options = dict(
+        bf16=True, num_iterations=2, beta=0.04, importance_sampling_level="sequence", loss_type="grpo",
+        epsilon=3e-4, epsilon_high=4e-4, max_steps=1,
+    )  # fmt: skip
+    train(_BatchInvariant, model_dir, tmp_path, **options)
+    assert trl_pass == []  # old and reference log-probs: grpo_fast's pass
+    first = seen[0]  # first update, first micro-batch: the policy has not moved yet
+    assert first["ratio_not_one"] == 0.0 and first["clip_ratio_region"] == 0.0

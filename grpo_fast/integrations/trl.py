@@ -71,6 +71,8 @@ class FastGRPOTrainer(GRPOTrainer):
         self._fallback_warned: set[str] = set()
         # Patch where TRL patched its fused head: under PEFT, the transformers model inside.
         add_hidden_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        if getattr(self, "ref_model", None) is not None:
+            add_hidden_forward(self.accelerator.unwrap_model(self.ref_model))
         self._static_fallback = self._unsupported_options()
         self._gf_config = None if self._static_fallback else self._loss_config()
 
@@ -108,6 +110,55 @@ class FastGRPOTrainer(GRPOTrainer):
         if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
             return "a sharded LM head (FSDP / DeepSpeed ZeRO-3)"
         return None
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        logits_to_keep: int,
+        batch_size: int | None = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        **multimodal: Any,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """TRL's old and reference log-prob passes (no grad) through ``gf.selective_logprobs``: the numerics
+        of the loss pass, so an on-policy ratio is exactly 1 when the batches match (bf16 too; with
+        ``grpo_fast_batch_invariant`` whatever the LM head's batch). TRL's own pass where grpo_fast falls
+        back, for multimodal inputs, the auxiliary loss, and anything with a gradient (TRL's loss path)."""
+        trl_pass = (
+            getattr(self, "_static_fallback", None) is not None
+            or torch.is_grad_enabled()
+            or compute_aux_loss
+            or any(v is not None for v in multimodal.values())
+        )
+        weight = None if trl_pass else lm_head(self.accelerator.unwrap_model(model))[0]
+        if trl_pass or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                compute_aux_loss, **multimodal,
+            )  # fmt: skip
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):  # TRL's chunks: the same backbone batches
+            ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=am, **{HIDDEN_KWARG: True})
+            hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]
+            w, b = lm_head(self.accelerator.unwrap_model(model))
+            if self.args.cast_lm_head_to_fp32:
+                hidden, w, b = hidden.float(), w.float(), (b.float() if b is not None else None)
+            else:
+                w, b = match_head_dtype(hidden, w, b)
+            logp, entropy = gf.selective_logprobs(
+                hidden, w, ids[:, -logits_to_keep:], b, self.temperature, return_entropy=True,
+                backend=self.grpo_fast_backend, batch_invariant=self.grpo_fast_batch_invariant,
+            )  # fmt: skip
+            keep = am[:, -logits_to_keep:] != 0  # TRL's fused head: 0 where the label is -100
+            logps.append(torch.where(keep, logp, 0.0))
+            entropies.append(torch.where(keep, entropy, 0.0))
+        logps_t = torch.cat(logps)
+        return logps_t, torch.cat(entropies) if compute_entropy else None, None
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         reason = self._static_fallback or self._batch_fallback(inputs)
