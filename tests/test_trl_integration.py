@@ -255,6 +255,27 @@ def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
         assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
+@pytest.mark.parametrize("attr, value", [("logits_scaling", 2.0), ("logit_scale", 1.7)])
+def test_scaled_lm_head_matches_trl_without_fallback(model_dir, tmp_path, monkeypatch, attr, value):
+    # Granite's logits_scaling divides the logits, Cohere's logit_scale multiplies them: TRL's fused head
+    # applies it to the loss and old/ref log-probs; grpo_fast folds it into the temperature.
+    real = AutoModelForCausalLM.from_pretrained
+
+    def scaled(*a, **kw):
+        model = real(*a, **kw)
+        setattr(model.config, attr, value)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", scaled)
+    options = dict(num_iterations=2, beta=0.04, temperature=0.9)
+    _, want = train(GRPOTrainer, model_dir, tmp_path, **options)
+    fast, got = train(FastGRPOTrainer, model_dir, tmp_path, **options)
+    assert not fast._fallback_warned
+    folded = 0.9 * value if attr == "logits_scaling" else 0.9 / value
+    assert fast._gf_config.temperature == pytest.approx(folded)
+    assert_same_logs(want, got, what=attr)
+
+
 def test_unsupported_head_falls_back_to_trl_with_one_warning(model_dir, tmp_path, monkeypatch):
     # A soft-capped head (Gemma 2's final_logit_softcapping): TRL's fused head applies it, grpo_fast's
     # kernels do not yet, so those steps run TRL's code, said once.

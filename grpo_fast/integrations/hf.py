@@ -1,13 +1,15 @@
 """Hugging Face causal LMs as grpo_fast wants them: the backbone's final hidden states and the LM head.
 
 The loss needs ``hidden`` after the final norm and the head's ``weight``/``bias``, never the logits.
-The model is expected to compute ``logits = lm_head(hidden)`` with nothing in between; models that
-scale or soft-cap their logits are reported by :func:`unsupported_head` so callers can fall back.
+The model is expected to compute ``logits = lm_head(hidden)``, times a constant :func:`logit_scale`
+(which callers fold into the temperature); models that soft-cap their logits are reported by
+:func:`unsupported_head` so callers can fall back.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import types
 
 from torch import Tensor, nn
@@ -44,16 +46,37 @@ def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
-def unsupported_head(model: nn.Module) -> str | None:
-    """Why ``lm_head(hidden)`` is not this model's logits (soft-capping, logit scaling), or None."""
+def _text_config(model: nn.Module) -> object:
     config = unwrap(model).config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The factor the model multiplies ``lm_head(hidden)`` by before any soft-capping, read from its
+    config as TRL 1.16's fused head reads it: ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
+    else ``1 / logits_scaling`` (Granite, MiniCPM3; HyperCLOVA X multiplies by it); 1 when none is set.
+    Without soft-capping it folds into the temperature: ``(x * s) / T = x / (T / s)``."""
+    text = _text_config(model)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
+def unsupported_head(model: nn.Module, scale_ok: bool = False) -> str | None:
+    """Why ``lm_head(hidden)`` (divided by the temperature) is not this model's logits, or None:
+    soft-capping, and logit scaling unless the caller folds :func:`logit_scale` into the temperature
+    (``scale_ok``; a scale <= 0 never folds)."""
+    text = _text_config(model)
     if getattr(text, "final_logit_softcapping", None) is not None:
         return "the model soft-caps its logits (final_logit_softcapping)"
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        value = getattr(text, name, None)
-        if value is not None and value != 1:
-            return f"the model scales its logits ({name}={value})"
+    scale = logit_scale(model)
+    if scale != 1.0 and not (scale_ok and scale > 0 and math.isfinite(scale)):
+        return f"the model scales its logits (by {scale})"
     return None
 
 

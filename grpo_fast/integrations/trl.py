@@ -32,7 +32,7 @@ import grpo_fast as gf
 
 from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
 from ..engine.objective import averaged_over_sequences
-from .hf import HIDDEN_KWARG, add_hidden_forward, lm_head, match_head_dtype, unsupported_head
+from .hf import HIDDEN_KWARG, add_hidden_forward, lm_head, logit_scale, match_head_dtype, unsupported_head
 
 # Batch keys of vision-language inputs: the hidden states path here is text-only.
 MULTIMODAL_KEYS = (
@@ -75,6 +75,10 @@ class FastGRPOTrainer(GRPOTrainer):
             add_hidden_forward(self.accelerator.unwrap_model(self.ref_model))
         self._static_fallback = self._unsupported_options()
         self._gf_config = None if self._static_fallback else self._loss_config()
+        # A scaled head (logit_scale, logits_scaling, ...): (x * s) / T is x / (T / s) for every backend.
+        if self._gf_config is not None:
+            temperature = self.temperature / logit_scale(self.model)
+            self._gf_config = dataclasses.replace(self._gf_config, temperature=temperature)
 
     def _loss_config(self) -> gf.GRPOConfig | None:
         """gf.GRPOConfig from TRL's settings: every field has TRL's name, on the trainer (resolved values such
@@ -101,7 +105,7 @@ class FastGRPOTrainer(GRPOTrainer):
         for failed, name in checks:
             if failed:
                 return name
-        return unsupported_head(self.model)
+        return unsupported_head(self.model, scale_ok=True)
 
     def _batch_fallback(self, inputs: dict[str, Any]) -> str | None:
         if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
@@ -132,6 +136,8 @@ class FastGRPOTrainer(GRPOTrainer):
             or compute_aux_loss
             or any(v is not None for v in multimodal.values())
         )
+        # The reference model is its own: its head's scale and soft-capping are read from its config.
+        trl_pass = trl_pass or unsupported_head(model, scale_ok=True) is not None
         weight = None if trl_pass else lm_head(self.accelerator.unwrap_model(model))[0]
         if trl_pass or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
             return super()._get_per_token_logps_and_entropies(
@@ -139,6 +145,7 @@ class FastGRPOTrainer(GRPOTrainer):
                 compute_aux_loss, **multimodal,
             )  # fmt: skip
         batch_size = batch_size or input_ids.size(0)
+        temperature = self.temperature / logit_scale(model)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):  # TRL's chunks: the same backbone batches
             ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
@@ -151,7 +158,7 @@ class FastGRPOTrainer(GRPOTrainer):
             else:
                 w, b = match_head_dtype(hidden, w, b)
             logp, entropy = gf.selective_logprobs(
-                hidden, w, ids[:, -logits_to_keep:], b, self.temperature, return_entropy=True,
+                hidden, w, ids[:, -logits_to_keep:], b, temperature, return_entropy=True,
                 backend=self.grpo_fast_backend, batch_invariant=self.grpo_fast_batch_invariant,
             )  # fmt: skip
             keep = am[:, -logits_to_keep:] != 0  # TRL's fused head: 0 where the label is -100
