@@ -226,16 +226,6 @@ def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
 
-    def exact_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, **kw):
-        # TRL's loss lines on log-probs from the model's own logits: TRL's fused CPU head is up to 1.5e-3
-        # off them on these random tokens (grpo_fast: 2e-7), more than the comparison could tolerate.
-        with trainer.accelerator.autocast():  # as TRL's own log-prob pass
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logp = (logits[:, -logits_to_keep - 1 : -1].float() / trainer.temperature).log_softmax(-1)
-        per_token = logp.gather(-1, input_ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1)
-        return per_token, -(logp.exp() * logp).sum(-1) if compute_entropy else None, None
-
-    trainer._get_per_token_logps_and_entropies = exact_logps
     results = []
     for compute in (GRPOTrainer._compute_loss, FastGRPOTrainer._compute_loss):
         trainer.model.zero_grad()

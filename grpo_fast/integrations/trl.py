@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
@@ -47,6 +48,15 @@ MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+def full_head(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The whole LM head from an FSDP2-sharded one (DTensor parameters), as TRL's fused head gathers it:
+    ``full_tensor()`` all-gathers in forward and reduce-scatters the gradient back to the shards."""
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    return weight, bias
 
 
 class FastGRPOTrainer(GRPOTrainer):
@@ -111,8 +121,8 @@ class FastGRPOTrainer(GRPOTrainer):
         if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
             return "multimodal inputs"
         weight = lm_head(self.accelerator.unwrap_model(self.model))[0]
-        if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
-            return "a sharded LM head (FSDP / DeepSpeed ZeRO-3)"
+        if hasattr(weight, "ds_id"):
+            return "an LM head partitioned by DeepSpeed ZeRO-3"
         return None
 
     def _get_per_token_logps_and_entropies(
@@ -139,7 +149,7 @@ class FastGRPOTrainer(GRPOTrainer):
         # The reference model is its own: its head's scale and soft-capping are read from its config.
         trl_pass = trl_pass or unsupported_head(model, scale_ok=True) is not None
         weight = None if trl_pass else lm_head(self.accelerator.unwrap_model(model))[0]
-        if trl_pass or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+        if trl_pass or hasattr(weight, "ds_id"):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                 compute_aux_loss, **multimodal,
@@ -152,7 +162,7 @@ class FastGRPOTrainer(GRPOTrainer):
             with self.accelerator.autocast():
                 out = model(input_ids=ids, attention_mask=am, **{HIDDEN_KWARG: True})
             hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]
-            w, b = lm_head(self.accelerator.unwrap_model(model))
+            w, b = full_head(*lm_head(self.accelerator.unwrap_model(model)))
             if self.args.cast_lm_head_to_fp32:
                 hidden, w, b = hidden.float(), w.float(), (b.float() if b is not None else None)
             else:
@@ -192,7 +202,7 @@ class FastGRPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         hidden = out.last_hidden_state[:, -num_completion - 1 : -1]
-        weight, bias = lm_head(self.accelerator.unwrap_model(model))
+        weight, bias = full_head(*lm_head(self.accelerator.unwrap_model(model)))
         if self.args.cast_lm_head_to_fp32:
             hidden, weight = hidden.float(), weight.float()
             bias = bias.float() if bias is not None else None
