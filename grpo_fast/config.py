@@ -90,6 +90,10 @@ class GRPOConfig:
         None, "drop negative-advantage sequences whose mean KL(sampling || current) exceeds this"
     )
     entropy_coef: float = _opt(0.0, "entropy bonus: loss - entropy_coef * mean token entropy")
+    logit_softcap: float | None = _opt(
+        None,
+        "soft-cap the logits to cap * tanh(logits / cap) before the temperature (Gemma 2)",
+    )
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -116,6 +120,8 @@ class GRPOConfig:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q!r}")
         if self.off_policy_mask_threshold is not None:
             _check_non_negative("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        if self.logit_softcap is not None:
+            _check_positive("logit_softcap", self.logit_softcap)
         e = self.entropy_coef
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e):
             raise ValueError(f"entropy_coef must be a finite number, got {e!r}")

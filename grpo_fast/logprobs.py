@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,7 @@ def selective_logprobs(
     vocab_start: int | None = None,
     fused_gemm: bool = False,
     batch_invariant: bool = False,
+    logit_softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax((hidden @ weight.T + bias) / temperature)[targets]`` without the ``[N, V]`` logits.
 
@@ -51,6 +54,9 @@ def selective_logprobs(
     ``fused_gemm``: its vocabulary split depends on the number of rows).
 
     With ``process_group``, weight/bias are this rank's vocabulary shard (see ``grpo_loss``).
+
+    ``logit_softcap``: the logits are ``cap * tanh(logits / cap)`` before the temperature (Gemma 2's
+    ``final_logit_softcapping``), in every backend's tile pass (not with ``fused_gemm``).
     """
     if torch.compiler.is_compiling():  # one opaque op in the graph: see engine/compiled.py
         from .engine import compiled
@@ -58,12 +64,12 @@ def selective_logprobs(
         return compiled.selective_logprobs(
             hidden, weight, targets, bias, temperature, return_entropy, backend=backend,
             chunk_size=chunk_size, process_group=process_group, vocab_start=vocab_start,
-            fused_gemm=fused_gemm, batch_invariant=batch_invariant,
+            fused_gemm=fused_gemm, batch_invariant=batch_invariant, logit_softcap=logit_softcap,
         )  # fmt: skip
     flat, head, targets, plan = plan_logprobs(
         hidden, weight, targets, bias, temperature, backend=backend, chunk_size=chunk_size,
         process_group=process_group, vocab_start=vocab_start, fused_gemm=fused_gemm,
-        batch_invariant=batch_invariant,
+        batch_invariant=batch_invariant, logit_softcap=logit_softcap,
     )  # fmt: skip
     if plan is None:
         logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
@@ -87,6 +93,7 @@ def plan_logprobs(
     fused_gemm: bool = False,
     batch_invariant: bool = False,
     value_checks: bool = True,
+    logit_softcap: float | None = None,
 ) -> tuple[Tensor, Head, Tensor, LogprobPlan | None]:
     """Validate, then shard and resolve the backend and tile size: (hidden as ``[N, H]``, the head, the
     checked targets, the plan; None for ``fused_gemm``). ``value_checks=False`` skips the checks of tensor
@@ -106,6 +113,16 @@ def plan_logprobs(
             "fused_gemm=True is not batch-invariant (its vocabulary split follows the number of rows): "
             "use one of fused_gemm and batch_invariant"
         )
+    if logit_softcap is not None:
+        if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)):
+            raise TypeError(f"logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
+        if not math.isfinite(logit_softcap) or logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be positive and finite, got {logit_softcap!r}")
+        if fused_gemm:
+            raise ValueError(
+                "fused_gemm=True does not soft-cap the logits: use the tile path for logit_softcap"
+            )
+        logit_softcap = float(logit_softcap)
     flat = hidden.reshape(-1, hidden.shape[-1])
     if fused_gemm:
         return flat, head, targets, None
@@ -113,7 +130,7 @@ def plan_logprobs(
         "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size, batch_invariant
     )
     local = head.local_targets(targets.reshape(-1))
-    return flat, head, targets, LogprobPlan(local, temperature, ops, chunk, head.shard, pad)
+    return flat, head, targets, LogprobPlan(local, temperature, ops, chunk, head.shard, pad, logit_softcap)
 
 
 def _fused_gemm_logprobs(

@@ -26,10 +26,15 @@ def selective_logprobs(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    logit_softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """log softmax((hidden @ W^T + b) / T)[target] and optionally the entropy, in fp32."""
+    """log softmax((hidden @ W^T + b) / T)[target] and optionally the entropy, in fp32; with
+    ``logit_softcap``, the logits are ``cap * tanh(logits / cap)`` first (TRL's fused head, Gemma 2)."""
     # The matmul runs in the input dtype, as the model's LM head does; softmax math is fp32.
-    logits = F.linear(hidden, weight, bias).float() / temperature
+    logits = F.linear(hidden, weight, bias).float()
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    logits = logits / temperature
     log_probs = logits.log_softmax(-1)
     logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
@@ -138,7 +143,13 @@ def grpo_loss(
     # Masked positions may hold any id (e.g. -100); they never reach the loss.
     safe_targets = torch.where(mask != 0, targets.long(), torch.zeros_like(targets, dtype=torch.long))
     per_token_logps, entropies = selective_logprobs(
-        hidden, weight, safe_targets, bias, cfg.temperature, return_entropy=True
+        hidden,
+        weight,
+        safe_targets,
+        bias,
+        cfg.temperature,
+        return_entropy=True,
+        logit_softcap=cfg.logit_softcap,
     )
     return loss_from_logps(
         per_token_logps,

@@ -149,7 +149,7 @@ def test_custom_ops_pass_opcheck():
     base = cast(make_batch(B=2, T=5, H=8, V=37, seed=2, empty_row=False), torch.float32)
     h, w, b, t = base["hidden"], base["weight"], base["bias"], base["targets"].clamp(min=0)
     op = torch.ops.grpo_fast_compiled
-    torch.library.opcheck(op.selective_logprobs.default, (h, w, t, b, 1.0, "torch", None, False, False))
+    torch.library.opcheck(op.selective_logprobs.default, (h, w, t, b, 1.0, "torch", None, False, False, 30.0))
     cfg = compiled._config_json(gf.GRPOConfig(beta=0.04))
     args = (*_loss_args(base), None, None, None, None, None, cfg, "torch", None, False, [True, True, True])
     torch.library.opcheck(op.grpo_loss.default, args)

@@ -82,3 +82,18 @@ def test_low_temperature_accuracy(backend, temperature):
     assert_within("entropy", got[1], same[1], truth[1], torch.float32)
     for k in truth[2]:
         assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_capped_logprobs_match_truth(backend):
+    base = make_batch(seed=23, dtype=torch.float64, bias=True, empty_row=False)
+    kw = dict(logit_softcap=2.5)
+    truth = run(gf.reference.selective_logprobs, cast(base, torch.float64), 0.9, **kw)
+    same = run(gf.reference.selective_logprobs, cast(base, torch.float32), 0.9, **kw)
+    got = run(gf.selective_logprobs, cast(base, torch.float32), 0.9, backend=backend, chunk_size=10, **kw)
+    assert_within("logp", got[0], same[0], truth[0], torch.float32)
+    assert_within("entropy", got[1], same[1], truth[1], torch.float32)
+    for k in truth[2]:
+        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], torch.float32)
+    plain = run(gf.reference.selective_logprobs, cast(base, torch.float64), 0.9)
+    assert (plain[0] - truth[0]).abs().max() > 1e-2  # the cap really bends these logits

@@ -341,3 +341,16 @@ def test_far_from_reference_kl_accuracy(backend, spread):
     batch["ref_logp"] = (batch["ref_logp"].double() + noise).clamp(max=0.0).float()
     cfg = gf.GRPOConfig(loss_type="dapo", beta=0.04, use_bias_correction_kl=True)
     check_against_truth(batch, cfg, torch.float32, backend, chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("level", ["token", "sequence"])  # one pass over the head, and two
+def test_soft_capped_logits_match_truth(backend, dtype, level):
+    # Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) before the temperature; a small cap
+    # so that tanh bends (the logits here reach ~ +-6).
+    cfg = gf.GRPOConfig(
+        loss_type="dapo", importance_sampling_level=level, beta=0.04, temperature=0.8, logit_softcap=3.0
+    )
+    batch = make_batch(seed=31, dtype=torch.float64)
+    check_against_truth(batch, cfg, dtype, backend, chunk_size=16)

@@ -333,6 +333,34 @@ def test_policy_loss_gradients_equal_full_logits_autograd_with_tied_embeddings(t
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("attrs", [dict(final_logit_softcapping=2.0), dict(logits_scaling=2.0)])
+def test_soft_capped_or_scaled_head_trains_with_the_models_logits(tmp_path, attrs):
+    """A Gemma 2 style soft-capped (or Granite style scaled) head: the loss and the old/ref log-probs see
+    cap * tanh(logits * s / cap) / T, as the model computes its logits, not the raw head's."""
+    tokenizer = demo.build_tokenizer()
+    model = demo.build_model(tokenizer)
+    for name, value in attrs.items():
+        setattr(model.config, name, value)
+    trainer = Trainer(tiny(tmp_path, max_steps=1, beta=0.04), model=model, tokenizer=tokenizer)
+    assert trainer.loss_config.logit_softcap == attrs.get("final_logit_softcapping")
+    _, out = trainer.rollout(trainer.sampler.next_batch())
+    n, k = out.completion_ids.shape
+    got = trainer.logprobs(model, out, [torch.arange(n)])
+    with torch.no_grad():
+        logits = (
+            model(input_ids=out.input_ids, attention_mask=out.attention_mask).logits[:, -k - 1 : -1].float()
+        )
+    logits = logits / attrs.get("logits_scaling", 1.0)
+    cap = attrs.get("final_logit_softcapping")
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    want = (logits / trainer.cfg.temperature).log_softmax(-1)
+    want = want.gather(-1, out.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    result = trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(result.metrics_path))
+
+
 def test_completion_hidden_is_what_the_lm_head_reads():
     tokenizer = demo.build_tokenizer()
     model = demo.build_model(tokenizer)

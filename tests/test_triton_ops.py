@@ -357,8 +357,11 @@ def test_loss_fp16(loss_type, options):
         (dict(loss_type="dapo", beta=0.04), dict(with_old=False)),  # on-policy: ratio 1
         (dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False), dict(bias=False)),
         (dict(loss_type="dapo", beta=0.0), dict(with_old=True, with_ref=True)),  # ref given, no KL
+        # Gemma 2's soft-capping (in the chunk loop, around the kernels) and TRL 1.16's other loss options
+        (dict(loss_type="dapo", beta=0.04, logit_softcap=3.0, temperature=0.8), dict()),
+        (dict(loss_type="grpo", beta=0.04, top_entropy_quantile=0.4, entropy_coef=0.05), dict()),
     ],
-    ids=["on-policy", "no-bias-no-correction", "ref-without-beta"],
+    ids=["on-policy", "no-bias-no-correction", "ref-without-beta", "softcap", "entropy-options"],
 )
 def test_loss_options(options, batch_options):
     cfg = gf.GRPOConfig(epsilon_high=0.28, **options)

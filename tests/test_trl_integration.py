@@ -245,44 +245,49 @@ def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
         assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
-@pytest.mark.parametrize("attr, value", [("logits_scaling", 2.0), ("logit_scale", 1.7)])
-def test_scaled_lm_head_matches_trl_without_fallback(model_dir, tmp_path, monkeypatch, attr, value):
-    # Granite's logits_scaling divides the logits, Cohere's logit_scale multiplies them: TRL's fused head
-    # applies it to the loss and old/ref log-probs; grpo_fast folds it into the temperature.
+HEADS = {
+    "logits_scaling": dict(logits_scaling=2.0),  # Granite: divides the logits
+    "logit_scale": dict(logit_scale=1.7),  # Cohere: multiplies them
+    "softcap": dict(final_logit_softcapping=3.0),  # Gemma 2: cap * tanh(logits / cap)
+    "softcap+scale": dict(final_logit_softcapping=3.0, logit_scale=1.7),  # scale first, then the cap
+}
+
+
+def _patched_config(monkeypatch, **attrs):
     real = AutoModelForCausalLM.from_pretrained
 
-    def scaled(*a, **kw):
+    def patched(*a, **kw):
         model = real(*a, **kw)
-        setattr(model.config, attr, value)
+        for name, value in attrs.items():
+            setattr(model.config, name, value)
         return model
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", scaled)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", patched)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_scaled_and_soft_capped_heads_match_trl_without_fallback(model_dir, tmp_path, monkeypatch, head):
+    # TRL's fused head applies the model's logit scale and soft-cap to the loss and the old/ref log-probs;
+    # grpo_fast folds them into its temperature and logit_softcap. (Qwen2's own forward, used for
+    # generation by both trainers, ignores these attributes.) A small cap, so that tanh bends.
+    _patched_config(monkeypatch, **HEADS[head])
     options = dict(num_iterations=2, beta=0.04, temperature=0.9)
     _, want = train(GRPOTrainer, model_dir, tmp_path, **options)
     fast, got = train(FastGRPOTrainer, model_dir, tmp_path, **options)
     assert not fast._fallback_warned
-    folded = 0.9 * value if attr == "logits_scaling" else 0.9 / value
-    assert fast._gf_config.temperature == pytest.approx(folded)
-    assert_same_logs(want, got, what=attr)
+    assert (fast._gf_config.logit_softcap is not None) == ("softcap" in head)
+    assert_same_logs(want, got, what=head)
 
 
 def test_unsupported_head_falls_back_to_trl_with_one_warning(model_dir, tmp_path, monkeypatch):
-    # A soft-capped head (Gemma 2's final_logit_softcapping): TRL's fused head applies it, grpo_fast's
-    # kernels do not yet, so those steps run TRL's code, said once.
-    real = AutoModelForCausalLM.from_pretrained
-
-    def softcapped(*a, **kw):
-        model = real(*a, **kw)
-        model.config.final_logit_softcapping = 30.0
-        return model
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", softcapped)
+    # A negative logit scale cannot fold into a (positive) temperature: those steps run TRL's code, said once.
+    _patched_config(monkeypatch, logit_scale=-1.0)
     _, want = train(GRPOTrainer, model_dir, tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, got = train(FastGRPOTrainer, model_dir, tmp_path)
     messages = [str(w.message) for w in caught if "FastGRPOTrainer" in str(w.message)]
-    assert len(messages) == 1 and "final_logit_softcapping" in messages[0]
+    assert len(messages) == 1 and "scales its logits (by -1.0)" in messages[0]
     assert_same_logs(want, got)
 
 

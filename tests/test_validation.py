@@ -140,6 +140,7 @@ def test_packed_needs_seq_ids_in_range(ok):
         (dict(top_entropy_quantile=1.5), r"top_entropy_quantile must be in \(0, 1\]"),
         (dict(off_policy_mask_threshold=-1.0), r"off_policy_mask_threshold must be a non-negative"),
         (dict(entropy_coef=float("inf")), r"entropy_coef must be a finite number"),
+        (dict(logit_softcap=0.0), r"logit_softcap must be a positive"),
     ],
 )
 def test_config_rejects(kwargs, match):
@@ -164,6 +165,9 @@ def test_config_is_frozen():
         (dict(weight=torch.randn(V, H + 2)), ValueError, r"hidden's last dim must equal weight's H=10"),
         (dict(bias=torch.randn(V).double()), TypeError, r"bias \(torch.float64\) must have weight's dtype"),
         (dict(hidden=[1.0]), TypeError, r"hidden must be a torch.Tensor"),
+        (dict(logit_softcap=-1.0), ValueError, r"logit_softcap must be positive and finite"),
+        (dict(logit_softcap=True), TypeError, r"logit_softcap must be a float or None"),
+        (dict(logit_softcap=30.0, fused_gemm=True), ValueError, r"fused_gemm=True does not soft-cap"),
     ],
 )
 def test_selective_logprobs_rejects(ok, change, exc, match):

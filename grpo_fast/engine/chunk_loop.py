@@ -126,6 +126,23 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, block: int | None = 
     return out
 
 
+def _soft_cap_(logits: Tensor, cap: float | None) -> Tensor | None:
+    """``logits = cap * tanh(logits / cap)`` in place (the kernels then see the capped logits, whatever the
+    backend); returns ``d capped / d logits = 1 - tanh^2`` (fp32, one more [C, V] buffer) to chain into
+    dlogits, None without a cap."""
+    if cap is None:
+        return None
+    th = logits.div_(cap).tanh_()
+    factor = 1.0 - th.float().square()
+    th.mul_(cap)
+    return factor
+
+
+def _uncap_(dlogits: Tensor, factor: Tensor | None) -> Tensor:
+    """dL/dlogits from dL/dcapped (in place)."""
+    return dlogits if factor is None else dlogits.mul_(factor)
+
+
 def _padded(x: Tensor | None, rows: int) -> Tensor | None:
     """A per-row vector extended with zeros to ``rows`` (padding rows: target 0, no gradient)."""
     if x is None or x.shape[0] == rows:
@@ -152,12 +169,14 @@ def logprob_pass(
     chunk: int,
     shard: VocabShard | None = None,
     pad: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """No-grad per-token logsumexp, log-prob and entropy, fp32 [n] each."""
     n = hidden.shape[0]
     out = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
     for s, e in _chunks(n, chunk):
         logits = _logits(hidden[s:e], weight, bias, pad)
+        _soft_cap_(logits, softcap)
         stats = _stats(ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard)
         for k, x in enumerate(stats):
             out[k, s:e] = x[: e - s]
@@ -176,6 +195,7 @@ def grad_pass(
     chunk: int,
     grads: _Grads,
     pad: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Gradients for known per-row coefficients (recomputes each tile).
 
@@ -185,6 +205,7 @@ def grad_pass(
     for s, t in _chunks(hidden.shape[0], chunk):
         h = hidden[s:t]
         logits = _logits(h, weight, bias, pad)
+        factor = _soft_cap_(logits, softcap)
         rows = logits.shape[0]
         ent = (_padded(e[s:t], rows), _padded(entropy[s:t], rows)) if e is not None else (None, None)
         dl = ops.grad_(
@@ -195,7 +216,7 @@ def grad_pass(
             temperature,
             *ent,
         )
-        grads.accumulate(dl[: t - s], h, weight, s, t)
+        grads.accumulate(_uncap_(dl, factor)[: t - s], h, weight, s, t)
 
 
 @dataclass(frozen=True)
@@ -237,6 +258,7 @@ def run_grpo(
         for s, e in _chunks(n, chunk):
             h, c = hidden[s:e], e - s
             logits = _logits(h, weight, bias, plan.pad)
+            factor = _soft_cap_(logits, cfg.logit_softcap)
             t = _padded(targets[s:e], logits.shape[0])
             coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
             if shard is None:
@@ -246,13 +268,29 @@ def run_grpo(
                 g, ec = coefs(lp, ent)
                 dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
             logp[s:e], entropy[s:e] = lp[:c], ent[:c]
-            grads.accumulate(dl[:c], h, weight, s, e)
+            grads.accumulate(_uncap_(dl, factor)[:c], h, weight, s, e)
     else:
         pad = plan.pad
-        lse, logp, entropy = logprob_pass(hidden, weight, bias, targets, temperature, ops, chunk, shard, pad)
+        cap = cfg.logit_softcap
+        lse, logp, entropy = logprob_pass(
+            hidden, weight, bias, targets, temperature, ops, chunk, shard, pad, softcap=cap
+        )
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         coefs = coefficients(logp, entropy, batch, cfg)
-        grad_pass(hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, grads, pad)
+        grad_pass(
+            hidden,
+            weight,
+            bias,
+            targets,
+            (lse, entropy),
+            coefs,
+            temperature,
+            ops,
+            chunk,
+            grads,
+            pad,
+            softcap=cap,
+        )
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     return loss, metrics, grads.final(weight, bias, shard)
 
@@ -307,6 +345,7 @@ class LogprobPlan:
     chunk: int
     shard: VocabShard | None = None
     pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
+    softcap: float | None = None  # cap * tanh(logits / cap) before the temperature
 
 
 class FusedLogprobs(torch.autograd.Function):
@@ -315,8 +354,9 @@ class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LogprobPlan):
         lse, logp, entropy = logprob_pass(
-            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard, plan.pad
-        )
+            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard, plan.pad,
+            softcap=plan.softcap,
+        )  # fmt: skip
         ctx.plan = plan
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.mark_non_differentiable(entropy)
@@ -354,5 +394,6 @@ def logprob_grads(
         plan.chunk,
         grads,
         plan.pad,
+        softcap=plan.softcap,
     )
     return grads.final(weight, bias, plan.shard)

@@ -198,13 +198,14 @@ def grpo_loss(
 
 
 def _plan(
-    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, checks
+    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, checks,
+    softcap,
 ):  # fmt: skip
     from ..logprobs import plan_logprobs
 
     return plan_logprobs(
         hidden, weight, targets, bias, temperature, backend=backend, chunk_size=chunk_size,
-        fused_gemm=fused_gemm, batch_invariant=batch_invariant, value_checks=checks,
+        fused_gemm=fused_gemm, batch_invariant=batch_invariant, value_checks=checks, logit_softcap=softcap,
     )  # fmt: skip
 
 
@@ -219,26 +220,29 @@ def _logprobs_op(
     chunk_size: Optional[int],
     fused_gemm: bool,
     batch_invariant: bool,
+    logit_softcap: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..logprobs import _fused_gemm_logprobs
     from .chunk_loop import logprob_pass
 
     flat, head, targets, plan = _plan(
-        hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, True
-    )
+        hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, True,
+        logit_softcap,
+    )  # fmt: skip
     if plan is None:
         logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
         lse = flat.new_empty(_EMPTY, dtype=torch.float32)
     else:
         lse, logp, entropy = logprob_pass(
-            flat, head.weight, head.bias, plan.targets, plan.temperature, plan.ops, plan.chunk, None, plan.pad
-        )
+            flat, head.weight, head.bias, plan.targets, plan.temperature, plan.ops, plan.chunk,
+            None, plan.pad, plan.softcap,
+        )  # fmt: skip
     # Outputs may not alias each other: the pass returns rows of one buffer (O(N) copies).
     return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone(), lse.clone()
 
 
 @_logprobs_op.register_fake
-def _(hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant):
+def _(hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, softcap):
     out = targets.new_empty(targets.shape, dtype=torch.float32)
     rows = 0 if fused_gemm else targets.numel()
     return out, torch.empty_like(out), hidden.new_empty((rows,), dtype=torch.float32)
@@ -256,13 +260,15 @@ def _logprobs_backward_op(
     backend: str,
     chunk_size: Optional[int],
     batch_invariant: bool,
+    logit_softcap: Optional[float],
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .chunk_loop import logprob_grads
 
     flat, head, _, plan = _plan(
-        hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, False
-    )
+        hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, False,
+        logit_softcap,
+    )  # fmt: skip
     grads = logprob_grads(flat, head.weight, head.bias, lse, grad_logp.reshape(-1), plan, tuple(needs))
     gh = grads[0].reshape(hidden.shape) if grads[0] is not None else None
     return tuple(_or_empty(g, hidden) for g in (gh, *grads[1:]))
@@ -270,7 +276,8 @@ def _logprobs_backward_op(
 
 @_logprobs_backward_op.register_fake
 def _(
-    grad_logp, hidden, weight, targets, bias, lse, temperature, backend, chunk_size, batch_invariant, needs
+    grad_logp, hidden, weight, targets, bias, lse, temperature, backend, chunk_size, batch_invariant, softcap,
+    needs,
 ):  # fmt: skip
     return tuple(
         torch.empty_like(x) if n and x is not None else hidden.new_empty(_EMPTY)
@@ -279,8 +286,8 @@ def _(
 
 
 def _logprobs_setup(ctx, inputs, output) -> None:
-    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant = inputs
-    ctx.args = (temperature, backend, chunk_size, batch_invariant)
+    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, cap = inputs
+    ctx.args = (temperature, backend, chunk_size, batch_invariant, cap)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, targets, bias, output[2])
 
@@ -290,7 +297,7 @@ def _logprobs_backward(ctx, grad_logp, _grad_entropy, _grad_lse):
     needs = [bool(n) for n in ctx.needs_input_grad[:2]] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
     gh, gw, gb = _logprobs_backward_op(grad_logp, hidden, weight, targets, bias, lse, *ctx.args, needs)
     keep = lambda g, n: g if n else None  # noqa: E731
-    return keep(gh, needs[0]), keep(gw, needs[1]), None, keep(gb, needs[2]), None, None, None, None, None
+    return keep(gh, needs[0]), keep(gw, needs[1]), None, keep(gb, needs[2]), *[None] * 6
 
 
 torch.library.register_autograd(
@@ -312,12 +319,17 @@ def selective_logprobs(
     vocab_start: Optional[int],
     fused_gemm: bool,
     batch_invariant: bool,
+    logit_softcap: Optional[float],
 ) -> object:
     """``gf.selective_logprobs`` as one traced op (what the public function calls under ``torch.compile``)."""
     _no_process_group(process_group, vocab_start)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    cap = logit_softcap
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))):
+        raise TypeError(f"logit_softcap must be a float or None, got {type(cap).__name__}")
     logp, entropy, _ = _logprobs_op(
-        hidden, weight, targets, bias, float(temperature), backend, chunk_size, fused_gemm, batch_invariant
-    )
+        hidden, weight, targets, bias, float(temperature), backend, chunk_size, fused_gemm, batch_invariant,
+        None if cap is None else float(cap),
+    )  # fmt: skip
     return (logp, entropy) if return_entropy else logp

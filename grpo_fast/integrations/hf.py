@@ -67,13 +67,27 @@ def logit_scale(model: nn.Module) -> float:
     return 1.0
 
 
+def logit_softcap(model: nn.Module) -> float | None:
+    """Gemma 2's ``final_logit_softcapping`` (logits -> cap * tanh(logits / cap)), or None."""
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    return float(cap) if cap is not None else None
+
+
+def head_transform(model: nn.Module, temperature: float) -> tuple[float, float | None]:
+    """``(temperature, logit_softcap)`` for grpo_fast that give this model's temperature-scaled logits
+    from ``lm_head(hidden)``, as TRL's fused head computes them: ``cap * tanh(x * s / cap) / T`` is
+    ``cap' * tanh(x / cap') / T'`` with ``cap' = cap / s`` and ``T' = T / s`` (s > 0)."""
+    scale, cap = logit_scale(model), logit_softcap(model)
+    return temperature / scale, (cap / scale if cap is not None else None)
+
+
 def unsupported_head(model: nn.Module, scale_ok: bool = False) -> str | None:
-    """Why ``lm_head(hidden)`` (divided by the temperature) is not this model's logits, or None:
-    soft-capping, and logit scaling unless the caller folds :func:`logit_scale` into the temperature
-    (``scale_ok``; a scale <= 0 never folds)."""
-    text = _text_config(model)
-    if getattr(text, "final_logit_softcapping", None) is not None:
-        return "the model soft-caps its logits (final_logit_softcapping)"
+    """Why ``lm_head(hidden)`` (divided by the temperature) is not this model's logits, or None: soft-capping
+    or logit scaling, unless the caller applies :func:`head_transform` (``scale_ok``); a scale <= 0 or a
+    non-positive cap never does."""
+    cap = logit_softcap(model)
+    if cap is not None and not (scale_ok and cap > 0 and math.isfinite(cap)):
+        return f"the model soft-caps its logits (final_logit_softcapping={cap})"
     scale = logit_scale(model)
     if scale != 1.0 and not (scale_ok and scale > 0 and math.isfinite(scale)):
         return f"the model scales its logits (by {scale})"

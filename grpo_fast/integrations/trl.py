@@ -33,7 +33,7 @@ import grpo_fast as gf
 
 from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
 from ..engine.objective import averaged_over_sequences
-from .hf import HIDDEN_KWARG, add_hidden_forward, lm_head, logit_scale, match_head_dtype, unsupported_head
+from .hf import HIDDEN_KWARG, add_hidden_forward, head_transform, lm_head, match_head_dtype, unsupported_head
 
 # Batch keys of vision-language inputs: the hidden states path here is text-only.
 MULTIMODAL_KEYS = (
@@ -85,10 +85,11 @@ class FastGRPOTrainer(GRPOTrainer):
             add_hidden_forward(self.accelerator.unwrap_model(self.ref_model))
         self._static_fallback = self._unsupported_options()
         self._gf_config = None if self._static_fallback else self._loss_config()
-        # A scaled head (logit_scale, logits_scaling, ...): (x * s) / T is x / (T / s) for every backend.
+        # A scaled or soft-capped head (logit_scale, logits_scaling, final_logit_softcapping, ...), as TRL's
+        # fused head applies it: folded into grpo_fast's temperature and logit_softcap (every backend).
         if self._gf_config is not None:
-            temperature = self.temperature / logit_scale(self.model)
-            self._gf_config = dataclasses.replace(self._gf_config, temperature=temperature)
+            temperature, cap = head_transform(self.model, self.temperature)
+            self._gf_config = dataclasses.replace(self._gf_config, temperature=temperature, logit_softcap=cap)
 
     def _loss_config(self) -> gf.GRPOConfig | None:
         """gf.GRPOConfig from TRL's settings: every field has TRL's name, on the trainer (resolved values such
@@ -155,7 +156,7 @@ class FastGRPOTrainer(GRPOTrainer):
                 compute_aux_loss, **multimodal,
             )  # fmt: skip
         batch_size = batch_size or input_ids.size(0)
-        temperature = self.temperature / logit_scale(model)
+        temperature, cap = head_transform(model, self.temperature)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):  # TRL's chunks: the same backbone batches
             ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
@@ -170,6 +171,7 @@ class FastGRPOTrainer(GRPOTrainer):
             logp, entropy = gf.selective_logprobs(
                 hidden, w, ids[:, -logits_to_keep:], b, temperature, return_entropy=True,
                 backend=self.grpo_fast_backend, batch_invariant=self.grpo_fast_batch_invariant,
+                logit_softcap=cap,
             )  # fmt: skip
             keep = am[:, -logits_to_keep:] != 0  # TRL's fused head: 0 where the label is -100
             logps.append(torch.where(keep, logp, 0.0))

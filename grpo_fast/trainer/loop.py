@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import random
 import shutil
 import signal
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..integrations.hf import add_hidden_forward, lm_head, unsupported_head
+from ..integrations.hf import add_hidden_forward, head_transform, lm_head, unsupported_head
 from . import checkpoint as ckpt
 from . import distributed, sharding
 from .config import TrainConfig
@@ -112,7 +113,12 @@ class Trainer(RolloutMixin, UpdateMixin):
             self.group.world,
             self.group.rank,
         )
-        self.loss_config = cfg.loss_config()
+        # A scaled or soft-capped LM head (Gemma 2, Granite, ...): folded into the loss's temperature and
+        # logit_softcap, so the loss and the old/ref log-probs see the model's own logits.
+        loss_config = cfg.loss_config()
+        temperature, cap = head_transform(self.model, cfg.temperature)
+        cap = cap if cap is not None else loss_config.logit_softcap  # or --logit-softcap, given by hand
+        self.loss_config = dataclasses.replace(loss_config, temperature=temperature, logit_softcap=cap)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.bf16 = (
@@ -157,7 +163,7 @@ class Trainer(RolloutMixin, UpdateMixin):
             raise ValueError(
                 "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)"
             )
-        reason = unsupported_head(model)
+        reason = unsupported_head(model, scale_ok=True)
         if reason is not None:
             raise ValueError(f"grpo_fast cannot train this model: {reason}")
         self.model, self.tokenizer = model.to(self.device).train(), tokenizer

@@ -215,10 +215,11 @@ class RolloutMixin:
                     weight,
                     rows.completion_ids,
                     bias,
-                    self.cfg.temperature,
+                    self.loss_config.temperature,  # the head's scale folded in (loop.py)
                     backend=self.cfg.backend,
                     chunk_size=self.cfg.chunk_size,
                     batch_invariant=self.cfg.batch_invariant,
+                    logit_softcap=self.loss_config.logit_softcap,
                 )
             )
         return torch.cat(parts)
