@@ -127,8 +127,9 @@ def plan_logprobs(
     if fused_gemm:
         return flat, head, targets, None
     _, ops, chunk, pad = head.plan(
-        "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size, batch_invariant
-    )
+        "selective_logprobs", backend, flat.shape[0], flat.dtype, flat.device, chunk_size, batch_invariant,
+        softcap=logit_softcap is not None,
+    )  # fmt: skip
     local = head.local_targets(targets.reshape(-1))
     return flat, head, targets, LogprobPlan(local, temperature, ops, chunk, head.shard, pad, logit_softcap)
 

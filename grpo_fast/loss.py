@@ -170,6 +170,7 @@ def plan_loss(
         h.device,
         chunk_size,
         check_batch_invariant(batch_invariant),
+        softcap=cfg.logit_softcap is not None,
     )
     targets = head.local_targets(pick(inputs.targets))
     if entropy_gather is not None and not callable(entropy_gather):

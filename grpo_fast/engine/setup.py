@@ -57,15 +57,18 @@ class Head:
         device: torch.device,
         chunk_size: int | None,
         batch_invariant: bool = False,
+        softcap: bool = False,
     ) -> tuple[str, ChunkOps, int, int | None]:
         """(backend name, its chunk ops, rows per tile, rows every tile is padded to or None), the same
         tiles on every rank of a shard group.
 
         ``batch_invariant``: the logits of a tile are GEMMs of exactly :data:`INVARIANT_ROWS` rows each
-        (tiles a multiple of it, the last one padded), whatever ``chunk_size`` and the number of tokens."""
+        (tiles a multiple of it, the last one padded), whatever ``chunk_size`` and the number of tokens.
+        ``softcap``: the tiles are soft-capped, which keeps one more fp32 [C, V] buffer (d cap / d logit)."""
         name = backends.resolve(backend, device, op)
         ops = backends.chunk_ops(name)
-        chunk = resolve_chunk_size(chunk_size, rows, self.weight.shape[0], dtype, device, ops.fp32_temps)
+        temps = ops.fp32_temps + (1 if softcap else 0)
+        chunk = resolve_chunk_size(chunk_size, rows, self.weight.shape[0], dtype, device, temps)
         chunk = shared_chunk_size(chunk, self.shard, device)
         if batch_invariant:
             return name, ops, max(INVARIANT_ROWS, chunk // INVARIANT_ROWS * INVARIANT_ROWS), INVARIANT_ROWS
