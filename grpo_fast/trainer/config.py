@@ -145,6 +145,9 @@ class TrainConfig:
     min_lr_ratio: float = _opt(0.0, "floor of the cosine decay, as a fraction of learning_rate")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    offload_activations: bool = _opt(
+        False, "keep the backbone's saved activations in host memory until backward (long completions)"
+    )
     bf16: bool | None = _opt(None, "bf16 autocast (default: on for CUDA, off on the CPU)")
     freeze_lm_head: bool = _opt(False, "keep the LM head frozen (LoRA-style); tied embeddings freeze with it")
 

@@ -151,7 +151,15 @@ class UpdateMixin:
         ref: Tensor | None,
         num_items: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        hidden = completion_states(self.model, rows, self.bf16, through=self.ddp)
+        # --offload-activations: what autograd saves for the backbone's backward waits in host memory
+        # (pinned on CUDA) instead of on the device; the loss keeps no activations of its own.
+        offload = (
+            torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+            if self.cfg.offload_activations
+            else contextlib.nullcontext()
+        )
+        with offload:
+            hidden = completion_states(self.model, rows, self.bf16, through=self.ddp)
         # Under FSDP2 the root's forward has just gathered the head: this is the full weight.
         weight, bias = match_head_dtype(hidden, *lm_head(self.model))
         return gf.grpo_loss(
