@@ -121,10 +121,31 @@ class FastGRPOTrainer(GRPOTrainer):
     def _batch_fallback(self, inputs: dict[str, Any]) -> str | None:
         if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
             return "multimodal inputs"
-        weight = lm_head(self.accelerator.unwrap_model(self.model))[0]
-        if hasattr(weight, "ds_id"):
+        if self._zero3_head(self.model):
             return "an LM head partitioned by DeepSpeed ZeRO-3"
         return None
+
+    def _zero3_head(self, model: nn.Module) -> bool:
+        return hasattr(lm_head(self.accelerator.unwrap_model(model))[0], "ds_id")
+
+    def _hidden_and_head(
+        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: int, **forward_kwargs: Any
+    ) -> tuple[Any, Tensor, Tensor, Tensor | None]:
+        """The backbone's output, the hidden states predicting the last ``keep`` tokens and the LM head
+        (gathered when FSDP2 shards it), in the dtypes the loss takes: fp32 with cast_lm_head_to_fp32,
+        else the head in the hidden states' dtype (as autocast would run it)."""
+        with self.accelerator.autocast():
+            out = model(
+                input_ids=input_ids, attention_mask=attention_mask, **{HIDDEN_KWARG: True}, **forward_kwargs
+            )
+        hidden = out.last_hidden_state[:, -keep - 1 : -1]
+        weight, bias = full_head(*lm_head(self.accelerator.unwrap_model(model)))
+        if self.args.cast_lm_head_to_fp32:
+            hidden, weight = hidden.float(), weight.float()
+            bias = bias.float() if bias is not None else None
+        else:
+            weight, bias = match_head_dtype(hidden, weight, bias)
+        return out, hidden, weight, bias
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -149,8 +170,7 @@ class FastGRPOTrainer(GRPOTrainer):
         )
         # The reference model is its own: its head's scale and soft-capping are read from its config.
         trl_pass = trl_pass or unsupported_head(model, scale_ok=True) is not None
-        weight = None if trl_pass else lm_head(self.accelerator.unwrap_model(model))[0]
-        if trl_pass or hasattr(weight, "ds_id"):
+        if trl_pass or self._zero3_head(model):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                 compute_aux_loss, **multimodal,
@@ -160,14 +180,7 @@ class FastGRPOTrainer(GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):  # TRL's chunks: the same backbone batches
             ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=am, **{HIDDEN_KWARG: True})
-            hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]
-            w, b = full_head(*lm_head(self.accelerator.unwrap_model(model)))
-            if self.args.cast_lm_head_to_fp32:
-                hidden, w, b = hidden.float(), w.float(), (b.float() if b is not None else None)
-            else:
-                w, b = match_head_dtype(hidden, w, b)
+            _, hidden, w, b = self._hidden_and_head(model, ids, am, logits_to_keep)
             logp, entropy = gf.selective_logprobs(
                 hidden, w, ids[:, -logits_to_keep:], b, temperature, return_entropy=True,
                 backend=self.grpo_fast_backend, batch_invariant=self.grpo_fast_batch_invariant,
@@ -197,19 +210,11 @@ class FastGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        num_completion = completion_ids.size(1)
-        forward_kwargs: dict[str, Any] = {HIDDEN_KWARG: True}
-        if self.aux_loss_enabled:  # MoE: the backbone returns its router logits for the balancing loss
-            forward_kwargs["output_router_logits"] = True
-        with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
-        hidden = out.last_hidden_state[:, -num_completion - 1 : -1]
-        weight, bias = full_head(*lm_head(self.accelerator.unwrap_model(model)))
-        if self.args.cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = bias.float() if bias is not None else None
-        else:
-            weight, bias = match_head_dtype(hidden, weight, bias)
+        # MoE: the backbone returns its router logits for the balancing loss
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        out, hidden, weight, bias = self._hidden_and_head(
+            model, input_ids, attention_mask, completion_ids.size(1), **router
+        )
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
