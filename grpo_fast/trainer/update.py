@@ -150,7 +150,9 @@ class UpdateMixin:
         old: Tensor | None,
         ref: Tensor | None,
         num_items: Tensor,
+        num_micro: int = 1,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """grpo_loss of one micro-batch (one of ``num_micro`` in the update)."""
         # --offload-activations: what autograd saves for the backbone's backward waits in host memory
         # (pinned on CUDA) instead of on the device; the loss keeps no activations of its own.
         offload = (
@@ -171,18 +173,18 @@ class UpdateMixin:
             old,
             ref,
             bias,
-            config=self._micro_config(),
+            config=self._micro_config(num_micro),
             num_items_in_batch=num_items,
             backend=self.cfg.backend,
             chunk_size=self.cfg.chunk_size,
             batch_invariant=self.cfg.batch_invariant,
         )
 
-    def _micro_config(self) -> gf.GRPOConfig:
+    def _micro_config(self, num_micro: int) -> gf.GRPOConfig:
         """The loss config of one micro-batch. The entropy bonus is a mean over the micro-batch's tokens,
         scaled for accumulation only (as TRL's): losses over the whole batch's token count are not divided
         by the number of micro-batches afterwards, so their bonus is divided here."""
-        cfg, num_micro = self.loss_config, getattr(self, "_num_micro", 1)
+        cfg = self.loss_config
         if cfg.entropy_coef != 0.0 and cfg.uses_num_items_in_batch and num_micro > 1:
             return dataclasses.replace(cfg, entropy_coef=cfg.entropy_coef / num_micro)
         return cfg
@@ -197,7 +199,6 @@ class UpdateMixin:
             batch.old,
             batch.ref,
         )
-        self._num_micro = len(micro)
         local_tokens = [float(loss_mask[index].sum()) for index in micro]
         if group.active:  # tokens of each micro-batch over all ranks; their sum is dapo's normaliser
             micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
@@ -228,6 +229,7 @@ class UpdateMixin:
                         old[index] if old is not None else None,
                         ref[index] if ref is not None else None,
                         num_items,
+                        len(micro),
                     )
                     if not group.active:
                         (loss / accumulate).backward()
