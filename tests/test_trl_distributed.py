@@ -32,7 +32,7 @@ CASES = [
 ]
 
 
-def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
+def _join(rank: int, init_file: str) -> None:
     # What torchrun / accelerate launch would set; the group itself comes from the file.
     os.environ.update(
         RANK=str(rank),
@@ -44,6 +44,10 @@ def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
+    _join(rank, init_file)
     try:
         from trl import GRPOTrainer
 
@@ -75,55 +79,21 @@ def test_fast_trainer_matches_trl_on_two_processes(tmp_path):
 
 
 def _fsdp_worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    _join(rank, init_file)
     try:
-        from datasets import Dataset
         from torch.distributed.fsdp import fully_shard
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import GRPOConfig, GRPOTrainer
 
-        from grpo_fast.integrations.trl import FastGRPOTrainer
+        from .test_trl_integration import _one_batch, both_loss_steps, loss_step_trainer
 
-        from .test_trl_integration import _one_batch, correct
-
-        args = GRPOConfig(
-            output_dir=out, use_cpu=True, report_to=[], per_device_train_batch_size=4, num_generations=4,
-            max_completion_length=5, loss_type="dapo", beta=0.04, seed=0, bf16=False,
-        )  # fmt: skip
-        trainer = FastGRPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_dir),
-            reward_funcs=[correct],
-            args=args,
-            train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
-            processing_class=AutoTokenizer.from_pretrained(model_dir),
-        )
+        trainer = loss_step_trainer(model_dir, out)
         inputs = _one_batch(trainer, seed=7)  # the same batch on both ranks
         inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] - 0.02
         for layer in trainer.model.model.layers:
             fully_shard(layer)
         fully_shard(trainer.model)  # the head (tied to the embedding) is now a DTensor, half per rank
         assert type(trainer.model.lm_head.weight).__name__ == "DTensor"
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1
-        results = []
-        for compute in (GRPOTrainer._compute_loss, FastGRPOTrainer._compute_loss):
-            trainer.model.zero_grad()
-            loss = compute(trainer, trainer.model, dict(inputs))
-            loss.backward()
-            grads = {
-                n: p.grad.full_tensor() for n, p in trainer.model.named_parameters() if p.grad is not None
-            }
-            results.append((loss.detach(), grads))
-        (want, want_grads), (got, got_grads) = results
+        results = both_loss_steps(trainer, inputs, full=lambda grad: grad.full_tensor())
+        (want, want_grads, _), (got, got_grads, _) = results
         assert not trainer._fallback_warned  # the sharded head ran on grpo_fast's path
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert want_grads.keys() == got_grads.keys()

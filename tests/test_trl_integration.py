@@ -188,6 +188,38 @@ def _one_batch(trainer, seed: int) -> dict:
     )
 
 
+def loss_step_trainer(model_dir, out, **options) -> FastGRPOTrainer:
+    """A FastGRPOTrainer whose _compute_loss the tests call directly (TRL's and ours, one batch)."""
+    defaults = dict(
+        use_cpu=True, report_to=[], per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=5, loss_type="dapo", beta=0.04, seed=0, bf16=False,
+    )  # fmt: skip
+    trainer = FastGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=[correct],
+        args=GRPOConfig(output_dir=str(out), **{**defaults, **options}),
+        train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+    return trainer
+
+
+def both_loss_steps(trainer, inputs: dict, full=lambda grad: grad.clone()) -> list[tuple]:
+    """(loss, parameter gradients, logged metrics) of TRL's _compute_loss, then of ours, on ``inputs``;
+    ``full`` turns a parameter's gradient into a whole tensor (FSDP2: ``full_tensor()``)."""
+    results = []
+    for compute in (GRPOTrainer._compute_loss, FastGRPOTrainer._compute_loss):
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = compute(trainer, trainer.model, dict(inputs))
+        loss.backward()
+        grads = {n: full(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}))
+    return results
+
+
 @pytest.mark.parametrize(
     "case", ["plain", "token_advantages", "is_token_truncate", "is_sequence_mask", "sampling_off_policy"]
 )
@@ -197,17 +229,11 @@ def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
     a subclass makes (per-token advantages): TRL's _compute_loss and ours on one trainer, one batch."""
     if loss_type == "vespo" and case == "is_sequence_mask":
         pytest.skip("TRL's VESPO takes token-level IS modes only")
-    args = GRPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=5, loss_type=loss_type, beta=0.04, seed=0,
-        bf16=False, off_policy_mask_threshold=0.01 if case == "sampling_off_policy" else None,
-    )  # fmt: skip
-    trainer = FastGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        reward_funcs=[correct],
-        args=args,
-        train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    trainer = loss_step_trainer(
+        model_dir,
+        tmp_path,
+        loss_type=loss_type,
+        off_policy_mask_threshold=0.01 if case == "sampling_off_policy" else None,
     )
     inputs = _one_batch(trainer, seed=7)
     g = torch.Generator().manual_seed(3)
@@ -223,18 +249,7 @@ def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
             ratio[0] = 0.0  # masked out by TRL's sequence_mask mode
         inputs["importance_sampling_ratio"] = ratio * (inputs["completion_mask"] if shape[1] > 1 else 1)
         inputs["importance_sampling_ratio"] += (1 - inputs["completion_mask"]) if shape[1] > 1 else 0
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
-
-    results = []
-    for compute in (GRPOTrainer._compute_loss, FastGRPOTrainer._compute_loss):
-        trainer.model.zero_grad()
-        trainer._metrics["train"].clear()
-        loss = compute(trainer, trainer.model, dict(inputs))
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}))
-    (want, want_grads, want_logs), (got, got_grads, got_logs) = results
+    (want, want_grads, want_logs), (got, got_grads, got_logs) = both_loss_steps(trainer, inputs)
     assert not trainer._fallback_warned
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert want_grads.keys() == got_grads.keys()
