@@ -181,29 +181,30 @@ def check_loss_case(
 
 def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
     rows = []
+    if op == "grpo_loss":
+        fast, reference, outputs = partial(gf.grpo_loss, backend=name), gf.reference.grpo_loss, LOSS_OUTPUTS
+    else:
+        fast, reference = partial(gf.selective_logprobs, backend=name), gf.reference.selective_logprobs
+        outputs = LOGPROB_OUTPUTS
     for shape in LM_SHAPES:
-        if op == "grpo_loss":
-            configs = list(LOSS_CONFIGS.items())
-        else:
-            configs = [(f"T={t:g}", t) for t in TEMPERATURES]
-        for label, arg in configs:
-            if op == "grpo_loss":
-                batch = _lm_batch(
-                    shape, seed=sum(shape), temperature=arg.temperature, ref_spread=REF_SPREAD.get(label, 0.3)
+        if op == "grpo_loss":  # each config its own old/ref, drawn at its temperature and spread
+            cases = [
+                (
+                    label,
+                    _lm_batch(
+                        shape, sum(shape), temperature=cfg.temperature, ref_spread=REF_SPREAD.get(label, 0.3)
+                    ),
+                    partial(_loss_outputs, cfg=cfg),
                 )
-                fast, reference = partial(gf.grpo_loss, backend=name), gf.reference.grpo_loss
-                run = partial(_loss_outputs, cfg=arg)
-            else:
-                fast, reference = (
-                    partial(gf.selective_logprobs, backend=name),
-                    gf.reference.selective_logprobs,
-                )
-                batch = _lm_batch(shape, seed=sum(shape))
-                run = partial(_logprob_outputs, temperature=arg)
+                for label, cfg in LOSS_CONFIGS.items()
+            ]
+        else:  # the log-probs read no old/ref: one batch for every temperature
+            batch = _lm_batch(shape, seed=sum(shape))
+            cases = [(f"T={t:g}", batch, partial(_logprob_outputs, temperature=t)) for t in TEMPERATURES]
+        for label, batch, run in cases:
             truth = run(reference, _leaves(batch, torch.float64, "cpu"))
             ref = run(reference, _leaves(batch, dtype, device))
             got = run(fast, _leaves(batch, dtype, device))
-            outputs = LOSS_OUTPUTS if op == "grpo_loss" else LOGPROB_OUTPUTS
             abs_err, rel_err, status = _compare(outputs, got, ref, truth, dtype)
             case = "x".join(map(str, shape)) + (f" {label}" if label else "")
             rows.append(
