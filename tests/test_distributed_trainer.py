@@ -44,6 +44,16 @@ CASES = {
     "grpo": dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2),
     # a token mean per micro-batch; the whole batch in one micro-batch, 4 completions per rank.
     "bnpo": dict(loss_type="bnpo", num_iterations=2, epsilon=0.05, mask_truncated_completions=True),
+    # issue 16: packed ragged rows (RaggedRowTrainer) in passes of <= 6 tokens, which split a micro-batch
+    # differently on 1 and 2 processes (FSDP2: a rank with one row of a 3-row micro-batch runs an empty
+    # pass to match the other's two); an entropy bonus kept a token mean over each micro-batch.
+    "packed": dict(
+        loss_type="dapo",
+        padding_free=True,
+        max_tokens_per_microbatch=6,
+        gradient_accumulation_steps=3,
+        entropy_coef=0.05,
+    ),
 }
 
 
@@ -53,12 +63,18 @@ class RowSeededTrainer(Trainer):
     def generate(
         self, prompt_ids: Tensor, prompt_mask: Tensor, conversational: bool, rows: Tensor
     ) -> Rollout:
+        # Each FSDP2 forward is a collective: every rank makes as many generate calls as the busiest one.
+        most = len(rows)
+        if self.sharded:
+            most = int(self.group.max(torch.tensor([float(len(rows))], dtype=torch.float64))[0])
         parts = []
         for i, row in enumerate(rows.tolist()):
             torch.manual_seed(1_000 * self.step + row)
             parts.append(
                 super().generate(prompt_ids[i : i + 1], prompt_mask[i : i + 1], conversational, rows)
             )
+        for _ in range(most - len(rows)):
+            super().generate(prompt_ids[:1], prompt_mask[:1], conversational, rows)
         width = max(p.completion_ids.shape[1] for p in parts)
         pad = self.tokenizer.pad_token_id
 
@@ -73,6 +89,25 @@ class RowSeededTrainer(Trainer):
             torch.cat([p.truncated for p in parts]),
             [c for p in parts for c in p.completions],
         )
+
+
+class RaggedRowTrainer(RowSeededTrainer):
+    """Row r's completion cut to 1 + r % 4 tokens: ranks hold different token counts, so token-budget
+    passes differ in number (FSDP2 pads them) and in size."""
+
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, conversational: bool, rows: Tensor
+    ) -> Rollout:
+        out = super().generate(prompt_ids, prompt_mask, conversational, rows)
+        keep = (1 + rows % 4).unsqueeze(1).to(out.completion_mask.device)
+        columns = torch.arange(out.completion_mask.shape[1], device=keep.device)
+        mask = out.completion_mask * (columns < keep)
+        return Rollout(
+            out.prompt_ids, out.prompt_mask, out.completion_ids, mask, out.truncated, out.completions
+        )
+
+
+TRAINERS = {"packed": RaggedRowTrainer}
 
 
 def config(run_dir: Path, **overrides) -> TrainConfig:
@@ -97,7 +132,8 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
         for parallelism in PARALLELISMS:
             for name, options in CASES.items():
                 run_dir = Path(root) / parallelism / name
-                trainer = RowSeededTrainer(config(run_dir, parallelism=parallelism, **options))
+                cls = TRAINERS.get(name, RowSeededTrainer)
+                trainer = cls(config(run_dir, parallelism=parallelism, **options))
                 assert trainer.group.world == world
                 assert (trainer.ddp is not None) == (parallelism == "ddp") and trainer.sharded != (
                     parallelism == "ddp"
@@ -180,7 +216,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     multi = tmp_path / "two"
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(multi)), nprocs=2, join=True)
     for name, options in CASES.items():
-        single = RowSeededTrainer(config(tmp_path / "one" / name, **options))
+        single = TRAINERS.get(name, RowSeededTrainer)(config(tmp_path / "one" / name, **options))
         single.train()
         want = read_metrics(tmp_path / "one" / name / "metrics.jsonl")
         ref = _final_weights(tmp_path / "one" / name)

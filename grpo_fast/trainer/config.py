@@ -148,6 +148,16 @@ class TrainConfig:
     offload_activations: bool = _opt(
         False, "keep the backbone's saved activations in host memory until backward (long completions)"
     )
+    padding_free: bool = _opt(
+        False,
+        "run the backbone on each micro-batch's rows packed without padding (position_ids restart per row; "
+        "needs sdpa, eager, flex or flash attention); same loss as the padded rows",
+    )
+    max_tokens_per_microbatch: int | None = _opt(
+        None,
+        "split each micro-batch into forward/backward passes of at most this many tokens (prompt + "
+        "completion, counted padded unless padding_free; a longer row runs alone); the loss is unchanged",
+    )
     bf16: bool | None = _opt(None, "bf16 autocast (default: on for CUDA, off on the CPU)")
     freeze_lm_head: bool = _opt(False, "keep the LM head frozen (LoRA-style); tied embeddings freeze with it")
 
@@ -216,6 +226,16 @@ class TrainConfig:
             raise ValueError(
                 f"chunk_size must be >= 1 (or unset: chosen by grpo_fast), got {self.chunk_size}"
             )
+        if self.max_tokens_per_microbatch is not None:
+            if self.max_tokens_per_microbatch < 1:
+                raise ValueError(
+                    f"max_tokens_per_microbatch must be >= 1 (or unset), got {self.max_tokens_per_microbatch}"
+                )
+            if self.top_entropy_quantile < 1.0:
+                raise ValueError(
+                    "max_tokens_per_microbatch cannot be combined with top_entropy_quantile < 1: the entropy "
+                    "threshold is a quantile over the whole micro-batch, which a split pass never sees"
+                )
         if self.device != "auto" and device_type(self.device) is None:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.loss_config()  # GRPOConfig checks the loss options and names the bad one

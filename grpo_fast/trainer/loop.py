@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..integrations.hf import add_hidden_forward, head_transform, lm_head, unsupported_head
+from ..integrations.packing import check_packable
 from . import checkpoint as ckpt
 from . import distributed, sharding
 from .config import TrainConfig
@@ -166,6 +167,8 @@ class Trainer(RolloutMixin, UpdateMixin):
         reason = unsupported_head(model, scale_ok=True)
         if reason is not None:
             raise ValueError(f"grpo_fast cannot train this model: {reason}")
+        if cfg.padding_free:
+            check_packable(model)
         self.model, self.tokenizer = model.to(self.device).train(), tokenizer
         disable_dropout(self.model)
         if cfg.freeze_lm_head:

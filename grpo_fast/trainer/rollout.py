@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 import grpo_fast as gf
 
-from ..integrations.hf import HIDDEN_KWARG, completion_hidden, lm_head, match_head_dtype
+from ..integrations.hf import HIDDEN_KWARG, backbone, completion_hidden, lm_head, match_head_dtype
+from ..integrations.packing import VARLEN_ATTENTION, Packing, attention_implementation
 from . import distributed, sharding
 from .config import TrainConfig
 from .data import Prompt, PromptDataset, PromptSampler, repeat_each
@@ -37,6 +38,7 @@ class StepBatch:
     advantages: Tensor
     loss_mask: Tensor
     micro: list[Tensor]  # the rows of each micro-batch, on the device
+    chunks: list[list[Tensor]]  # each micro-batch's forward passes (one, or by max_tokens_per_microbatch)
     old: Tensor | None  # log-probs before the first update (only when num_iterations > 1)
     ref: Tensor | None  # log-probs of the reference model (only when beta > 0)
 
@@ -57,6 +59,63 @@ def completion_states(
             input_ids=rows.input_ids, attention_mask=rows.attention_mask, **{HIDDEN_KWARG: True}
         )
     return out.last_hidden_state[:, -num_completion - 1 : -1]
+
+
+def pack(model: nn.Module, rows: Rollout) -> Packing:
+    """The rows' real tokens packed for a padding-free forward (one row for varlen flash attention)."""
+    return Packing.build(
+        rows.prompt_ids,
+        rows.prompt_mask,
+        rows.completion_ids,
+        rows.completion_mask,
+        one_row=attention_implementation(model) in VARLEN_ATTENTION,
+    )
+
+
+def packed_states(model: nn.Module, packing: Packing, bf16: bool, through: nn.Module | None = None) -> Tensor:
+    """``[n, H]`` hidden states predicting the packed completion tokens (``packing.seq_ids``/``cols``)."""
+    with autocast(packing.input_ids.device, bf16):
+        if through is None and not sharding.is_sharded(model):
+            out = backbone(model)(**packing.forward_kwargs(), use_cache=False)
+        else:
+            out = (through or model)(**packing.forward_kwargs(), **{HIDDEN_KWARG: True})
+    return packing.hidden(out.last_hidden_state)
+
+
+def row_tokens(out: Rollout, padding_free: bool) -> list[int]:
+    """Tokens each row costs a forward: its prompt and completion, or the padded width."""
+    if not padding_free:
+        return [out.prompt_ids.shape[1] + out.completion_ids.shape[1]] * out.prompt_ids.shape[0]
+    return (out.prompt_mask.sum(1) + out.completion_mask.sum(1)).tolist()
+
+
+def token_chunks(index: Tensor, tokens: list[int], budget: int | None) -> list[Tensor]:
+    """``index`` (rows of a micro-batch) split in order into runs of at most ``budget`` tokens; a row over
+    the budget runs alone. One chunk without a budget."""
+    if budget is None or len(index) <= 1:
+        return [index]
+    sizes, total, count = [], 0, 0
+    for i in index.tolist():
+        if count and total + tokens[i] > budget:
+            sizes.append(count)
+            total, count = 0, 0
+        total, count = total + tokens[i], count + 1
+    sizes.append(count)
+    return list(index.split(sizes))
+
+
+def pad_chunks(chunks: list[Tensor], count: int) -> list[Tensor]:
+    """``count`` chunks (FSDP2: every rank runs as many forwards): the largest split in two while one has
+    two rows, then empty chunks (a rank with fewer rows than chunks runs a zero-weight pass)."""
+    chunks = list(chunks)
+    while len(chunks) < count:
+        j = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        if len(chunks[j]) < 2:
+            chunks.append(chunks[j][:0])
+            continue
+        half = len(chunks[j]) // 2
+        chunks[j : j + 1] = [chunks[j][:half], chunks[j][half:]]
+    return chunks
 
 
 class RolloutMixin:
@@ -98,16 +157,28 @@ class RolloutMixin:
         if cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~out.truncated).unsqueeze(1).long()
         micro = [index.to(self.device) for index in layout.local_micro()]
+        chunks = self._chunks(out, micro)
         # Later iterations see a moved policy; the first one's ratio is exactly 1, as in TRL.
-        old = self.logprobs(self.model, out, micro) if cfg.num_iterations > 1 else None
+        passes = [c for cs in chunks for c in cs]
+        old = self.logprobs(self.model, out, passes) if cfg.num_iterations > 1 else None
         ref = None
         if self.ref_model is not None:
-            ref = self.logprobs(self.ref_model, out, micro)
+            ref = self.logprobs(self.ref_model, out, passes)
             sharding.release(self.ref_model)  # FSDP2: its embeddings and head, gathered, are not kept
         prompts = repeat_each([self.data.prompt(r) for r in rows], G)
         if group.active:
             prompts = [prompts[i] for i in layout.local.tolist()]
-        return StepBatch(rows, out, prompts, layout, rewards, advantages, loss_mask, micro, old, ref)
+        return StepBatch(rows, out, prompts, layout, rewards, advantages, loss_mask, micro, chunks, old, ref)
+
+    def _chunks(self, out: Rollout, micro: list[Tensor]) -> list[list[Tensor]]:
+        """Each micro-batch's forward passes under ``max_tokens_per_microbatch`` (FSDP2: as many on every
+        rank, since each forward gathers the shards together)."""
+        tokens = row_tokens(out, self.cfg.padding_free)
+        chunks = [token_chunks(index, tokens, self.cfg.max_tokens_per_microbatch) for index in micro]
+        if self.sharded:
+            counts = self.group.max(torch.tensor([float(len(c)) for c in chunks], dtype=torch.float64))
+            chunks = [pad_chunks(c, int(n)) for c, n in zip(chunks, counts.tolist(), strict=True)]
+        return chunks
 
     def rollout(
         self, indices: list[int], select: Tensor | None = None
@@ -202,24 +273,32 @@ class RolloutMixin:
         return values
 
     @torch.no_grad()
-    def logprobs(self, model: nn.Module, out: Rollout, micro: list[Tensor]) -> Tensor:
-        """Per-token log-probs ``[N, L]`` of the sampled completions under ``model`` (no logits formed)."""
+    def logprobs(self, model: nn.Module, out: Rollout, passes: list[Tensor]) -> Tensor:
+        """Per-token log-probs ``[N, L]`` of the sampled completions under ``model`` (no logits formed),
+        one forward per index tensor of ``passes`` (in row order; an empty one runs a row for FSDP2's
+        collectives and is dropped), packed with ``padding_free`` (0 at unattended positions)."""
         parts = []
-        for index in micro:
-            rows = out.rows(index)
-            hidden = completion_states(model, rows, self.bf16)
+        for index in passes:
+            rows = out.rows(index if len(index) else torch.arange(1, device=index.device))
+            length = rows.completion_ids.shape[1]
+            if self.cfg.padding_free:
+                packing = pack(model, rows)
+                hidden = packed_states(model, packing, self.bf16)
+                targets = packing.take(rows.completion_ids)
+            else:
+                hidden, targets = completion_states(model, rows, self.bf16), rows.completion_ids
             weight, bias = match_head_dtype(hidden, *lm_head(model))
-            parts.append(
-                gf.selective_logprobs(
-                    hidden,
-                    weight,
-                    rows.completion_ids,
-                    bias,
-                    self.loss_config.temperature,  # the head's scale folded in (loop.py)
-                    backend=self.cfg.backend,
-                    chunk_size=self.cfg.chunk_size,
-                    batch_invariant=self.cfg.batch_invariant,
-                    logit_softcap=self.loss_config.logit_softcap,
-                )
+            logp = gf.selective_logprobs(
+                hidden,
+                weight,
+                targets,
+                bias,
+                self.loss_config.temperature,  # the head's scale folded in (loop.py)
+                backend=self.cfg.backend,
+                chunk_size=self.cfg.chunk_size,
+                batch_invariant=self.cfg.batch_invariant,
+                logit_softcap=self.loss_config.logit_softcap,
             )
+            if len(index):
+                parts.append(packing.unpack(logp, length) if self.cfg.padding_free else logp)
         return torch.cat(parts)

@@ -24,7 +24,7 @@ from ..integrations.hf import lm_head, match_head_dtype
 from . import distributed, sharding
 from .config import TrainConfig
 from .generation import Rollout
-from .rollout import StepBatch, completion_states
+from .rollout import StepBatch, completion_states, pack, packed_states
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float):
@@ -64,15 +64,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 
 def loss_share(
-    loss_cfg: gf.GRPOConfig, j: int, layout: distributed.Layout, tokens: float, micro_tokens: float
+    loss_cfg: gf.GRPOConfig, rows: float, tokens: float, micro_rows: float, micro_tokens: float
 ) -> float:
-    """This rank's loss on micro-batch j times this is its part of the micro-batch's loss."""
+    """A pass's loss on ``rows`` rows (``tokens`` loss tokens) of a micro-batch, times this, is its part of
+    the micro-batch's loss (``micro_rows``/``micro_tokens`` over every rank and pass): the part a rank
+    holds, or one forward of a micro-batch split by max_tokens_per_microbatch."""
     if loss_cfg.uses_num_items_in_batch:  # already divided by the whole batch's token count
         return 1.0
     if loss_cfg.normalizer == "batch_tokens":  # a token mean over the micro-batch
         return max(tokens, 1.0) / max(micro_tokens, 1.0)
     # sequence_mean, sequence_sum, fixed_length: a mean over the micro-batch's sequences
-    return len(layout.pieces[j][layout.rank]) / len(layout.micro[j])
+    return rows / micro_rows
 
 
 class MetricMeans:
@@ -151,8 +153,10 @@ class UpdateMixin:
         ref: Tensor | None,
         num_items: Tensor,
         num_micro: int = 1,
+        bonus_scale: float = 1.0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """grpo_loss of one micro-batch (one of ``num_micro`` in the update)."""
+        """grpo_loss of one micro-batch (one of ``num_micro`` in the update), or of one pass of it with
+        ``bonus_scale`` (see :meth:`_micro_config`)."""
         # --offload-activations: what autograd saves for the backbone's backward waits in host memory
         # (pinned on CUDA) instead of on the device; the loss keeps no activations of its own.
         offload = (
@@ -160,38 +164,55 @@ class UpdateMixin:
             if self.cfg.offload_activations
             else contextlib.nullcontext()
         )
+        targets, seq_ids = rows.completion_ids, None
         with offload:
-            hidden = completion_states(self.model, rows, self.bf16, through=self.ddp)
+            if self.cfg.padding_free:  # the rows' real tokens only, the loss's inputs packed to match
+                packing = pack(self.model, rows)
+                hidden = packed_states(self.model, packing, self.bf16, through=self.ddp)
+                targets, loss_mask, seq_ids = packing.take(targets), packing.take(loss_mask), packing.seq_ids
+                old = packing.take(old) if old is not None else None
+                ref = packing.take(ref) if ref is not None else None
+            else:
+                hidden = completion_states(self.model, rows, self.bf16, through=self.ddp)
         # Under FSDP2 the root's forward has just gathered the head: this is the full weight.
         weight, bias = match_head_dtype(hidden, *lm_head(self.model))
         return gf.grpo_loss(
             hidden,
             weight,
-            rows.completion_ids,
+            targets,
             loss_mask,
             advantages,
             old,
             ref,
             bias,
-            config=self._micro_config(num_micro),
+            config=self._micro_config(num_micro, bonus_scale),
             num_items_in_batch=num_items,
+            seq_ids=seq_ids,
             backend=self.cfg.backend,
             chunk_size=self.cfg.chunk_size,
             batch_invariant=self.cfg.batch_invariant,
         )
 
-    def _micro_config(self, num_micro: int) -> gf.GRPOConfig:
+    def _micro_config(self, num_micro: int, bonus_scale: float = 1.0) -> gf.GRPOConfig:
         """The loss config of one micro-batch. The entropy bonus is a mean over the micro-batch's tokens,
         scaled for accumulation only (as TRL's): losses over the whole batch's token count are not divided
-        by the number of micro-batches afterwards, so their bonus is divided here."""
+        by the number of micro-batches afterwards, so their bonus is divided here. A pass over part of the
+        micro-batch (a rank's rows, a token-budget chunk) has its loss scaled by its share of the
+        micro-batch; ``bonus_scale`` = (its tokens / the micro-batch's) / share keeps the bonus a token
+        mean over the whole micro-batch."""
         cfg = self.loss_config
-        if cfg.entropy_coef != 0.0 and cfg.uses_num_items_in_batch and num_micro > 1:
-            return dataclasses.replace(cfg, entropy_coef=cfg.entropy_coef / num_micro)
-        return cfg
+        if cfg.entropy_coef == 0.0:
+            return cfg
+        coef = cfg.entropy_coef
+        if cfg.uses_num_items_in_batch and num_micro > 1:
+            coef = coef / num_micro
+        if bonus_scale != 1.0:
+            coef = coef * bonus_scale
+        return cfg if coef == cfg.entropy_coef else dataclasses.replace(cfg, entropy_coef=coef)
 
     def update(self, batch: StepBatch) -> UpdateStats:
         """``num_iterations`` optimizer updates on the batch."""
-        cfg, group, layout, micro = self.cfg, self.group, batch.layout, batch.micro
+        cfg, group, layout = self.cfg, self.group, batch.layout
         out, loss_mask, advantages, old, ref = (
             batch.out,
             batch.loss_mask,
@@ -199,57 +220,62 @@ class UpdateMixin:
             batch.old,
             batch.ref,
         )
-        local_tokens = [float(loss_mask[index].sum()) for index in micro]
-        if group.active:  # tokens of each micro-batch over all ranks; their sum is dapo's normaliser
-            micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
-            num_items = torch.tensor(sum(micro_tokens), dtype=torch.float32, device=self.device)
-            shares = [
-                loss_share(cfg.loss_config(), j, layout, local_tokens[j], micro_tokens[j])
-                for j in range(len(micro))
-            ]
-        else:
-            num_items = loss_mask.sum().float()
+        loss_cfg = cfg.loss_config()
+        local_tokens = [float(loss_mask[index].sum()) for index in batch.micro]
+        micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
+        num_items = (
+            torch.tensor(sum(micro_tokens), dtype=torch.float32, device=self.device)
+            if group.active
+            else loss_mask.sum().float()
+        )
         # Losses divided by the whole batch's token count add up; the others average per micro-batch (as TRL).
-        accumulate = 1.0 if cfg.loss_config().uses_num_items_in_batch else float(len(micro))
+        accumulate = 1.0 if loss_cfg.uses_num_items_in_batch else float(len(batch.micro))
+        passes = []  # (micro-batch, rows, share of its loss, bonus scale, tokens, sequence-metric weight)
+        for j, chunks in enumerate(batch.chunks):
+            micro_rows = float(len(layout.micro[j]))
+            for index in chunks:
+                tokens = float(loss_mask[index].sum())
+                share = loss_share(loss_cfg, float(len(index)), tokens, micro_rows, micro_tokens[j])
+                bonus = tokens / micro_tokens[j] / share if tokens > 0 else 1.0  # (no tokens: no bonus)
+                seq_weight = len(index) / micro_rows * micro_tokens[j]
+                passes.append((j, index, share, bonus, tokens, seq_weight))
 
         stats = UpdateStats()
         for iteration in range(cfg.num_iterations):
             total = 0.0
-            for j, index in enumerate(micro):
-                # DDP: all-reduce the gradients once, after the last micro-batch of the update
-                # (FSDP2 reduce-scatters after each one: no unsharded gradients are kept).
-                sync = self.ddp is None or j == len(micro) - 1
+            for k, (j, index, share, bonus, tokens, seq_weight) in enumerate(passes):
+                last = k == len(passes) - 1
+                # DDP: all-reduce the gradients once, after the update's last backward (FSDP2
+                # reduce-scatters after each one: no unsharded gradients are kept).
+                sync = self.ddp is None or last
                 if self.sharded:  # the head stays gathered until the update's last backward
-                    sharding.keep_head_gathered(self.model, j < len(micro) - 1)
+                    sharding.keep_head_gathered(self.model, not last)
+                # An empty pass (FSDP2: another rank needs this forward) runs one row at weight 0.
+                rows = index if len(index) else batch.micro[j][:1]
                 with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     loss, metrics = self.policy_loss(
-                        out.rows(index),
-                        loss_mask[index],
-                        advantages[index],
-                        old[index] if old is not None else None,
-                        ref[index] if ref is not None else None,
+                        out.rows(rows),
+                        loss_mask[rows],
+                        advantages[rows],
+                        old[rows] if old is not None else None,
+                        ref[rows] if ref is not None else None,
                         num_items,
-                        len(micro),
+                        len(batch.micro),
+                        bonus,
                     )
-                    if not group.active:
-                        (loss / accumulate).backward()
-                        total += loss.item() / accumulate
-                        stats.metrics.add(metrics, local_tokens[j], first_update=iteration == 0)
-                        continue
-                    # This rank's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
-                    share = shares[j]
-                    (loss * (share * group.world / accumulate)).backward()
-                    total += loss.item() * share / accumulate
-                    # Metrics are token means of each micro-batch, but some (sequence-level ratios,
-                    # VESPO's phi) are averaged over sequences (weight: this rank's share of them, times
-                    # the tokens).
-                    seq_weight = len(layout.pieces[j][group.rank]) / len(layout.micro[j]) * micro_tokens[j]
-                    stats.metrics.add(
-                        metrics,
-                        local_tokens[j],
-                        {k: seq_weight for k in metrics if averaged_over_sequences(k, self.loss_config)},
-                        first_update=iteration == 0,
-                    )
+                    # This pass's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
+                    weight = share * group.world if len(index) else 0.0
+                    ((loss * weight) / accumulate).backward()
+                if not len(index):
+                    continue
+                total += loss.item() * share / accumulate
+                # Metrics are token means of each pass, but some (sequence-level ratios, VESPO's phi) are
+                # averaged over sequences (weight: the pass's share of them, times the tokens), and the
+                # policy loss is, like the loss, the sum of the passes' shares of it.
+                weights = {k: seq_weight for k in metrics if averaged_over_sequences(k, self.loss_config)}
+                if "policy_loss" in metrics:
+                    weights["policy_loss"] = micro_tokens[j] * share
+                stats.metrics.add(metrics, tokens, weights, first_update=iteration == 0)
             stats.grad_norms.append(self._optimizer_step())
             stats.losses.append(total)
         return stats
