@@ -34,6 +34,7 @@ import grpo_fast as gf
 from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
 from ..engine.objective import averaged_over_sequences
 from .hf import HIDDEN_KWARG, add_hidden_forward, head_transform, lm_head, match_head_dtype, unsupported_head
+from .packing import VARLEN_ATTENTION, Packing, attention_implementation, check_packable
 
 # Batch keys of vision-language inputs: the hidden states path here is text-only.
 MULTIMODAL_KEYS = (
@@ -62,22 +63,39 @@ def full_head(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | Non
 class FastGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the same constructor; ``grpo_fast_backend`` (keyword) picks gf's backend,
     ``grpo_fast_batch_invariant`` makes grpo_fast's log-probs independent of the batch (see
-    ``gf.grpo_loss``; TRL's own old/reference log-prob passes are not affected)."""
+    ``gf.grpo_loss``; TRL's own old/reference log-prob passes are not affected).
+
+    ``grpo_fast_padding_free=True`` runs the backbone on each batch's real tokens only, packed (see
+    :mod:`grpo_fast.integrations.packing`), in the loss step and in the old/reference log-prob passes;
+    the model needs an attention implementation that isolates packed sequences (sdpa, eager, flex, flash).
+    """
 
     def __init__(
         self,
         *args: Any,
         grpo_fast_backend: str = "auto",
         grpo_fast_batch_invariant: bool = False,
+        grpo_fast_padding_free: bool = False,
         **kwargs: Any,
     ):
-        if not isinstance(grpo_fast_batch_invariant, bool):
-            raise TypeError(
-                f"grpo_fast_batch_invariant must be a bool, got {type(grpo_fast_batch_invariant).__name__}"
-            )
+        for name, value in (
+            ("grpo_fast_batch_invariant", grpo_fast_batch_invariant),
+            ("grpo_fast_padding_free", grpo_fast_padding_free),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if grpo_fast_padding_free:  # before TRL's set-up: a model that cannot pack fails fast
+            model = kwargs.get("model", args[0] if args else None)
+            if isinstance(model, nn.Module):
+                check_packable(model)
         super().__init__(*args, **kwargs)
+        if grpo_fast_padding_free:
+            for m in (self.model, getattr(self, "ref_model", None)):
+                if m is not None:
+                    check_packable(self.accelerator.unwrap_model(m))
         self.grpo_fast_backend = grpo_fast_backend
         self.grpo_fast_batch_invariant = grpo_fast_batch_invariant
+        self.grpo_fast_padding_free = grpo_fast_padding_free
         self._fallback_warned: set[str] = set()
         # Patch where TRL patched its fused head: under PEFT, the transformers model inside.
         add_hidden_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
@@ -130,22 +148,27 @@ class FastGRPOTrainer(GRPOTrainer):
 
     def _hidden_and_head(
         self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: int, **forward_kwargs: Any
-    ) -> tuple[Any, Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Any, Tensor, Tensor, Tensor | None, Packing | None]:
         """The backbone's output, the hidden states predicting the last ``keep`` tokens and the LM head
         (gathered when FSDP2 shards it), in the dtypes the loss takes: fp32 with cast_lm_head_to_fp32,
-        else the head in the hidden states' dtype (as autocast would run it)."""
+        else the head in the hidden states' dtype (as autocast would run it). Padding-free: the hidden
+        states of the attended completion tokens only, ``[n, H]``, and the packing that places them."""
+        packing, batch = None, {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.grpo_fast_padding_free:
+            varlen = attention_implementation(self.accelerator.unwrap_model(model)) in VARLEN_ATTENTION
+            packing = Packing.of_inputs(input_ids, attention_mask, keep, one_row=varlen)
+            batch = packing.forward_kwargs()
         with self.accelerator.autocast():
-            out = model(
-                input_ids=input_ids, attention_mask=attention_mask, **{HIDDEN_KWARG: True}, **forward_kwargs
-            )
-        hidden = out.last_hidden_state[:, -keep - 1 : -1]
+            out = model(**batch, **{HIDDEN_KWARG: True}, **forward_kwargs)
+        last = out.last_hidden_state
+        hidden = last[:, -keep - 1 : -1] if packing is None else packing.hidden(last)
         weight, bias = full_head(*lm_head(self.accelerator.unwrap_model(model)))
         if self.args.cast_lm_head_to_fp32:
             hidden, weight = hidden.float(), weight.float()
             bias = bias.float() if bias is not None else None
         else:
             weight, bias = match_head_dtype(hidden, weight, bias)
-        return out, hidden, weight, bias
+        return out, hidden, weight, bias, packing
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -180,12 +203,15 @@ class FastGRPOTrainer(GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):  # TRL's chunks: the same backbone batches
             ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            _, hidden, w, b = self._hidden_and_head(model, ids, am, logits_to_keep)
+            _, hidden, w, b, packing = self._hidden_and_head(model, ids, am, logits_to_keep)
+            targets = ids[:, -logits_to_keep:]
             logp, entropy = gf.selective_logprobs(
-                hidden, w, ids[:, -logits_to_keep:], b, temperature, return_entropy=True,
-                backend=self.grpo_fast_backend, batch_invariant=self.grpo_fast_batch_invariant,
-                logit_softcap=cap,
+                hidden, w, targets if packing is None else packing.take(targets), b, temperature,
+                return_entropy=True, backend=self.grpo_fast_backend,
+                batch_invariant=self.grpo_fast_batch_invariant, logit_softcap=cap,
             )  # fmt: skip
+            if packing is not None:  # 0 where nothing was attended
+                logp, entropy = packing.unpack(logp, logits_to_keep), packing.unpack(entropy, logits_to_keep)
             keep = am[:, -logits_to_keep:] != 0  # TRL's fused head: 0 where the label is -100
             logps.append(torch.where(keep, logp, 0.0))
             entropies.append(torch.where(keep, entropy, 0.0))
@@ -212,7 +238,7 @@ class FastGRPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         # MoE: the backbone returns its router logits for the balancing loss
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        out, hidden, weight, bias = self._hidden_and_head(
+        out, hidden, weight, bias, packing = self._hidden_and_head(
             model, input_ids, attention_mask, completion_ids.size(1), **router
         )
 
@@ -247,18 +273,31 @@ class FastGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_ratio = inputs["importance_sampling_ratio"]
         gather = self._gather_entropies if self.accelerator.num_processes > 1 else None
+        advantages, sampling_logp = inputs["advantages"], inputs.get("sampling_per_token_logps")
+        targets, loss_mask, seq_ids = completion_ids, mask, None
+        if packing is not None and advantages.dim() == 2:
+            # Per-token advantages exist in the padded layout only: the packed states go back into it.
+            padded = hidden.new_zeros(*completion_ids.shape, hidden.shape[-1])
+            hidden = padded.index_put((packing.seq_ids, packing.cols), hidden)
+        elif packing is not None:  # the loss's per-token inputs packed like the hidden states
+            take = lambda x: packing.take(x) if x is not None else None  # noqa: E731
+            targets, loss_mask, seq_ids = take(completion_ids), take(mask), packing.seq_ids
+            old_logp, ref_logp, sampling_logp = take(old_logp), take(ref_logp), take(sampling_logp)
+            if is_ratio is not None and is_ratio.shape == completion_ids.shape:
+                is_ratio = take(is_ratio)
         loss, metrics = gf.grpo_loss(
             hidden,
             weight,
-            completion_ids,
-            mask,
-            inputs["advantages"],
+            targets,
+            loss_mask,
+            advantages,
             old_logp,
             ref_logp,
             bias,
             config=config,
             num_items_in_batch=num_items,
-            sampling_logp=inputs.get("sampling_per_token_logps"),
+            seq_ids=seq_ids,
+            sampling_logp=sampling_logp,
             importance_sampling_ratio=is_ratio,
             entropy_gather=gather if config.top_entropy_quantile < 1.0 else None,
             backend=self.grpo_fast_backend,
@@ -274,7 +313,7 @@ class FastGRPOTrainer(GRPOTrainer):
             self._entropy_bonus_step(mode, metrics, mask)
         loss = loss / divide_by
         if self.aux_loss_enabled:
-            aux_loss = self._aux_loss(model, out, attention_mask)
+            aux_loss = self._aux_loss(model, out, attention_mask if packing is None else packing.real)
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss).mean().item()
