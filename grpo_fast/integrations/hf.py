@@ -41,7 +41,9 @@ def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     inner = unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    # DeepSpeed ZeRO-3 keeps an empty local partition; ds_shape is the whole weight's shape.
+    shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())
+    if not isinstance(weight, Tensor) or len(shape) != 2:
         raise TypeError(f"{type(inner).__name__} has no linear LM head (get_output_embeddings().weight)")
     return weight, getattr(head, "bias", None)
 

@@ -11,15 +11,18 @@ states and the LM head weight to ``gf.grpo_loss``, which never forms the ``[toke
 and returns the same number TRL's ``_compute_loss`` would (gradient-accumulation and ``num_items``
 normalisation included) while logging TRL's metrics under TRL's names. TRL's loss options all run
 on this path: the entropy quantile, the off-policy mask, the entropy bonus (static or adaptive), the vLLM
-importance-sampling correction, per-token advantages, the MoE auxiliary loss. What grpo_fast cannot run
-(multimodal inputs, a soft-capped or scaled LM head, a sharded head, Liger's loss) falls back to TRL's
-code for that step, with a one-time warning naming it.
+importance-sampling correction, per-token advantages, the MoE auxiliary loss; so do scaled and soft-capped
+heads and heads sharded by FSDP2 or DeepSpeed ZeRO-3. What grpo_fast cannot run (multimodal inputs, a head
+scaled by a negative factor, Liger's loss) falls back to TRL's code for that step, with a one-time warning
+naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,7 +30,7 @@ from accelerate.utils import is_peft_model
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
+from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 import grpo_fast as gf
 
@@ -139,20 +142,14 @@ class FastGRPOTrainer(GRPOTrainer):
     def _batch_fallback(self, inputs: dict[str, Any]) -> str | None:
         if any(inputs.get(k) is not None for k in MULTIMODAL_KEYS):
             return "multimodal inputs"
-        if self._zero3_head(self.model):
-            return "an LM head partitioned by DeepSpeed ZeRO-3"
         return None
 
-    def _zero3_head(self, model: nn.Module) -> bool:
-        return hasattr(lm_head(self.accelerator.unwrap_model(model))[0], "ds_id")
-
-    def _hidden_and_head(
+    def _hidden(
         self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: int, **forward_kwargs: Any
-    ) -> tuple[Any, Tensor, Tensor, Tensor | None, Packing | None]:
-        """The backbone's output, the hidden states predicting the last ``keep`` tokens and the LM head
-        (gathered when FSDP2 shards it), in the dtypes the loss takes: fp32 with cast_lm_head_to_fp32,
-        else the head in the hidden states' dtype (as autocast would run it). Padding-free: the hidden
-        states of the attended completion tokens only, ``[n, H]``, and the packing that places them."""
+    ) -> tuple[Any, Tensor, Packing | None]:
+        """The backbone's output and the hidden states predicting the last ``keep`` tokens. Padding-free:
+        the hidden states of the attended completion tokens only, ``[n, H]``, and the packing that
+        places them."""
         packing, batch = None, {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.grpo_fast_padding_free:
             varlen = attention_implementation(self.accelerator.unwrap_model(model)) in VARLEN_ATTENTION
@@ -162,13 +159,23 @@ class FastGRPOTrainer(GRPOTrainer):
             out = model(**batch, **{HIDDEN_KWARG: True}, **forward_kwargs)
         last = out.last_hidden_state
         hidden = last[:, -keep - 1 : -1] if packing is None else packing.hidden(last)
-        weight, bias = full_head(*lm_head(self.accelerator.unwrap_model(model)))
-        if self.args.cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = bias.float() if bias is not None else None
-        else:
-            weight, bias = match_head_dtype(hidden, weight, bias)
-        return out, hidden, weight, bias, packing
+        return out, hidden, packing
+
+    @contextlib.contextmanager
+    def _head(self, model: nn.Module, hidden: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """``(hidden, weight, bias)`` in the dtypes the loss takes: fp32 with cast_lm_head_to_fp32, else the
+        head in the hidden states' dtype (as autocast would run it). A sharded head is whole inside: FSDP2's
+        gathered with ``full_tensor()``; DeepSpeed ZeRO-3's gathered for the duration of the block, as TRL's
+        fused head does (grpo_fast's loss computes the weight gradient in its forward, inside the block)."""
+        weight, bias = lm_head(self.accelerator.unwrap_model(model))
+        with maybe_gather_lm_head_ctx(weight, bias):
+            weight, bias = full_head(weight, bias)
+            if self.args.cast_lm_head_to_fp32:
+                hidden, weight = hidden.float(), weight.float()
+                bias = bias.float() if bias is not None else None
+            else:
+                weight, bias = match_head_dtype(hidden, weight, bias)
+            yield hidden, weight, bias
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -193,7 +200,7 @@ class FastGRPOTrainer(GRPOTrainer):
         )
         # The reference model is its own: its head's scale and soft-capping are read from its config.
         trl_pass = trl_pass or unsupported_head(model, scale_ok=True) is not None
-        if trl_pass or self._zero3_head(model):
+        if trl_pass:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                 compute_aux_loss, **multimodal,
@@ -203,13 +210,14 @@ class FastGRPOTrainer(GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):  # TRL's chunks: the same backbone batches
             ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            _, hidden, w, b, packing = self._hidden_and_head(model, ids, am, logits_to_keep)
+            _, hidden, packing = self._hidden(model, ids, am, logits_to_keep)
             targets = ids[:, -logits_to_keep:]
-            logp, entropy = gf.selective_logprobs(
-                hidden, w, targets if packing is None else packing.take(targets), b, temperature,
-                return_entropy=True, backend=self.grpo_fast_backend,
-                batch_invariant=self.grpo_fast_batch_invariant, logit_softcap=cap,
-            )  # fmt: skip
+            with self._head(model, hidden) as (hidden, w, b):
+                logp, entropy = gf.selective_logprobs(
+                    hidden, w, targets if packing is None else packing.take(targets), b, temperature,
+                    return_entropy=True, backend=self.grpo_fast_backend,
+                    batch_invariant=self.grpo_fast_batch_invariant, logit_softcap=cap,
+                )  # fmt: skip
             if packing is not None:  # 0 where nothing was attended
                 logp, entropy = packing.unpack(logp, logits_to_keep), packing.unpack(entropy, logits_to_keep)
             keep = am[:, -logits_to_keep:] != 0  # TRL's fused head: 0 where the label is -100
@@ -238,9 +246,8 @@ class FastGRPOTrainer(GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         # MoE: the backbone returns its router logits for the balancing loss
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        out, hidden, weight, bias, packing = self._hidden_and_head(
-            model, input_ids, attention_mask, completion_ids.size(1), **router
-        )
+        keep = completion_ids.size(1)
+        out, hidden, packing = self._hidden(model, input_ids, attention_mask, keep, **router)
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -285,24 +292,25 @@ class FastGRPOTrainer(GRPOTrainer):
             old_logp, ref_logp, sampling_logp = take(old_logp), take(ref_logp), take(sampling_logp)
             if is_ratio is not None and is_ratio.shape == completion_ids.shape:
                 is_ratio = take(is_ratio)
-        loss, metrics = gf.grpo_loss(
-            hidden,
-            weight,
-            targets,
-            loss_mask,
-            advantages,
-            old_logp,
-            ref_logp,
-            bias,
-            config=config,
-            num_items_in_batch=num_items,
-            seq_ids=seq_ids,
-            sampling_logp=sampling_logp,
-            importance_sampling_ratio=is_ratio,
-            entropy_gather=gather if config.top_entropy_quantile < 1.0 else None,
-            backend=self.grpo_fast_backend,
-            batch_invariant=self.grpo_fast_batch_invariant,
-        )
+        with self._head(model, hidden) as (hidden, weight, bias):
+            loss, metrics = gf.grpo_loss(
+                hidden,
+                weight,
+                targets,
+                loss_mask,
+                advantages,
+                old_logp,
+                ref_logp,
+                bias,
+                config=config,
+                num_items_in_batch=num_items,
+                seq_ids=seq_ids,
+                sampling_logp=sampling_logp,
+                importance_sampling_ratio=is_ratio,
+                entropy_gather=gather if config.top_entropy_quantile < 1.0 else None,
+                backend=self.grpo_fast_backend,
+                batch_invariant=self.grpo_fast_batch_invariant,
+            )
         self._log_loss_metrics(mode, metrics, mask, token_adv=inputs["advantages"].dim() == 2)
         if self._entropy_bonus_enabled:
             # TRL's policy_loss: the policy term as its normalizer has it, before accumulation scaling
