@@ -432,7 +432,13 @@ def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path):
         dict(loss_type="cispo", gradient_checkpointing=True, freeze_lm_head=True, reward_weights=[2.0]),
         dict(bf16=True, loss_type="sapo", top_k=5),
         dict(offload_activations=True, gradient_checkpointing=True),
-        dict(padding_free=True, max_tokens_per_microbatch=10, gradient_accumulation_steps=2, beta=0.04),
+        dict(
+            padding_free=True,
+            max_tokens_per_microbatch=10,
+            gradient_accumulation_steps=2,
+            beta=0.04,
+            gradient_checkpointing=True,
+        ),
         # TRL's other loss options, with their metrics (the thin trainer has no vLLM: sampling = old)
         dict(
             top_entropy_quantile=0.5,
