@@ -2,8 +2,11 @@
 # The GPU session's one command: carried wheels, the build, then the phases of the GPU record.
 #
 #   benchmarks/run_gpu.sh [--cpu-dry-run] [PHASE ...]
-#       PHASE: preamble truth tests table longctx report (default: all six, in that order);
+#       PHASE: preamble truth tests table longctx trainstep report (default: all seven, in that order);
 #              vocab_parallel (the NCCL overhead of the vocab-parallel path) only when named.
+#       trainstep: benchmarks/bench_longctx.py, one GRPO training step of TRL, FastGRPOTrainer and the thin
+#              trainer (padded, padding-free, token budget) at growing completion lengths, into
+#              longctx-gpu-<date>.json and .png (issue 16); it gets the time the phases before it left.
 #
 # Results: $OUT/<device>-<date>.json (benchmarks/results/ when OUT is unset), rewritten after every
 # measurement, so a run that is killed still returns what it measured; tests.log and bench.log next to it;
@@ -36,7 +39,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth tests table longctx report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth tests table longctx trainstep report)
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the phases cd around
 status=0
@@ -102,6 +105,19 @@ for phase in "${PHASES[@]}"; do
                 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
             fi
             ;;
+        trainstep)
+            if [ $DRY -eq 1 ]; then
+                LC_OUT="$LOGDIR/longctx-cpu-dry.json"
+                LC_ARGS=(--dry-run)
+            else
+                LC_OUT="$LOGDIR/longctx-gpu-$(date +%Y%m%d).json"
+                LC_ARGS=(--device cuda --bf16 --hidden 512 --layers 4 --completions 8
+                         --lengths 4096 8192 16384 32768 --token-budget 32768 --budget-mb 40960)
+            fi
+            timeout $(( $(left) > 60 ? $(left) - 20 : 30 )) "$PY" benchmarks/bench_longctx.py "${LC_ARGS[@]}" \
+                --time-limit $(( $(left) > 90 ? $(left) - 60 : 20 )) --out "$LC_OUT" 2>&1 | tee -a "$LOGDIR/bench.log"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            ;;
         vocab_parallel)
             if [ $DRY -eq 1 ]; then
                 echo "vocab_parallel needs CUDA and NCCL: not in the dry run"
@@ -112,12 +128,13 @@ for phase in "${PHASES[@]}"; do
                 2>&1 | tee -a "$LOGDIR/bench.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
             ;;
-        *) echo "unknown phase $phase (preamble, truth, tests, table, longctx, report, vocab_parallel)"; status=1 ;;
+        *) echo "unknown phase $phase (preamble, truth, tests, table, longctx, trainstep, report, vocab_parallel)"; status=1 ;;
     esac
 done
 
 if [ $DRY -eq 0 ] && [ "$(dirname "$RESULTS")" != benchmarks/results ]; then
-    for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md" "${RESULTS%.json}-vocab-parallel.json"; do
+    for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md" "${RESULTS%.json}-vocab-parallel.json" \
+             "$LOGDIR"/longctx-gpu-*.json "$LOGDIR"/longctx-gpu-*.png; do
         [ -f "$f" ] && cp "$f" benchmarks/results/
     done
 fi
