@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue as stdlib_queue
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,16 +36,10 @@ import time
 from datetime import date
 from pathlib import Path
 
+from step_timing import measure
+
 IMPLS = ("trl", "fast", "fast-padding-free", "thin", "thin-padding-free", "thin-padding-free-budget")
 VOCAB, PROMPT = 151936, 64
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def completion_lengths(tokens: int, completions: int, spread: str) -> list[int]:
@@ -183,24 +176,9 @@ def _case(impl: str, args, tokens: int, queue) -> None:
     step = (_trl_step if impl in ("trl", "fast", "fast-padding-free") else _thin_step)(
         impl, args, tokens, device
     )
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mb()
-    times = []
-    for _ in range(args.iters + 1):  # the first is the warm-up; its memory counts (the peak is the peak)
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    queue.put(dict(step_s=statistics.median(times[1:]), peak_mb=round(peak, 1)))
+    # The warm-up's memory counts: the peak is the peak.
+    times, peak = measure(step, device, args.iters, warmup_in_peak=True)
+    queue.put(dict(step_s=statistics.median(times), peak_mb=round(peak, 1)))
 
 
 class _InProcess:

@@ -17,22 +17,14 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from step_timing import measure
 
 
 def _case(impl: str, with_old: bool, tokens: int, completions: int, iters: int, device: str, queue) -> None:
@@ -86,24 +78,7 @@ def _case(impl: str, with_old: bool, tokens: int, completions: int, iters: int, 
         trainer.model.zero_grad(set_to_none=True)
         trainer._compute_loss(trainer.model, dict(inputs)).backward()
 
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mb()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    times, peak = measure(step, device, iters, warmup_in_peak=False)
     queue.put(dict(impl=impl, old_logp=with_old, step_s=statistics.median(times), peak_mb=peak))
 
 

@@ -67,15 +67,20 @@ def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fast_trainer_matches_trl_on_two_processes(tmp_path):
+def spawn_with_model(worker, tmp_path) -> None:
+    """``worker(rank, rendezvous file, model dir, out dir)`` on WORLD processes (demo model saved)."""
     model_dir = tmp_path / "model"
     demo.save_pretrained(str(model_dir))
     mp.spawn(
-        _worker,
+        worker,
         args=(str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "out")),
         nprocs=WORLD,
         join=True,
     )
+
+
+def test_fast_trainer_matches_trl_on_two_processes(tmp_path):
+    spawn_with_model(_worker, tmp_path)
 
 
 def _fsdp_worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
@@ -118,11 +123,4 @@ def _fsdp_worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
 
 
 def test_fsdp2_sharded_head_runs_on_the_fused_path(tmp_path):
-    model_dir = tmp_path / "model"
-    demo.save_pretrained(str(model_dir))
-    mp.spawn(
-        _fsdp_worker,
-        args=(str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "out")),
-        nprocs=WORLD,
-        join=True,
-    )
+    spawn_with_model(_fsdp_worker, tmp_path)

@@ -220,6 +220,35 @@ def both_loss_steps(trainer, inputs: dict, full=lambda grad: grad.clone()) -> li
     return results
 
 
+def assert_same_loss_step(want: tuple, got: tuple) -> None:
+    """TRL's (loss, gradients, logs) from ``both_loss_steps`` and ours agree."""
+    (want_loss, want_grads, want_logs), (got_loss, got_grads, got_logs) = want, got
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert want_grads.keys() == got_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+    assert want_logs.keys() == got_logs.keys()
+    for key in want_logs:
+        assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
+
+
+def with_case(trainer, inputs: dict, case: str) -> None:
+    """Inputs of ``case`` in place: per-token advantages, or vLLM's importance-sampling ratio (per token,
+    or per sequence with one sequence masked out by TRL's sequence_mask mode)."""
+    g = torch.Generator().manual_seed(3)
+    B, C = inputs["completion_ids"].shape
+    if case == "token_advantages":
+        inputs["advantages"] = torch.randn(B, C, generator=g)
+    if case.startswith("is_"):
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        shape = (B, C) if case == "is_token_truncate" else (B, 1)
+        ratio = torch.exp(0.2 * torch.randn(*shape, generator=g)).clamp(max=2.0)
+        if case == "is_sequence_mask":
+            ratio[0] = 0.0
+        inputs["importance_sampling_ratio"] = ratio * (inputs["completion_mask"] if shape[1] > 1 else 1)
+        inputs["importance_sampling_ratio"] += (1 - inputs["completion_mask"]) if shape[1] > 1 else 0
+
+
 @pytest.mark.parametrize(
     "case", ["plain", "token_advantages", "is_token_truncate", "is_sequence_mask", "sampling_off_policy"]
 )
@@ -236,28 +265,10 @@ def test_compute_loss_inputs_match_trl(model_dir, tmp_path, case, loss_type):
         off_policy_mask_threshold=0.01 if case == "sampling_off_policy" else None,
     )
     inputs = _one_batch(trainer, seed=7)
-    g = torch.Generator().manual_seed(3)
-    B, C = inputs["completion_ids"].shape
     inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] - 0.02
-    if case == "token_advantages":
-        inputs["advantages"] = torch.randn(B, C, generator=g)
-    if case.startswith("is_"):
-        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
-        shape = (B, C) if case == "is_token_truncate" else (B, 1)
-        ratio = torch.exp(0.2 * torch.randn(*shape, generator=g)).clamp(max=2.0)
-        if case == "is_sequence_mask":
-            ratio[0] = 0.0  # masked out by TRL's sequence_mask mode
-        inputs["importance_sampling_ratio"] = ratio * (inputs["completion_mask"] if shape[1] > 1 else 1)
-        inputs["importance_sampling_ratio"] += (1 - inputs["completion_mask"]) if shape[1] > 1 else 0
-    (want, want_grads, want_logs), (got, got_grads, got_logs) = both_loss_steps(trainer, inputs)
+    with_case(trainer, inputs, case)
+    assert_same_loss_step(*both_loss_steps(trainer, inputs))
     assert not trainer._fallback_warned
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert want_grads.keys() == got_grads.keys()
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-6)
-    assert want_logs.keys() == got_logs.keys()
-    for key in want_logs:
-        assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
 HEADS = {

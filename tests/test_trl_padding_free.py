@@ -20,10 +20,12 @@ from .test_trainer import one_thread  # noqa: E402,F401 - autouse fixture
 from .test_trl_integration import (
     _one_batch,
     assert_same_logs,
+    assert_same_loss_step,
     both_loss_steps,
     correct,
     loss_step_trainer,
     train,
+    with_case,
 )  # noqa: E402
 
 model_dir, moe_dir = base.model_dir, base.moe_dir  # the tiny Qwen2 and Mixtral directories (fixtures)
@@ -67,24 +69,9 @@ def test_padding_free_loss_step_matches_trls_padded_step(model_dir, tmp_path, ca
     )
     trainer.grpo_fast_padding_free = True
     inputs = ragged_batch(trainer, seed=5)
-    B, C = inputs["completion_ids"].shape
-    g = torch.Generator().manual_seed(3)
-    if case == "token_advantages":
-        inputs["advantages"] = torch.randn(B, C, generator=g)
-    if case.startswith("is_"):
-        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
-        shape = (B, C) if case == "is_token_truncate" else (B, 1)
-        ratio = torch.exp(0.2 * torch.randn(*shape, generator=g)).clamp(max=2.0)
-        inputs["importance_sampling_ratio"] = ratio
-    (want, want_grads, want_logs), (got, got_grads, got_logs) = both_loss_steps(trainer, inputs)
+    with_case(trainer, inputs, case)
+    assert_same_loss_step(*both_loss_steps(trainer, inputs))
     assert not trainer._fallback_warned
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert want_grads.keys() == got_grads.keys()
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-6, msg=name)
-    assert want_logs.keys() == got_logs.keys()
-    for key in want_logs:
-        assert got_logs[key] == pytest.approx(want_logs[key], rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
 def test_padding_free_logprob_pass_matches_trls(model_dir, tmp_path):

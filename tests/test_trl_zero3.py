@@ -15,11 +15,8 @@ pytest.importorskip("datasets")
 pytest.importorskip("deepspeed")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from grpo_fast.trainer import demo  # noqa: E402
-
-from .test_trl_distributed import _join  # noqa: E402
+from .test_trl_distributed import _join, spawn_with_model  # noqa: E402
 from .test_trl_integration import assert_same_logs, train  # noqa: E402
 
 ZERO3 = {
@@ -67,11 +64,4 @@ def _worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of ZeRO-3 (gloo, CPU accelerator)")
 def test_zero3_partitioned_head_runs_on_the_fused_path_and_matches_trl(tmp_path):
-    model_dir = tmp_path / "model"
-    demo.save_pretrained(str(model_dir))
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "out")),
-        nprocs=2,
-        join=True,
-    )
+    spawn_with_model(_worker, tmp_path)
