@@ -64,7 +64,7 @@ def _model(args, tokens: int, device: str):
 
 
 def _batch(args, tokens: int, device: str) -> dict:
-    """Left-padded prompts of 3/4 to all of PROMPT tokens, completions of the spread's lengths."""
+    """Left-padded prompts of PROMPT - 12 to PROMPT tokens, completions of the spread's lengths."""
     import torch
 
     g = torch.Generator().manual_seed(1)
