@@ -36,7 +36,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from step_timing import measure
+from step_timing import measure, trl_loss_step
 
 IMPLS = ("trl", "fast", "fast-padding-free", "thin", "thin-padding-free", "thin-padding-free-budget")
 VOCAB, PROMPT = 151936, 64
@@ -82,40 +82,15 @@ def _batch(args, tokens: int, device: str) -> dict:
 
 
 def _trl_step(impl: str, args, tokens: int, device: str):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from grpo_fast.integrations.trl import FastGRPOTrainer
-    from grpo_fast.trainer import demo
 
-    model = _model(args, tokens, device)
     cls = GRPOTrainer if impl == "trl" else FastGRPOTrainer
     extra = {"grpo_fast_padding_free": True} if impl == "fast-padding-free" else {}
-    with tempfile.TemporaryDirectory() as out:
-        config = GRPOConfig(
-            output_dir=out, use_cpu=device == "cpu", report_to=[],
-            per_device_train_batch_size=args.completions, num_generations=args.completions,
-            max_completion_length=tokens, bf16=args.bf16, beta=0.0, gradient_checkpointing=False,
-            loss_type="dapo",
-        )  # fmt: skip
-        trainer = cls(
-            model=model,
-            reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
-            args=config,
-            train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
-            processing_class=demo.build_tokenizer(),
-            **extra,
-        )
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
     inputs = _batch(args, tokens, device)
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum().float()
-
-    def step() -> None:
-        trainer.model.zero_grad(set_to_none=True)
-        trainer._compute_loss(trainer.model, dict(inputs)).backward()
-
-    return step
+    return trl_loss_step(cls, _model(args, tokens, device), inputs, tokens, device, args.bf16, **extra)
 
 
 def _thin_step(impl: str, args, tokens: int, device: str):

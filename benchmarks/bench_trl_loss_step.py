@@ -20,46 +20,26 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 
-from step_timing import measure
+from step_timing import measure, trl_loss_step
 
 
 def _case(impl: str, with_old: bool, tokens: int, completions: int, iters: int, device: str, queue) -> None:
     import torch
-    from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from grpo_fast.integrations.trl import FastGRPOTrainer
-    from grpo_fast.trainer import demo
 
     torch.manual_seed(0)
-    tokenizer = demo.build_tokenizer()
     config = Qwen2Config(
         vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=tokens + 64,
         tie_word_embeddings=True,
     )  # fmt: skip
     model = Qwen2ForCausalLM(config).to(device)
-    cls = FastGRPOTrainer if impl == "fast" else GRPOTrainer
-    with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out, use_cpu=device == "cpu", report_to=[], per_device_train_batch_size=completions,
-            num_generations=completions, max_completion_length=tokens, bf16=False, beta=0.0,
-            gradient_checkpointing=False, loss_type="dapo",
-        )  # fmt: skip
-        trainer = cls(
-            model=model,
-            reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
-            args=args,
-            train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
-            processing_class=tokenizer,
-        )
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
     g = torch.Generator().manual_seed(1)
     B, P = completions, 16
     inputs = dict(
@@ -73,11 +53,8 @@ def _case(impl: str, with_old: bool, tokens: int, completions: int, iters: int, 
     if with_old:
         inputs["old_per_token_logps"] = -10.0 + 0.1 * torch.randn(B, tokens, generator=g)
     inputs = {k: v.to(device) for k, v in inputs.items()}
-
-    def step() -> None:
-        trainer.model.zero_grad(set_to_none=True)
-        trainer._compute_loss(trainer.model, dict(inputs)).backward()
-
+    cls = FastGRPOTrainer if impl == "fast" else GRPOTrainer
+    step = trl_loss_step(cls, model, inputs, tokens, device)
     times, peak = measure(step, device, iters, warmup_in_peak=False)
     queue.put(dict(impl=impl, old_logp=with_old, step_s=statistics.median(times), peak_mb=peak))
 

@@ -1,10 +1,13 @@
-"""Time and peak memory of a training step, for the benchmark scripts that run one case per process."""
+"""A training step to time, and its time and peak memory, for the benchmark scripts that run one case per
+process."""
 
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def rss_mb() -> float:
@@ -50,3 +53,38 @@ def measure(
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     return times, peak
+
+
+def trl_loss_step(
+    cls: type, model: Any, inputs: dict, tokens: int, device: str, bf16: bool = False, **trainer_kwargs: Any
+) -> Callable[[], None]:
+    """One loss step (``_compute_loss`` + backward, dapo, no reference) of TRL's GRPOTrainer or a subclass
+    (``cls``) on ``inputs``, a batch as TRL's generation hands it over with G = its rows."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from grpo_fast.trainer import demo
+
+    completions = inputs["completion_ids"].shape[0]
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, use_cpu=device == "cpu", report_to=[], per_device_train_batch_size=completions,
+            num_generations=completions, max_completion_length=tokens, bf16=bf16, beta=0.0,
+            gradient_checkpointing=False, loss_type="dapo",
+        )  # fmt: skip
+        trainer = cls(
+            model=model,
+            reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+            args=config,
+            train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
+            processing_class=demo.build_tokenizer(),
+            **trainer_kwargs,
+        )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+
+    def step() -> None:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._compute_loss(trainer.model, dict(inputs)).backward()
+
+    return step
