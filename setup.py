@@ -1,4 +1,4 @@
-"""Build of grpo_fast: the package, the Triton kernels as grpo_fast.kernels, and the extension grpo_fast._C.
+"""Build of grpo_fast: the package, the Triton kernels (kernels/) as grpo_fast.kernels, and grpo_fast._C.
 
 Metadata lives in pyproject.toml. Sources and flags of the extension come from csrc/sources.txt and
 csrc/flags.txt, which CMakeLists.txt reads too. Install with ``pip install --no-build-isolation -e .``
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -97,13 +98,25 @@ def extension_modules() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-def packages() -> tuple[list[str], dict[str, str]]:
-    """grpo_fast and subpackages, plus kernels/ as grpo_fast.kernels (never a top-level ``kernels``)."""
-    pkgs = find_packages(include=["grpo_fast", "grpo_fast.*"])
-    pkgs += ["grpo_fast.kernels"] + [f"grpo_fast.kernels.{p}" for p in find_packages("kernels")]
-    return pkgs, {"grpo_fast.kernels": "kernels", "grpo_fast": "grpo_fast"}
+class build_py(_build_py):
+    """Also copies the top-level kernels/ modules into grpo_fast.kernels.
+
+    kernels/ is no package (no ``__init__.py``), so it never shadows the Hugging Face ``kernels`` from the
+    repository root; a source checkout reaches it through grpo_fast.kernels' ``__path__``, a wheel needs
+    the files themselves.
+    """
+
+    def find_package_modules(self, package: str, package_dir: str) -> list[tuple[str, str, str]]:
+        modules = super().find_package_modules(package, package_dir)
+        if package == "grpo_fast.kernels":
+            sources = sorted((ROOT / "kernels").glob("*.py"))
+            modules += [(package, f.stem, str(f.relative_to(ROOT))) for f in sources]
+        return modules
 
 
 ext_modules, cmdclass = extension_modules()
-pkgs, package_dir = packages()
-setup(packages=pkgs, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=find_packages(include=["grpo_fast", "grpo_fast.*"]),
+    ext_modules=ext_modules,
+    cmdclass={**cmdclass, "build_py": build_py},
+)

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 import grpo_fast as gf
-from grpo_fast.tolerance import LOSS_SCALE, bound, max_err, scale_of
+from grpo_fast.tolerance import bound, max_err, scale_for
 
 
 def assert_within(name: str, got: Tensor, same_dtype_ref: Tensor, truth: Tensor, dtype: torch.dtype) -> None:
     err, ref_err = max_err(got, truth), max_err(same_dtype_ref, truth)
-    limit = bound(ref_err, scale_of(truth, LOSS_SCALE if name == "loss" else 1e-30), dtype)
+    limit = bound(ref_err, scale_for(name, truth), dtype)
     assert err <= limit, (
         f"{name}: error {err:.3e} vs fp64 truth exceeds {limit:.3e} (torch {dtype}: {ref_err:.3e})"
     )

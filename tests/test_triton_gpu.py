@@ -16,13 +16,12 @@ pytestmark = [
 
 pytest.importorskip("triton")
 
-from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
-
 import grpo_fast as gf  # noqa: E402
 from grpo_fast import backends  # noqa: E402
 from grpo_fast.backends.torch_ops import TorchChunkOps  # noqa: E402
 from grpo_fast.backends.triton_ops import TritonChunkOps, triton_group_advantages, triton_selective_logprobs  # noqa: E402
 from grpo_fast.config import LOSS_TYPES  # noqa: E402
+from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
 
 from .chunk_cases import truth_stats  # noqa: E402
 from .helpers import assert_within, make_batch  # noqa: E402

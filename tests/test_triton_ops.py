@@ -23,9 +23,6 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         "no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True
     )
 
-from grpo_fast.kernels import advantages as adv_kernels  # noqa: E402
-from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
-
 import grpo_fast as gf  # noqa: E402
 from grpo_fast import backends  # noqa: E402
 from grpo_fast.backends.torch_ops import TorchChunkOps  # noqa: E402
@@ -35,6 +32,8 @@ from grpo_fast.backends.triton_ops import (  # noqa: E402
     triton_selective_logprobs,
 )
 from grpo_fast.config import LOSS_TYPES  # noqa: E402
+from grpo_fast.kernels import advantages as adv_kernels  # noqa: E402
+from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
 
 from .chunk_cases import C, H, V, truth_dlogits, truth_stats  # noqa: E402
 from .chunk_cases import tile as cpu_tile  # noqa: E402

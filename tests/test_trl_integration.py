@@ -188,8 +188,9 @@ def _one_batch(trainer, seed: int) -> dict:
     )
 
 
-def loss_step_trainer(model_dir, out, **options) -> FastGRPOTrainer:
-    """A FastGRPOTrainer whose _compute_loss the tests call directly (TRL's and ours, one batch)."""
+def loss_step_trainer(model_dir, out, fast_options: dict | None = None, **options) -> FastGRPOTrainer:
+    """A FastGRPOTrainer whose _compute_loss the tests call directly (TRL's and ours, one batch);
+    ``fast_options`` are FastGRPOTrainer's own keywords, ``options`` TRL's config."""
     defaults = dict(
         use_cpu=True, report_to=[], per_device_train_batch_size=4, num_generations=4,
         max_completion_length=5, loss_type="dapo", beta=0.04, seed=0, bf16=False,
@@ -200,6 +201,7 @@ def loss_step_trainer(model_dir, out, **options) -> FastGRPOTrainer:
         args=GRPOConfig(output_dir=str(out), **{**defaults, **options}),
         train_dataset=Dataset.from_list(demo.make_rows(8, seed=1)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
+        **(fast_options or {}),
     )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
@@ -385,3 +387,34 @@ def test_old_logprobs_come_from_grpo_fast_and_on_policy_ratio_is_one(model_dir, 
     assert trl_pass == []  # old and reference log-probs: grpo_fast's pass
     first = seen[0]  # first update, first micro-batch: the policy has not moved yet
     assert first["ratio_not_one"] == 0.0 and first["clip_ratio_region"] == 0.0
+
+
+def test_trl_outside_the_verified_range_is_refused_then_allowed_with_one_warning(
+    model_dir, tmp_path, monkeypatch
+):
+    import trl
+
+    from grpo_fast.integrations import trl as fast_trl
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(RuntimeError, match=r"verified with TRL .*1\.16.*grpo_fast_allow_untested_trl=True"):
+        loss_step_trainer(model_dir, tmp_path / "refused")
+    monkeypatch.setattr(fast_trl, "_untested_trl_warned", False)
+    allow = {"grpo_fast_allow_untested_trl": True}
+    with pytest.warns(UserWarning, match="outside its verified range") as record:
+        trainer = loss_step_trainer(model_dir, tmp_path / "allowed", fast_options=allow)
+        loss_step_trainer(model_dir, tmp_path / "again", fast_options=allow)
+    assert sum("verified range" in str(w.message) for w in record) == 1
+    inputs = _one_batch(trainer, seed=0)
+    assert_same_loss_step(*both_loss_steps(trainer, inputs))
+
+
+def test_trl_without_the_overridden_methods_is_refused_by_name(monkeypatch):
+    from grpo_fast.integrations import trl as fast_trl
+
+    fast_trl.check_trl_version(allow_untested=False, version="1.16.0")
+    monkeypatch.delattr(GRPOTrainer, "_get_per_token_logps_and_entropies")
+    with pytest.raises(RuntimeError, match="GRPOTrainer._get_per_token_logps_and_entropies"):
+        fast_trl.check_trl_version(allow_untested=True, version="1.18.0")
+    with pytest.raises(TypeError, match="grpo_fast_allow_untested_trl must be a bool"):
+        FastGRPOTrainer(model=None, grpo_fast_allow_untested_trl="yes")

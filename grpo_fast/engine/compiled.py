@@ -50,11 +50,28 @@ def _no_process_group(process_group: object, vocab_start: object) -> None:
         )
 
 
+# Private torch API the op bodies rely on, checked on first use so that a torch without it gives one clear
+# error instead of an AttributeError from inside a compiled graph.
+_PRIVATE_DISPATCH_API = (
+    "_ForceDispatchKeyGuard",
+    "_dispatch_tls_local_exclude_set",
+    "_dispatch_tls_local_include_set",
+    "DispatchKey",
+)
+
+
 @contextlib.contextmanager
 def _autograd_inside_op() -> Iterator[None]:
     """Autograd dispatch back on inside an op's body, grad mode off, as in an autograd Function's forward:
     the engine differentiates the per-token objective with autograd under its own enable_grad
     (engine/objective.py), but a custom op runs below the autograd dispatch keys."""
+    missing = [name for name in _PRIVATE_DISPATCH_API if not hasattr(torch._C, name)]
+    if missing:
+        raise RuntimeError(
+            f"grpo_fast under torch.compile needs torch's private dispatch API ({', '.join(missing)}), which "
+            f"torch {torch.__version__} lacks: call grpo_fast outside the compiled region "
+            "(torch.compiler.disable), or use a torch release this grpo_fast is tested with (see the README)"
+        )
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
         exclude = exclude.remove(getattr(torch._C.DispatchKey, key))

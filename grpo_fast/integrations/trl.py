@@ -26,11 +26,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import trl
 from accelerate.utils import is_peft_model
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 import grpo_fast as gf
 
@@ -38,6 +40,49 @@ from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
 from ..engine.objective import averaged_over_sequences
 from .hf import HIDDEN_KWARG, add_hidden_forward, head_transform, lm_head, match_head_dtype, unsupported_head
 from .packing import VARLEN_ATTENTION, Packing, attention_implementation, check_packable
+
+# The TRL releases FastGRPOTrainer is tested against: it overrides GRPOTrainer's private methods (below)
+# and reads its attributes, which any release may rename or change.
+VERIFIED_TRL = SpecifierSet(">=1.16.0,<1.17")
+# GRPOTrainer's private methods overridden here: an override of a method TRL no longer calls is silently
+# never run, so an untested release must at least still have them.
+OVERRIDDEN_TRL_METHODS = ("_compute_loss", "_get_per_token_logps_and_entropies")
+_untested_trl_warned = False
+
+try:  # TRL's private helpers; a release without them is reported by check_trl_version, not here
+    from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+except ImportError as _err:  # pragma: no cover - depends on the installed TRL
+    _TRL_HELPERS_MISSING: ImportError | None = _err
+else:
+    _TRL_HELPERS_MISSING = None
+
+
+def check_trl_version(allow_untested: bool, version: str | None = None) -> None:
+    """Refuses a TRL release outside VERIFIED_TRL unless ``allow_untested`` (then warns once); refuses
+    any release that lacks what FastGRPOTrainer overrides or imports."""
+    global _untested_trl_warned
+    version = trl.__version__ if version is None else version
+    if Version(version) not in VERIFIED_TRL:
+        if not allow_untested:
+            raise RuntimeError(
+                f"FastGRPOTrainer is verified with TRL {VERIFIED_TRL}, and TRL {version} is installed: it "
+                f"overrides TRL's private loss methods, which other releases may change. Install "
+                f"trl{VERIFIED_TRL}, or pass grpo_fast_allow_untested_trl=True to run anyway (unverified)."
+            )
+        if not _untested_trl_warned:
+            _untested_trl_warned = True
+            warnings.warn(
+                f"FastGRPOTrainer runs on TRL {version}, outside its verified range {VERIFIED_TRL} "
+                "(grpo_fast_allow_untested_trl=True): its losses and gradients are not checked against it",
+                stacklevel=3,
+            )
+    missing = [m for m in OVERRIDDEN_TRL_METHODS if not callable(getattr(GRPOTrainer, m, None))]
+    if missing or _TRL_HELPERS_MISSING is not None:
+        what = ", ".join(f"GRPOTrainer.{m}" for m in missing) or str(_TRL_HELPERS_MISSING)
+        raise RuntimeError(
+            f"TRL {version} lacks what FastGRPOTrainer builds on ({what}); install trl{VERIFIED_TRL}"
+        )
+
 
 # Batch keys of vision-language inputs: the hidden states path here is text-only.
 MULTIMODAL_KEYS = (
@@ -71,6 +116,9 @@ class FastGRPOTrainer(GRPOTrainer):
     ``grpo_fast_padding_free=True`` runs the backbone on each batch's real tokens only, packed (see
     :mod:`grpo_fast.integrations.packing`), in the loss step and in the old/reference log-prob passes;
     the model needs an attention implementation that isolates packed sequences (sdpa, eager, flex, flash).
+
+    The installed TRL must be within ``VERIFIED_TRL``; ``grpo_fast_allow_untested_trl=True`` runs on another
+    release anyway, with one warning.
     """
 
     def __init__(
@@ -79,14 +127,17 @@ class FastGRPOTrainer(GRPOTrainer):
         grpo_fast_backend: str = "auto",
         grpo_fast_batch_invariant: bool = False,
         grpo_fast_padding_free: bool = False,
+        grpo_fast_allow_untested_trl: bool = False,
         **kwargs: Any,
     ):
         for name, value in (
             ("grpo_fast_batch_invariant", grpo_fast_batch_invariant),
             ("grpo_fast_padding_free", grpo_fast_padding_free),
+            ("grpo_fast_allow_untested_trl", grpo_fast_allow_untested_trl),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        check_trl_version(grpo_fast_allow_untested_trl)
         if grpo_fast_padding_free:  # before TRL's set-up: a model that cannot pack fails fast
             model = kwargs.get("model", args[0] if args else None)
             if isinstance(model, nn.Module):

@@ -1,5 +1,10 @@
 """Triton kernels, shipped as ``grpo_fast.kernels`` (never a top-level ``kernels``).
 
+Their sources are the repository's top-level ``kernels/`` directory. It holds no ``__init__.py``, so from
+the repository root (where ``python -m pytest`` puts it on ``sys.path``) ``import kernels`` still finds
+the Hugging Face package that transformers imports. A built wheel copies those modules beside this file
+(setup.py's ``build_py``); a source checkout, editable install included, finds them through ``__path__``.
+
 They do row-wise work only; the per-token GRPO math lives in Python (``grpo_fast.engine.objective``).
 One op per module, each with the same layering: the ``@triton.jit`` kernel, then a launch wrapper that
 checks its inputs, allocates the outputs and picks the launch configuration. The backend that calls
@@ -19,3 +24,10 @@ change the code are ``tl.constexpr``. Row offsets are 64-bit, so tiles with ``C 
 correctly. Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported), on CPU tensors.
 """
+
+from pathlib import Path as _Path
+
+_checkout = _Path(__file__).resolve().parents[2] / "kernels"
+if (_checkout / "chunk_stats.py").is_file() and str(_checkout) not in __path__:
+    __path__.append(str(_checkout))
+del _Path, _checkout
