@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of code calling grpo_loss and selective_logprobs (issue 15, item 11).
+"""torch.compile(fullgraph=True) of code calling grpo_loss and selective_logprobs.
 
 Under compile each public function is one opaque custom op (grpo_fast/engine/compiled.py): these tests
 check that the traced graph has no break, that loss, metrics, log-probs and every gradient equal the eager

@@ -333,8 +333,8 @@ def test_cuda_tile_budget_follows_free_memory(monkeypatch):
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("spread", [4.0, 8.0])
 def test_far_from_reference_kl_accuracy(backend, spread):
-    # ref - logp ~ +-spread: exp(ref - logp) of the bias-corrected KL reaches e^(3 spread). The native
-    # backend once lost 7x TRL's own gradient accuracy here (issue 13, item 4).
+    # ref - logp ~ +-spread: exp(ref - logp) of the bias-corrected KL reaches e^(3 spread), where an
+    # imprecise kernel loses gradient accuracy against TRL's own.
     batch = make_batch(seed=5, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     noise = spread * torch.randn(batch["ref_logp"].shape, generator=g, dtype=torch.float64)
