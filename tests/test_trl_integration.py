@@ -406,6 +406,7 @@ def test_trl_outside_the_verified_range_is_refused_then_allowed_with_one_warning
         loss_step_trainer(model_dir, tmp_path / "again", fast_options=allow)
     assert sum("verified range" in str(w.message) for w in record) == 1
     inputs = _one_batch(trainer, seed=0)
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] - 0.02
     assert_same_loss_step(*both_loss_steps(trainer, inputs))
 
 
