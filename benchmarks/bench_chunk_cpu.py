@@ -20,7 +20,7 @@ import torch
 
 from grpo_fast.backends.native_ops import NativeChunkOps
 from grpo_fast.backends.torch_ops import TorchChunkOps
-from grpo_fast.engine.chunking import auto_chunk_size
+from grpo_fast.engine.tile_size import auto_chunk_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -4,9 +4,9 @@ old log-probs: time and peak memory, each case in a fresh process.
     python benchmarks/bench_trl_loss_step.py --completion-tokens 1024 --out benchmarks/results/x.json
 
 The model is a Qwen2 with a real vocabulary (151936) and a small backbone (hidden 128, 2 layers), so the
-LM head is what the step spends its time and memory on, as in long-completion training. Old log-probs
-(``num_iterations > 1``) used to cost FastGRPOTrainer a second LM-head pass for TRL's per-sequence clip
-metrics; they now come from the loss pass. On the CPU the peak is the process's resident set above what
+LM head is what the step spends its time and memory on, as in long-completion training. With old log-probs
+(``num_iterations > 1``) FastGRPOTrainer takes TRL's per-sequence clip metrics from the loss pass, with no
+second LM-head pass. On the CPU the peak is the process's resident set above what
 it held before the step; on CUDA, torch's peak allocation.
 """
 

@@ -18,7 +18,7 @@ import torch
 from grpo_fast import backends
 from grpo_fast.benchmarking import harness as bench
 from grpo_fast.engine import chunk_loop
-from grpo_fast.engine.chunking import auto_chunk_size
+from grpo_fast.engine.tile_size import auto_chunk_size
 
 # FLOPs per N*H*V of each implementation's step: forward + backward of the loss, or a no-grad forward.
 LOGPROB_IMPLS = ("grpo_fast-triton-logprobs", "grpo_fast-triton-logprobs-fused")

@@ -2,7 +2,7 @@
 
 One real-vocabulary batch per loss family (the clipped surrogate with KL, GSPO's sequence-level ratio,
 CISPO, SAPO, VESPO), on each backend, in the run's dtype: the loss and the hidden, weight and bias
-gradients must be within the test suite's tolerance rule (``grpo_fast.tolerance``) of an fp64 reference
+gradients must be within the tolerance rule (``grpo_fast.commands.accuracy``) of an fp64 reference
 computed on the same device. Entries: ``{loss_type, config, backend, dtype, N, H, V, max_rel_err, ok}``.
 """
 

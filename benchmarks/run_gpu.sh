@@ -6,7 +6,7 @@
 #              vocab_parallel (the NCCL overhead of the vocab-parallel path) only when named.
 #       trainstep: benchmarks/bench_longctx.py, one GRPO training step of TRL, FastGRPOTrainer and the thin
 #              trainer (padded, padding-free, token budget) at growing completion lengths, into
-#              longctx-gpu-<date>.json and .png (issue 16); it gets the time the phases before it left.
+#              longctx-gpu-<date>.json and .png; it gets the time the phases before it left.
 #
 # Results: $OUT/<device>-<date>.json (benchmarks/results/ when OUT is unset), rewritten after every
 # measurement, so a run that is killed still returns what it measured; tests.log and bench.log next to it;

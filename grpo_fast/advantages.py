@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends
 from .engine.validation import validate_advantage_inputs
 
 
@@ -31,15 +30,4 @@ def group_advantages(
         rewards, group_size, scale, eps, reward_weights
     )
     name = backends.resolve(backend, rewards2d.device, "group_advantages")
-    if name == "native":
-        from .backends import _native
-
-        return _native.native_group_advantages(rewards2d, weights, group_size, scale, float(eps))
-    if name == "triton":
-        from .backends.triton_ops import triton_group_advantages
-
-        return triton_group_advantages(rewards2d, weights, group_size, scale, float(eps))
-    # No chunking to win here: the plain torch version is already one vectorized pass. In fp64 (where the
-    # device has it): fp32 loses the differences between large rewards, as the compiled kernels do not.
-    wide = torch.float64 if rewards2d.device.type in ("cpu", "cuda") else torch.float32
-    return reference.group_advantages(rewards2d, group_size, scale, float(eps), weights, compute_dtype=wide)
+    return backends.group_advantages_fn(name)(rewards2d, weights, group_size, scale, float(eps))

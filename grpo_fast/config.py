@@ -31,6 +31,9 @@ LOSS_TYPES = tuple(LOSS_NORMALIZERS)
 # Loss types whose surrogate is the PPO clipped min(); clip metrics are defined for these.
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# group_advantages' scale -> the scale_mode int every kernel takes (Triton's and the native
+# grpo_fast::group_advantages, whose csrc/advantages_math.h ScaleMode enum holds the same numbers).
+SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -124,7 +124,7 @@ def grpo_loss(
     sampling_logp: Tensor | None = None,
     importance_sampling_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO loss and metrics from materialized fp32 logits; see DESIGN.md for the math."""
+    """The GRPO loss and metrics from materialized fp32 logits; the math is in docs/architecture.md."""
     cfg = config or GRPOConfig()
     if hidden.dim() == 2:  # packed [N, H]: pad into TRL's [B, T] layout
         num_seqs = advantages.shape[0]

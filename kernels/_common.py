@@ -15,7 +15,7 @@ TILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch option of the tile kernels (chunk_stats, chunk_grad_): no a*b+c -> fma fusion, so every use of
 # z = x * inv_t (the row max, the exps, the gradient) sees the same fp32 z. A product fused in one place
 # and rounded in another puts up to half an ulp of z (|z| ~ 1/T) into every p: 8x PyTorch's gradient
-# error at T = 1e-3 (issue 15, item 7). They are memory-bound. Not for the fused log-prob GEMM: its fp32
+# error at T = 1e-3. They are memory-bound. Not for the fused log-prob GEMM: its fp32
 # dot is built from fmas, and its forward-only logp already carries lse's own rounding (ulp of 1/T).
 FP_FUSION = False
 

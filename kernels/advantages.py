@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..config import SCALE_MODES
 from ._common import check_device
 
-SCALES = {"group": 0, "none": 1, "batch": 2}
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -62,9 +62,9 @@ def _group_kernel(
             var = tl.sum(sq, axis=0) / count
             std = tl.sqrt(var * tl.where(count > 1, count / (count - 1), float("nan")))
         tl.store(out_ptr + rows, _nan_to_num(centered / (std + eps)), mask=ok)
-    elif scale_mode == 1:  # "none"
+    elif scale_mode == 2:  # "none"
         tl.store(out_ptr + rows, _nan_to_num(centered), mask=ok)
-    else:  # "batch": leave the centered values; the batch kernel divides by the batch std
+    else:  # 1, "batch": leave the centered values; the batch kernel divides by the batch std
         tl.store(out_ptr + rows, centered, mask=ok)
         tl.store(summed_ptr + rows, summed, mask=ok)
 
@@ -107,20 +107,21 @@ def group_advantages(rewards: Tensor, weights: Tensor, group_size: int, scale: s
         raise ValueError(f"{op}: weights must be fp32 [{funcs}], got {weights.dtype} {tuple(weights.shape)}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or n % group_size:
         raise ValueError(f"{op}: group_size must be a positive int dividing {n}, got {group_size!r}")
-    if scale not in SCALES:
-        raise ValueError(f"{op}: scale must be one of {tuple(SCALES)}, got {scale!r}")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"{op}: scale must be one of {tuple(SCALE_MODES)}, got {scale!r}")
     check_device(op, rewards, weights)
     rewards, weights = rewards.contiguous(), weights.contiguous()
     out = torch.empty(n, dtype=torch.float32, device=rewards.device)
     if n == 0:
         return out
-    mode = SCALES[scale]
-    summed = torch.empty_like(out) if mode == 2 else out  # scratch only for the batch std
+    mode = SCALE_MODES[scale]  # the numbers the kernel's branches test
+    batch = mode == SCALE_MODES["batch"]
+    summed = torch.empty_like(out) if batch else out  # scratch only for the batch std
     block_g = max(16, triton.next_power_of_2(group_size))
     _group_kernel[(n // group_size,)](
         rewards, weights, out, summed, funcs, group_size, float(eps), mode,
         BLOCK_G=block_g, num_warps=4 if block_g <= 1024 else 8,
     )  # fmt: skip
-    if mode == 2:
+    if batch:
         _batch_scale_kernel[(1,)](out, summed, n, float(eps), BLOCK=1024, num_warps=8)
     return out

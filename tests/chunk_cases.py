@@ -77,3 +77,30 @@ def ratio_spread(logp: torch.Tensor, with_old: bool) -> torch.Tensor | None:
     old = logp - torch.linspace(-0.6, 0.6, logp.shape[0], device=logp.device)
     old[:3] = logp[:3]
     return old
+
+
+def truth_entropy_grad(logits, targets, g, e, temperature):
+    """fp64 autograd of sum(g * logp[target]) + sum(e * H) w.r.t. the raw logits. A target outside the tile
+    (another shard's token) adds its logit, a constant here: logp = -lse + const. Masked -inf logits are
+    taken as -1e4, whose exp is exactly 0 in fp64 too."""
+    x = logits.double().nan_to_num(neginf=-1e4).requires_grad_(True)
+    z = x / temperature
+    lse = torch.logsumexp(z, -1)
+    owned = (targets >= 0) & (targets < x.shape[1])
+    logp = z.gather(1, targets.clamp(0, x.shape[1] - 1).unsqueeze(1)).squeeze(1) * owned - lse
+    log_probs = z - lse.unsqueeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    loss = (g.double() * logp).sum() + (e.double() * entropy).sum()
+    return torch.autograd.grad(loss, x)[0]
+
+
+def run_logprobs(fn, batch, temperature, **kw):
+    """logp, entropy and the gradients of a fixed weighting of logp."""
+    logp, ent = fn(
+        batch["hidden"], batch["weight"], batch["targets"], batch.get("bias"), temperature,
+        return_entropy=True, **kw,
+    )  # fmt: skip
+    weights = torch.linspace(-1, 1, logp.numel(), dtype=torch.float64, device=logp.device)
+    names = [k for k in ("hidden", "weight", "bias") if batch.get(k) is not None]
+    g = torch.autograd.grad((logp.double() * weights.reshape(logp.shape)).sum(), [batch[k] for k in names])
+    return logp.cpu(), ent.cpu(), {k: v.cpu() for k, v in zip(names, g, strict=True)}

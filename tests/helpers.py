@@ -1,6 +1,6 @@
 """Test helpers: random GRPO batches and the per-dtype tolerance rule.
 
-The tolerance rule itself lives in grpo_fast.tolerance (shared with `grpo-fast check`).
+The tolerance rule itself lives in grpo_fast.commands.accuracy (shared with `grpo-fast check`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 import grpo_fast as gf
-from grpo_fast.tolerance import bound, max_err, scale_for
+from grpo_fast.commands.accuracy import bound, max_err, scale_for
 
 
 def assert_within(name: str, got: Tensor, same_dtype_ref: Tensor, truth: Tensor, dtype: torch.dtype) -> None:

@@ -1,6 +1,6 @@
-"""torch.compile(fullgraph=True) of code calling grpo_loss and selective_logprobs (issue 15, item 11).
+"""torch.compile(fullgraph=True) of code calling grpo_loss and selective_logprobs.
 
-Under compile each public function is one opaque custom op (grpo_fast/engine/compiled.py): these tests
+Under compile each public function is one opaque custom op (grpo_fast/engine/compile_ops.py): these tests
 check that the traced graph has no break, that loss, metrics, log-probs and every gradient equal the eager
 ones, and that the input checks still run (a named ValueError, not a crash or a NaN).
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import grpo_fast as gf
-from grpo_fast.engine import compiled
+from grpo_fast.engine import compile_ops
 
 from .helpers import cast, make_batch
 
@@ -150,6 +150,6 @@ def test_custom_ops_pass_opcheck():
     h, w, b, t = base["hidden"], base["weight"], base["bias"], base["targets"].clamp(min=0)
     op = torch.ops.grpo_fast_compiled
     torch.library.opcheck(op.selective_logprobs.default, (h, w, t, b, 1.0, "torch", None, False, False, 30.0))
-    cfg = compiled._config_json(gf.GRPOConfig(beta=0.04))
+    cfg = compile_ops._config_json(gf.GRPOConfig(beta=0.04))
     args = (*_loss_args(base), None, None, None, None, None, cfg, "torch", None, False, [True, True, True])
     torch.library.opcheck(op.grpo_loss.default, args)

@@ -44,7 +44,7 @@ CASES = {
     "grpo": dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2),
     # a token mean per micro-batch; the whole batch in one micro-batch, 4 completions per rank.
     "bnpo": dict(loss_type="bnpo", num_iterations=2, epsilon=0.05, mask_truncated_completions=True),
-    # issue 16: packed ragged rows (RaggedRowTrainer) in passes of <= 6 tokens, which split a micro-batch
+    # packed ragged rows (RaggedRowTrainer) in passes of <= 6 tokens, which split a micro-batch
     # differently on 1 and 2 processes (FSDP2: a rank with one row of a 3-row micro-batch runs an empty
     # pass to match the other's two); an entropy bonus kept a token mean over each micro-batch.
     "packed": dict(

@@ -76,7 +76,7 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
     assert "truth check" in table and "model ms" in table and "dry run" in table
     assert record.with_suffix(".png").stat().st_size > 1000
     assert (out / "tests.log").read_text().count("skipped") and (out / "bench.log").exists()
-    # issue 16's training-step record: every implementation measured, the chart beside it
+    # the long-context training-step record: every implementation measured, the chart beside it
     steps = json.loads((out / "longctx-cpu-dry.json").read_text())
     assert steps["dry_run"] is True and {r["impl"] for r in steps["rows"]} == {
         "trl", "fast", "fast-padding-free", "thin", "thin-padding-free", "thin-padding-free-budget"

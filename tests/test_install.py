@@ -97,9 +97,9 @@ def test_a_built_wheel_ships_the_kernels_inside_grpo_fast_only(tmp_path):
 
 
 def test_compiled_path_without_the_private_dispatch_api_names_the_torch_version(monkeypatch):
-    from grpo_fast.engine import compiled
+    from grpo_fast.engine import compile_ops
 
     monkeypatch.delattr(torch._C, "_ForceDispatchKeyGuard")
     with pytest.raises(RuntimeError, match=rf"_ForceDispatchKeyGuard.*torch {re.escape(torch.__version__)}"):
-        with compiled._autograd_inside_op():
+        with compile_ops._autograd_inside_op():
             pass

@@ -72,8 +72,8 @@ def test_entropy_accuracy_at_a_wider_vocab(backend):
 @pytest.mark.parametrize("temperature", [1e-3, 1e-2])
 def test_low_temperature_accuracy(backend, temperature):
     # |z| = |x| / T ~ 1e3: every p carries z's rounding, so all passes must round z alike. A product fused
-    # into an fma in the exps but rounded for the max (hence lse) made native's gradient error 8x
-    # PyTorch's at T = 1e-3 (issue 15, item 7).
+    # into an fma in the exps but rounded for the max (hence lse) makes the gradient error 8x PyTorch's at
+    # T = 1e-3.
     base = make_batch(B=2, T=130, H=96, V=4099, seed=4327, dtype=torch.float64, empty_row=False)
     truth = run(gf.reference.selective_logprobs, cast(base, torch.float64), temperature)
     same = run(gf.reference.selective_logprobs, cast(base, torch.float32), temperature)

@@ -275,7 +275,7 @@ def test_backward_scales_by_upstream_grad_and_module(backend):
 
 
 def test_auto_chunk_size_respects_budget(monkeypatch):
-    from grpo_fast.engine.chunking import auto_chunk_size
+    from grpo_fast.engine.tile_size import auto_chunk_size
 
     monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "1")
     rows = auto_chunk_size(10_000, 1013, torch.float32, torch.device("cpu"), 3)
@@ -311,7 +311,7 @@ def test_weight_gradient_accumulator_needs_no_zero_fill(monkeypatch, dtype):
 def test_cuda_tile_budget_follows_free_memory(monkeypatch):
     """CUDA tiles: 1/8 of the free memory, at least 2 GiB on a big GPU, at most 4 GiB and half the free
     memory; the env override still wins. With no fp32 temporaries (Triton, native) the tile is all of it."""
-    from grpo_fast.engine import chunking
+    from grpo_fast.engine import tile_size
 
     cuda = torch.device("cuda")
     gib = 2**30
@@ -322,19 +322,19 @@ def test_cuda_tile_budget_follows_free_memory(monkeypatch):
         (8 * gib, 16 * gib): 1 * gib,  # a small GPU: 1/8 of the free memory
     }.items():
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free, t=total: (f, t))
-        assert chunking.chunk_budget_bytes(cuda) == int(want)
+        assert tile_size.chunk_budget_bytes(cuda) == int(want)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (130 * gib, 141 * gib))
-    rows = chunking.auto_chunk_size(10**6, 151936, torch.bfloat16, cuda, fp32_temps=0)
+    rows = tile_size.auto_chunk_size(10**6, 151936, torch.bfloat16, cuda, fp32_temps=0)
     assert rows == (4 * gib // (151936 * 2)) // 16 * 16  # 14128 rows: 1 chunk of N=8192 instead of 17
     monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "64")
-    assert chunking.chunk_budget_bytes(cuda) == 64 * 2**20
+    assert tile_size.chunk_budget_bytes(cuda) == 64 * 2**20
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("spread", [4.0, 8.0])
 def test_far_from_reference_kl_accuracy(backend, spread):
-    # ref - logp ~ +-spread: exp(ref - logp) of the bias-corrected KL reaches e^(3 spread). The native
-    # backend once lost 7x TRL's own gradient accuracy here (issue 13, item 4).
+    # ref - logp ~ +-spread: exp(ref - logp) of the bias-corrected KL reaches e^(3 spread), where an
+    # imprecise kernel loses gradient accuracy against TRL's own.
     batch = make_batch(seed=5, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     noise = spread * torch.randn(batch["ref_logp"].shape, generator=g, dtype=torch.float64)

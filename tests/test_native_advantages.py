@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from grpo_fast.backends import _native
+from grpo_fast.config import SCALE_MODES
 
 try:  # TRL's own helper; trl.trainer.utils needs `datasets`, which the bare GPU image lacks
     from trl.trainer.utils import nanstd
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     not _native.available(), reason=f"grpo_fast._C not built: {_native.load_error()}"
 )
 
-SCALES = {"group": 0, "batch": 1, "none": 2}
+SCALES = SCALE_MODES  # the numbers grpo_fast::group_advantages takes
 
 
 def trl_advantages(rewards_per_func, weights, group_size, scale, eps=1e-4):

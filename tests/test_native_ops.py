@@ -22,11 +22,10 @@ from grpo_fast import backends
 from grpo_fast.backends import _native
 from grpo_fast.backends.native_ops import NativeChunkOps
 from grpo_fast.backends.torch_ops import TorchChunkOps
-from grpo_fast.config import LOSS_TYPES
 
-from .chunk_cases import C, V, tile, truth_dlogits, truth_stats
-from .helpers import assert_within, cast, grads, make_batch
-from .test_loss import LOSS_BACKENDS, check_against_truth, run_loss
+from .chunk_cases import C, V, tile, truth_dlogits, truth_entropy_grad, truth_stats
+from .helpers import cast, make_batch
+from .test_loss import check_against_truth, run_loss
 
 pytestmark = pytest.mark.skipif(
     not _native.available(), reason=f"grpo_fast._C not built: {_native.load_error()}"
@@ -36,20 +35,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 OPS = ("chunk_stats", "chunk_partial_stats", "chunk_grad")
 # ---------------------------------------------------------------- the ops, one by one
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunk_stats(dtype, temperature):
-    logits, targets = tile(dtype, seed=1)
-    before = logits.clone()
-    got = NativeChunkOps().stats(logits, targets, temperature)
-    assert torch.equal(logits, before), "chunk_stats must leave the tile unchanged"
-    same = TorchChunkOps().stats(logits.clone(), targets, temperature)
-    truth = truth_stats(logits, targets, temperature)
-    for name, a, b, t in zip(("lse", "logp", "entropy"), got, same, truth, strict=True):
-        assert a.dtype == torch.float32 and a.shape == (C,)
-        assert_within(name, a, b, t, dtype)
 
 
 def test_chunk_stats_takes_row_stride_and_wide_rows():
@@ -64,92 +49,6 @@ def test_chunk_stats_takes_row_stride_and_wide_rows():
     assert torch.equal(logits, before)
     for a, t in zip(got, truth, strict=True):
         torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_partial_stats_of_shards_combine_to_whole(dtype):
-    """Vocabulary shards' partials (targets outside a shard read nothing) merge into the whole row's."""
-    logits, targets = tile(dtype, seed=3)
-    cuts = [0, 300, 301, V]
-    bounds = list(zip(cuts, cuts[1:], strict=False))
-    parts = [NativeChunkOps().partial_stats(logits[:, a:b], targets - a, 0.8) for a, b in bounds]
-    for (a, b), p in zip(bounds, parts, strict=True):
-        want = TorchChunkOps().partial_stats(logits[:, a:b], targets - a, 0.8)
-        torch.testing.assert_close(p, want, rtol=2e-5, atol=2e-5)
-    m, s, u, t = torch.stack(parts).double().unbind(1)
-    big_m = m.max(0).values
-    r = torch.exp(m - big_m)
-    big_s = (r * s).sum(0)
-    lse = big_m + big_s.log()
-    entropy = big_s.log() - (r * (u + s * (m - big_m))).sum(0) / big_s
-    truth = truth_stats(logits, targets, 0.8)
-    same = TorchChunkOps().stats(logits.clone(), targets, 0.8)
-    for name, a, b, want in zip(
-        ("lse", "logp", "entropy"), (lse, t.sum(0) - lse, entropy), same, truth, strict=True
-    ):
-        assert_within(name, a, b, want, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_chunk_grad_in_place(dtype):
-    logits, targets = tile(dtype, seed=4)
-    lse = TorchChunkOps().stats(logits.clone(), targets, 0.7)[0]
-    g = torch.randn(C, generator=torch.Generator().manual_seed(5))
-    targets[3] = -1  # another shard's token: no one-hot term
-    targets[4] = V + 2
-    work = logits.clone()
-    out = NativeChunkOps().grad_(work, targets, lse, g, 0.7)
-    assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
-    same = TorchChunkOps().grad_(logits.clone(), targets, lse, g, 0.7)
-    truth = truth_dlogits(logits, targets.clamp(0, V - 1), lse, g, 0.7)
-    for row in (3, 4):
-        truth[row] = -g[row].double() / 0.7 * torch.exp(logits[row].double() / 0.7 - lse[row].double())
-    assert_within("dlogits", out, same, truth, dtype)
-
-
-def truth_entropy_grad(logits, targets, g, e, temperature):
-    """fp64 autograd of sum(g * logp[target]) + sum(e * H) w.r.t. the raw logits. A target outside the tile
-    (another shard's token) adds its logit, a constant here: logp = -lse + const. Masked -inf logits are
-    taken as -1e4, whose exp is exactly 0 in fp64 too."""
-    x = logits.double().nan_to_num(neginf=-1e4).requires_grad_(True)
-    z = x / temperature
-    lse = torch.logsumexp(z, -1)
-    owned = (targets >= 0) & (targets < x.shape[1])
-    logp = z.gather(1, targets.clamp(0, x.shape[1] - 1).unsqueeze(1)).squeeze(1) * owned - lse
-    log_probs = z - lse.unsqueeze(1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    loss = (g.double() * logp).sum() + (e.double() * entropy).sum()
-    return torch.autograd.grad(loss, x)[0]
-
-
-@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=[*DTYPE_IDS, "fp64"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("cols", [4099, 33])
-def test_chunk_grad_entropy_term_matches_autograd(dtype, temperature, cols):
-    """stats, then grad_ with ent_coef: e * dH/dx plus g * dlogp/dx, as fp64 autograd has it."""
-    rows = 7
-    logits, targets = tile(dtype, seed=20 + cols, rows=rows, cols=cols)
-    targets[3] = -1  # another shard's token: no one-hot term
-    targets[5] = cols + 2
-    gen = torch.Generator().manual_seed(21)
-    g, e = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
-    e[1] = 0.0
-    if dtype == torch.float64:  # an fp64 check has fp64 coefficients (the fp64 tiles' fallback keeps them)
-        g, e = g.double(), e.double()
-    truth = truth_entropy_grad(logits, targets, g, e, temperature)
-
-    def run(ops):
-        lse, _, entropy = ops.stats(logits, targets.clamp(0, cols - 1), temperature)  # logp unused
-        work = logits.clone()
-        out = ops.grad_(work, targets, lse, g, temperature, ent_coef=e, entropy=entropy)
-        assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
-        return out
-
-    got = run(NativeChunkOps())
-    if dtype == torch.float64:  # the torch ops' fallback: fp64 accuracy
-        torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-12)
-    else:
-        assert_within("dlogits", got, run(TorchChunkOps()), truth, dtype)
 
 
 def test_chunk_grad_entropy_term_masked_vocabulary():
@@ -190,39 +89,14 @@ def test_empty_tile():
 # ---------------------------------------------------------------- the public API on backend="native"
 
 
-def test_backend_resolution():
-    cpu = torch.device("cpu")
-    for op in backends.OPS:
-        assert backends.resolve("native", cpu, op) == "native"
-        want = "native" if op in backends.REGISTRY["native"].auto_ops["cpu"] else "torch"
-        assert backends.resolve("auto", cpu, op) == want
-    assert isinstance(backends.chunk_ops("native"), NativeChunkOps)
-    assert "native" in LOSS_BACKENDS  # so tests/test_loss.py's whole grid runs on it too
-
-
 def test_native_tiles_take_the_whole_budget():
     """No [C, V] temporaries: the native pass gets the torch pass's rows times (3 * 4 + 4) / 4."""
-    from grpo_fast.engine.chunking import auto_chunk_size
+    from grpo_fast.engine.tile_size import auto_chunk_size
 
     cpu = torch.device("cpu")
     assert NativeChunkOps.fp32_temps == 0 and TorchChunkOps.fp32_temps == 3
     rows = auto_chunk_size(10**6, 65536, torch.float32, cpu, NativeChunkOps.fp32_temps)
     assert rows == 4 * auto_chunk_size(10**6, 65536, torch.float32, cpu, TorchChunkOps.fp32_temps)
-
-
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_loss_every_type(loss_type, level):
-    cfg = gf.GRPOConfig(
-        loss_type=loss_type,
-        importance_sampling_level=level,
-        beta=0.04 if loss_type != "luspo" else 0.0,
-        epsilon_high=0.28,
-        max_completion_length=40,
-        temperature=0.8,
-    )
-    batch = make_batch(seed=50 + LOSS_TYPES.index(loss_type), dtype=torch.float64, with_ref=cfg.beta > 0)
-    check_against_truth(batch, cfg, torch.float32, "native", chunk_size=16)
 
 
 @pytest.mark.parametrize(
@@ -253,27 +127,6 @@ def test_loss_on_policy_and_frozen_head():
     )  # fmt: skip
     loss.backward()
     assert x["weight"].grad is None and x["hidden"].grad is not None
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_selective_logprobs_with_grad(dtype):
-    base = make_batch(B=2, T=C, seed=62, dtype=torch.float64, empty_row=False)
-
-    def run(batch, **kw):
-        logp, ent = (gf.selective_logprobs if kw else gf.reference.selective_logprobs)(
-            batch["hidden"], batch["weight"], batch["targets"], batch["bias"], 0.7, return_entropy=True, **kw
-        )
-        weights = torch.linspace(-1, 1, logp.numel(), dtype=torch.float64).reshape(logp.shape)
-        return logp, ent, grads((logp.double() * weights).sum(), batch)
-
-    truth = run(cast(base, torch.float64))
-    same = run(cast(base, dtype))
-    got = run(cast(base, dtype), backend="native", chunk_size=10)
-    assert_within("logp", got[0], same[0], truth[0], dtype)
-    assert_within("entropy", got[1], same[1], truth[1], dtype)
-    for k in truth[2]:
-        assert got[2][k].dtype == dtype
-        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
 
 
 def test_vocab_parallel_native(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""Issue 16: padding-free steps and token-budget micro-batches in the thin trainer give the padded step's
-numbers (loss, metrics, gradients, log-probs, weights after updates), on ragged prompts and completions."""
+"""Padding-free steps and token-budget micro-batches in the thin trainer give the padded step's numbers
+(loss, metrics, gradients, log-probs, weights after updates), on ragged prompts and completions."""
 
 from __future__ import annotations
 

@@ -197,8 +197,8 @@ def test_group_advantages_on_cuda():
 @pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 @pytest.mark.parametrize("temperature", [1e-3, 1e-2])
 def test_low_temperature_accuracy_on_cuda(backend, temperature):
-    # Every pass must round z = x / T alike (no fma fusion of the product in one pass only): issue 15,
-    # item 7. fp32 with the split (tile) path: the fused log-prob GEMM is forward-only.
+    # Every pass must round z = x / T alike (no fma fusion of the product in one pass only). fp32 with
+    # the split (tile) path: the fused log-prob GEMM is forward-only.
     from .test_logprobs import run
 
     try:

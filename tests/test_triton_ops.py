@@ -24,18 +24,14 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     )
 
 import grpo_fast as gf  # noqa: E402
-from grpo_fast import backends  # noqa: E402
-from grpo_fast.backends.torch_ops import TorchChunkOps  # noqa: E402
 from grpo_fast.backends.triton_ops import (  # noqa: E402
-    TritonChunkOps,
     triton_group_advantages,
     triton_selective_logprobs,
 )
-from grpo_fast.config import LOSS_TYPES  # noqa: E402
 from grpo_fast.kernels import advantages as adv_kernels  # noqa: E402
 from grpo_fast.kernels import chunk_grad, chunk_stats, logprobs  # noqa: E402
 
-from .chunk_cases import C, H, V, truth_dlogits, truth_stats  # noqa: E402
+from .chunk_cases import C, H, V, truth_entropy_grad, truth_stats  # noqa: E402
 from .chunk_cases import tile as cpu_tile  # noqa: E402
 from .helpers import assert_within, cast, make_batch  # noqa: E402
 from .test_loss import check_against_truth, run_loss  # noqa: E402
@@ -56,18 +52,6 @@ def tile(dtype: torch.dtype, seed: int = 0, rows: int = C, cols: int = V):
 # ---------------------------------------------------------------- kernels, one by one
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunk_stats(dtype, temperature):
-    logits, targets = tile(dtype, seed=1)
-    got = chunk_stats.chunk_stats(logits, targets, temperature)
-    same = TorchChunkOps().stats(logits.clone(), targets, temperature)
-    truth = truth_stats(logits, targets, temperature)
-    for name, a, b, t in zip(("lse", "logp", "entropy"), got, same, truth, strict=True):
-        assert a.dtype == torch.float32 and a.shape == (C,)
-        assert_within(name, a, b, t, dtype)
-
-
 def test_chunk_stats_leaves_tile_and_takes_row_stride():
     logits, targets = tile(torch.float32, seed=2, cols=V + 29)
     view = logits[:, 5 : 5 + V]  # rows contiguous, row stride V + 29
@@ -77,77 +61,6 @@ def test_chunk_stats_leaves_tile_and_takes_row_stride():
     assert torch.equal(logits, before)
     for a, t in zip(got, truth, strict=True):
         torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_partial_stats_of_shards_combine_to_whole(dtype):
-    """Vocabulary shards' partials (targets outside a shard read nothing) merge into the whole row's."""
-    logits, targets = tile(dtype, seed=3)
-    cuts = [0, 300, 301, V]
-    parts = [
-        chunk_stats.chunk_partial_stats(logits[:, a:b], targets - a, 0.8)
-        for a, b in zip(cuts, cuts[1:], strict=False)
-    ]
-    for (a, b), p in zip(zip(cuts, cuts[1:], strict=False), parts, strict=True):
-        want = TorchChunkOps().partial_stats(logits[:, a:b], targets - a, 0.8)
-        torch.testing.assert_close(p, want, rtol=2e-5, atol=2e-5)
-    m, s, u, t = torch.stack(parts).double().unbind(1)
-    big_m = m.max(0).values
-    r = torch.exp(m - big_m)
-    big_s = (r * s).sum(0)
-    lse = big_m + big_s.log()
-    entropy = big_s.log() - (r * (u + s * (m - big_m))).sum(0) / big_s
-    truth = truth_stats(logits, targets, 0.8)
-    same = TorchChunkOps().stats(logits.clone(), targets, 0.8)
-    combined = (lse, t.sum(0) - lse, entropy)
-    for name, a, b, want in zip(("lse", "logp", "entropy"), combined, same, truth, strict=True):
-        assert_within(name, a, b, want, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_chunk_grad_in_place(dtype):
-    logits, targets = tile(dtype, seed=4)
-    lse = TorchChunkOps().stats(logits.clone(), targets, 0.7)[0]
-    g = torch.randn(C, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    targets[3] = -1  # another shard's token: no one-hot term
-    work = logits.clone()
-    out = chunk_grad.chunk_grad_(work, targets, lse, g, 0.7)
-    assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
-    same = TorchChunkOps().grad_(logits.clone(), targets, lse, g, 0.7)
-    truth = truth_dlogits(logits, targets.clamp(min=0), lse, g, 0.7)
-    truth[3] = -g[3].double() / 0.7 * torch.exp(logits[3].double() / 0.7 - lse[3].double())
-    assert_within("dlogits", out, same, truth, dtype)
-
-
-def truth_grad(logits, targets, g, e, temperature):
-    """fp64 autograd of ``sum(g * logp_target) + sum(e * H)`` w.r.t. the raw logits."""
-    x = logits.double().requires_grad_(True)
-    log_probs = (x / temperature).log_softmax(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-    loss = (g.double() * logp).sum() + (e.double() * entropy).sum()
-    return torch.autograd.grad(loss, x)[0]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("cols", [4099, 33])
-def test_chunk_grad_entropy_term_matches_autograd(dtype, temperature, cols):
-    """g * (onehot - p) / T - e * p * (log p + H) / T is d(sum g logp + sum e H)/dlogits."""
-    rows = 7
-    logits, targets = tile(dtype, seed=14, rows=rows, cols=cols)
-    gen = torch.Generator().manual_seed(15)
-    g, e = torch.randn(2, rows, generator=gen).to(DEVICE).unbind(0)
-    truth = truth_grad(logits, targets, g, e, temperature)
-    # Each backend from its own statistics, as the chunk loop runs it.
-    lse, _, entropy = chunk_stats.chunk_stats(logits, targets, temperature)
-    work = logits.clone()
-    out = TritonChunkOps().grad_(work, targets, lse, g, temperature, ent_coef=e, entropy=entropy)
-    assert out.data_ptr() == work.data_ptr() and out.dtype == dtype
-    torch_ops = TorchChunkOps()
-    lse_t, _, entropy_t = torch_ops.stats(logits.clone(), targets, temperature)
-    same = torch_ops.grad_(logits.clone(), targets, lse_t, g, temperature, ent_coef=e, entropy=entropy_t)
-    assert_within("dlogits", out, same, truth, dtype)
 
 
 def test_chunk_grad_entropy_term_with_masked_vocabulary():
@@ -161,7 +74,7 @@ def test_chunk_grad_entropy_term_with_masked_vocabulary():
     lse, _, entropy = chunk_stats.chunk_stats(masked, targets, 0.9)
     out = chunk_grad.chunk_grad_(masked, targets, lse, g, 0.9, ent_coef=e, entropy=entropy)
     assert torch.all(out[:, 30:] == 0)
-    want = truth_grad(logits[:, :30], targets, g, e, 0.9)
+    want = truth_entropy_grad(logits[:, :30], targets, g, e, 0.9)
     torch.testing.assert_close(out[:, :30].double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -307,34 +220,6 @@ def test_empty_tile_and_empty_batch():
 # ---------------------------------------------------------------- the public API on backend="triton"
 
 
-def test_backend_resolution():
-    device = torch.device(DEVICE)
-    for op in backends.OPS:
-        assert backends.resolve("triton", device, op) == "triton"
-    assert isinstance(backends.chunk_ops("triton"), TritonChunkOps)
-    if DEVICE == "cpu":  # the interpreter is for tests: "auto" never picks it on the CPU
-        assert backends.resolve("auto", device, "grpo_loss") != "triton"
-    else:
-        assert backends.resolve("auto", device, "grpo_loss") == "triton"
-
-
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_loss_every_type(loss_type, level):
-    cfg = gf.GRPOConfig(
-        loss_type=loss_type,
-        importance_sampling_level=level,
-        beta=0.04 if loss_type != "luspo" else 0.0,
-        epsilon_high=0.28,
-        max_completion_length=40,
-        temperature=0.8,
-    )
-    batch = make_batch(
-        B=3, T=11, seed=LOSS_TYPES.index(loss_type), dtype=torch.float64, with_ref=cfg.beta > 0
-    )
-    check_against_truth(batch, cfg, torch.float32, "triton", device=DEVICE, chunk_size=8)
-
-
 @pytest.mark.parametrize(
     "loss_type, options",
     [
@@ -378,32 +263,6 @@ def test_loss_all_masked():
     assert loss.item() == 0.0
     assert all(math.isnan(v.item()) if k in nan_ok else v.item() == 0.0 for k, v in metrics.items())
     assert all(torch.count_nonzero(v) == 0 for v in g.values())
-
-
-def run_logprobs(fn, batch, temperature, **kw):
-    """logp, entropy and the gradients of a fixed weighting of logp (tests/test_logprobs.py's, on CPU)."""
-    logp, ent = fn(
-        batch["hidden"], batch["weight"], batch["targets"], batch.get("bias"), temperature,
-        return_entropy=True, **kw,
-    )  # fmt: skip
-    weights = torch.linspace(-1, 1, logp.numel(), dtype=torch.float64, device=logp.device)
-    names = [k for k in ("hidden", "weight", "bias") if batch.get(k) is not None]
-    g = torch.autograd.grad((logp.double() * weights.reshape(logp.shape)).sum(), [batch[k] for k in names])
-    return logp.cpu(), ent.cpu(), {k: v.cpu() for k, v in zip(names, g, strict=True)}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_selective_logprobs_with_grad(dtype):
-    """With grad: the chunk loop with the stats and grad kernels (backward recomputes the tiles)."""
-    base = make_batch(B=2, T=13, seed=23, dtype=torch.float64, empty_row=False)
-    truth = run_logprobs(gf.reference.selective_logprobs, cast(base, torch.float64), 0.7)
-    same = run_logprobs(gf.reference.selective_logprobs, cast(base, dtype), 0.7)
-    dev = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in base.items()}
-    got = run_logprobs(gf.selective_logprobs, cast(dev, dtype), 0.7, backend="triton", chunk_size=10)
-    assert_within("logp", got[0], same[0], truth[0], dtype)
-    assert_within("entropy", got[1], same[1], truth[1], dtype)
-    for k in truth[2]:
-        assert_within(f"grad {k}", got[2][k], same[2][k], truth[2][k], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

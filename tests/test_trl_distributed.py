@@ -93,7 +93,7 @@ def _fsdp_worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
         trainer = loss_step_trainer(model_dir, out)
         inputs = _one_batch(trainer, seed=7)  # the same batch on both ranks
         inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] - 0.02
-        # Issue 16's ragged batch, scored by TRL's log-prob pass before sharding: after a no-grad pass of
+        # A ragged batch, scored by TRL's log-prob pass before sharding: after a no-grad pass of
         # TRL's fused head through the FSDP2 model, TRL's own next loss step came out wrong (its embedding
         # gradient off by 0.68 here) while grpo_fast's did not, so TRL's reference would be off.
         from .test_trl_padding_free import ragged_batch
@@ -111,7 +111,7 @@ def _fsdp_worker(rank: int, init_file: str, model_dir: str, out: str) -> None:
         for name, grad in want_grads.items():
             torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6)
 
-        # Padding-free (issue 16) through the sharded model: packed rows against TRL's padded step.
+        # Padding-free through the sharded model: packed rows against TRL's padded step.
         trainer.grpo_fast_padding_free = True
         results = both_loss_steps(trainer, ragged, full=lambda grad: grad.full_tensor())
         (want, want_grads, _), (got, got_grads, _) = results

@@ -1,4 +1,4 @@
-"""Issue 16: ``FastGRPOTrainer(grpo_fast_padding_free=True)`` against trl.GRPOTrainer's padded steps: the
+"""``FastGRPOTrainer(grpo_fast_padding_free=True)`` against trl.GRPOTrainer's padded steps: the
 loss step on ragged batches (left-padded prompts, right-padded completions), the old/reference log-prob
 pass, whole training runs (a MoE model too), and models that cannot pack refused by name."""
 

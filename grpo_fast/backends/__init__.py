@@ -11,13 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import torch
+from torch import Tensor
 
 from .base import ChunkOps
-from .torch_ops import TorchChunkOps
+from .torch_ops import TorchChunkOps, torch_group_advantages
 
 logger = logging.getLogger("grpo_fast")
 
@@ -156,3 +158,22 @@ def chunk_ops(name: str) -> ChunkOps:
 
         return NativeChunkOps()
     raise ValueError(f"backend {name!r} has no chunk pass")
+
+
+# (rewards [M, R] fp32, weights [R], group_size, scale, eps) -> advantages [M] fp32, inputs validated.
+AdvantagesFn = Callable[[Tensor, Tensor, int, str, float], Tensor]
+
+
+def group_advantages_fn(name: str) -> AdvantagesFn:
+    """The group-advantages kernel of a backend."""
+    if name == "torch":
+        return torch_group_advantages
+    if name == "triton":
+        from .triton_ops import triton_group_advantages  # imports triton: only when this backend runs
+
+        return triton_group_advantages
+    if name == "native":
+        from ._native import native_group_advantages
+
+        return native_group_advantages
+    raise ValueError(f"backend {name!r} has no group-advantages kernel")

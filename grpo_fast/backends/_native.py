@@ -16,8 +16,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-# scale name -> the scale_mode int of grpo_fast::group_advantages (csrc/advantages_math.h).
-SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
+from ..config import SCALE_MODES
 
 _module: ModuleType | None = None
 _error: BaseException | None = None

@@ -33,7 +33,7 @@ Coefficients = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 class ChunkOps(Protocol):
     name: str
-    # fp32 [C, V] temporaries the pass allocates besides the tile (sizes the tiles, engine.chunking).
+    # fp32 [C, V] temporaries the pass allocates besides the tile (sizes the tiles, engine.tile_size).
     fp32_temps: int
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...

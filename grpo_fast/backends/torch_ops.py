@@ -116,3 +116,16 @@ class TorchChunkOps:
         log_probs = _scaled_fp32(logits, temperature, in_place=True).sub_(lse.unsqueeze(1))
         coef = None if ent_coef is None else _entropy_coef_(log_probs.clone(), g, ent_coef, entropy)
         return _write_dlogits(logits, log_probs.exp_(), targets, g, temperature, coef)  # p in the tile
+
+
+def torch_group_advantages(
+    rewards2d: Tensor, weights: Tensor, group_size: int, scale: str, eps: float
+) -> Tensor:
+    """Advantages of validated rewards ``[M, R]``: the reference's torch ops, in fp64 where the device has it.
+
+    No chunking to win here: the plain torch version is already one vectorized pass. fp32 would lose the
+    differences between large rewards, which the compiled kernels keep."""
+    from .. import reference
+
+    wide = torch.float64 if rewards2d.device.type in ("cpu", "cuda") else torch.float32
+    return reference.group_advantages(rewards2d, group_size, scale, eps, weights, compute_dtype=wide)

@@ -32,7 +32,7 @@ import grpo_fast as gf
 
 from .. import reference
 from ..backends.torch_ops import TorchChunkOps
-from ..loss import plan_loss, run_loss_plan
+from ..engine.plan import LossCall, plan_loss, run_loss_plan
 from .cases import BenchCase
 
 Factory = Callable[[dict, BenchCase], Callable[[], None]]
@@ -172,7 +172,7 @@ def _torch_compile(inputs: dict, case: BenchCase) -> Callable[[], None]:
 
     def step() -> None:
         inputs["hidden"].grad = inputs["weight"].grad = None
-        h, w, b, plan = plan_loss(**{k: inputs.get(k) for k in fields}, config=cfg, backend="torch")
+        h, w, b, plan = plan_loss(LossCall(**{k: inputs.get(k) for k in fields}, config=cfg, backend="torch"))
         loss, _ = run_loss_plan(h, w, b, dataclasses.replace(plan, ops=ops))  # the compiled chunk pass
         loss.backward()
 

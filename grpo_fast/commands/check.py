@@ -2,7 +2,7 @@
 
 Each op runs on a few odd shapes (not multiples of any tile size). Its error against an fp64 truth
 (the reference on fp64 inputs) may exceed the error of the reference itself in the same dtype by
-at most the margin of :mod:`grpo_fast.tolerance`: the rule the test-suite uses.
+at most the margin of :mod:`grpo_fast.commands.accuracy`: the rule the test-suite uses.
 Backends that cannot run an op on a device are listed as skipped, with the reason.
 """
 
@@ -19,7 +19,7 @@ from torch import Tensor
 
 import grpo_fast as gf
 from grpo_fast import backends
-from grpo_fast.tolerance import bound, max_err, scale_for
+from grpo_fast.commands.accuracy import bound, max_err, scale_for
 
 BACKENDS = tuple(backends.REGISTRY)
 OPS = backends.OPS

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import GRPOConfig
+from ..config import SCALE_MODES, GRPOConfig
 
 # How far above 0 a given log-prob may be (rounding of p ~ 1 in low precision) before it is an error.
 LOGP_ROUNDING = 1e-3
@@ -118,14 +118,6 @@ def add_head_value_checks(
         checks.add(~torch.isfinite(bias).all(), lambda: "bias must be finite")
 
 
-def check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
-    return float(temperature)
-
-
 def check_targets(
     targets: object,
     shape: torch.Size,
@@ -206,12 +198,7 @@ def _check_num_items(num_items: object, device: torch.device, checks: ValueCheck
             value,
         )
         return value  # stays on the device: no synchronization
-    elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
-        value = float(num_items)
-    else:
-        raise TypeError(
-            f"num_items_in_batch must be an int, float or 0-dim tensor, got {type(num_items).__name__}"
-        )
+    value = float(num_items)  # an int or float: the call record checked its type
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"num_items_in_batch must be a non-negative count, got {value!r}")
     return torch.tensor(value, dtype=torch.float32, device=device)
@@ -226,16 +213,16 @@ def validate_loss_inputs(
     old_logp: object,
     ref_logp: object,
     bias: object,
-    cfg: object,
+    cfg: GRPOConfig,
     num_items_in_batch: object,
     seq_ids: object,
     vocab: int | None = None,
     sampling_logp: object = None,
     importance_sampling_ratio: object = None,
 ) -> tuple[LossInputs, Tensor, Tensor | None]:
-    """``vocab``: the global vocabulary when ``weight`` is one shard of a vocab-parallel head."""
-    if not isinstance(cfg, GRPOConfig):
-        raise TypeError(f"config must be a grpo_fast.GRPOConfig, got {type(cfg).__name__}")
+    """``vocab``: the global vocabulary when ``weight`` is one shard of a vocab-parallel head. The
+    non-tensor arguments (``cfg``, the type of ``num_items_in_batch``) were checked by the call record
+    (:mod:`.plan`)."""
     hidden = check_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape {_shape(hidden)}")
@@ -419,7 +406,7 @@ def validate_advantage_inputs(
             f"group_size={group_size} must divide the number of completions, {rewards2d.shape[0]} "
             "(rewards hold B prompts x G completions)"
         )
-    if scale not in ("group", "batch", "none"):
+    if scale not in SCALE_MODES:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")

@@ -11,6 +11,10 @@ functions call these ops instead (``torch.compiler.is_compiling()``): the graph 
 - log-probs: the op also returns the rows' logsumexps; its backward is a second op that makes the one
   gradient pass over the tiles from them, as the eager backward does.
 
+Each op's schema spells its arguments one by one (a custom op takes tensors and scalars, not a call
+record); everything else passes the record of :mod:`.plan`, so the op bodies run the same planning code
+as the eager path.
+
 No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads the annotations, and
 ``Optional[...]``, which every torch version's schema inference knows.
 """
@@ -26,7 +30,9 @@ import torch
 from torch import Tensor
 
 from ..config import GRPOConfig
+from .chunk_loop import logprob_grads, logprob_pass, run_grpo
 from .objective import metric_names
+from .plan import LogprobCall, LossCall, fused_gemm_logprobs, plan_logprobs, plan_loss
 
 _NS = "grpo_fast_compiled"
 _EMPTY = (0,)  # the stand-in for "no tensor" in an op's outputs (custom ops cannot return None)
@@ -113,19 +119,16 @@ def _loss_op(
     batch_invariant: bool,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..loss import plan_loss
-    from .chunk_loop import run_grpo
-
     num_items = num_items_tensor if num_items_tensor is not None else num_items_number
-    cfg = _config(config)
     with _autograd_inside_op():
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
-        h, w, b, plan = plan_loss(
-            hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, cfg, num_items,
-            seq_ids=seq_ids, sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
-            backend=backend, chunk_size=chunk_size, batch_invariant=batch_invariant,
+        call = LossCall(
+            hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, _config(config), num_items,
+            seq_ids, sampling_logp, importance_sampling_ratio, backend=backend, chunk_size=chunk_size,
+            batch_invariant=batch_invariant,
         )  # fmt: skip
+        h, w, b, plan = plan_loss(call)
         loss, metrics, (gh, gw, gb) = run_grpo(h, w, b, plan, tuple(needs))
     if gh is not None:  # back to hidden's shape: masked rows were dropped, their gradient is 0
         if plan.rows is not None:
@@ -133,7 +136,7 @@ def _loss_op(
                 0, plan.rows, gh
             )
         gh = gh.reshape(hidden.shape)
-    metric_vec = torch.stack([metrics[k] for k in metric_names(cfg)])
+    metric_vec = torch.stack([metrics[k] for k in metric_names(call.config)])
     return loss, metric_vec, *(_or_empty(g, hidden) for g in (gh, gw, gb))
 
 
@@ -166,47 +169,23 @@ def _loss_backward(ctx, grad_loss, _grad_metrics, _gh, _gw, _gb):
 torch.library.register_autograd(f"{_NS}::grpo_loss", _loss_backward, setup_context=_loss_setup)
 
 
-def grpo_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    advantages: Tensor,
-    old_logp: Optional[Tensor],
-    ref_logp: Optional[Tensor],
-    bias: Optional[Tensor],
-    config: Optional[GRPOConfig],
-    num_items_in_batch: object,
-    *,
-    seq_ids: Optional[Tensor],
-    sampling_logp: Optional[Tensor],
-    importance_sampling_ratio: Optional[Tensor],
-    entropy_gather: object,
-    backend: str,
-    chunk_size: Optional[int],
-    process_group: object,
-    vocab_start: Optional[int],
-    batch_invariant: bool,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def grpo_loss(call: LossCall) -> tuple[Tensor, dict[str, Tensor]]:
     """``gf.grpo_loss`` as one traced op (what the public function calls under ``torch.compile``)."""
-    _no_process_group(process_group, vocab_start)
-    if entropy_gather is not None:
+    _no_process_group(call.process_group, call.vocab_start)
+    if call.entropy_gather is not None:
         raise ValueError(
             "entropy_gather (a cross-process entropy quantile) is not supported under torch.compile: call "
             "grpo_fast outside the compiled region (torch.compiler.disable) for it"
         )
-    cfg = config if config is not None else GRPOConfig()
-    if not isinstance(cfg, GRPOConfig):
-        raise TypeError(f"config must be a GRPOConfig, got {type(cfg).__name__}")
-    items_t = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
-    items_n = None if items_t is not None or num_items_in_batch is None else num_items_in_batch
-    if items_n is not None and (isinstance(items_n, bool) or not isinstance(items_n, (int, float))):
-        raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(items_n).__name__}")
+    cfg = call.config if call.config is not None else GRPOConfig()
+    items = call.num_items_in_batch
+    items_t = items if isinstance(items, Tensor) else None
+    items_n = None if items_t is not None or items is None else float(items)
     loss, metric_vec, *_ = _loss_op(
-        hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, items_t,
-        None if items_n is None else float(items_n), seq_ids, sampling_logp, importance_sampling_ratio,
-        _config_json(cfg), backend, chunk_size,
-        batch_invariant, _needs(hidden, weight, bias),
+        call.hidden, call.weight, call.targets, call.mask, call.advantages, call.old_logp, call.ref_logp,
+        call.bias, items_t, items_n, call.seq_ids, call.sampling_logp, call.importance_sampling_ratio,
+        _config_json(cfg), call.backend, call.chunk_size, call.batch_invariant,
+        _needs(call.hidden, call.weight, call.bias),
     )  # fmt: skip
     return loss, dict(zip(metric_names(cfg), metric_vec.unbind(0), strict=True))
 
@@ -218,12 +197,11 @@ def _plan(
     hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, checks,
     softcap,
 ):  # fmt: skip
-    from ..logprobs import plan_logprobs
-
-    return plan_logprobs(
+    call = LogprobCall(
         hidden, weight, targets, bias, temperature, backend=backend, chunk_size=chunk_size,
-        fused_gemm=fused_gemm, batch_invariant=batch_invariant, value_checks=checks, logit_softcap=softcap,
+        fused_gemm=fused_gemm, batch_invariant=batch_invariant, logit_softcap=softcap,
     )  # fmt: skip
+    return plan_logprobs(call, value_checks=checks)
 
 
 @torch.library.custom_op(f"{_NS}::selective_logprobs", mutates_args=())
@@ -239,15 +217,12 @@ def _logprobs_op(
     batch_invariant: bool,
     logit_softcap: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from ..logprobs import _fused_gemm_logprobs
-    from .chunk_loop import logprob_pass
-
     flat, head, targets, plan = _plan(
         hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, True,
         logit_softcap,
     )  # fmt: skip
     if plan is None:
-        logp, entropy = _fused_gemm_logprobs(flat, head, targets, temperature, backend)
+        logp, entropy = fused_gemm_logprobs(flat, head, targets, temperature, backend)
         lse = flat.new_empty(_EMPTY, dtype=torch.float32)
     else:
         lse, logp, entropy = logprob_pass(
@@ -280,8 +255,6 @@ def _logprobs_backward_op(
     logit_softcap: Optional[float],
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from .chunk_loop import logprob_grads
-
     flat, head, _, plan = _plan(
         hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, False,
         logit_softcap,
@@ -322,31 +295,12 @@ torch.library.register_autograd(
 )
 
 
-def selective_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Optional[Tensor],
-    temperature: float,
-    return_entropy: bool,
-    *,
-    backend: str,
-    chunk_size: Optional[int],
-    process_group: object,
-    vocab_start: Optional[int],
-    fused_gemm: bool,
-    batch_invariant: bool,
-    logit_softcap: Optional[float],
-) -> object:
+def selective_logprobs(call: LogprobCall) -> object:
     """``gf.selective_logprobs`` as one traced op (what the public function calls under ``torch.compile``)."""
-    _no_process_group(process_group, vocab_start)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    cap = logit_softcap
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))):
-        raise TypeError(f"logit_softcap must be a float or None, got {type(cap).__name__}")
+    _no_process_group(call.process_group, call.vocab_start)
+    cap = call.logit_softcap
     logp, entropy, _ = _logprobs_op(
-        hidden, weight, targets, bias, float(temperature), backend, chunk_size, fused_gemm, batch_invariant,
-        None if cap is None else float(cap),
+        call.hidden, call.weight, call.targets, call.bias, float(call.temperature), call.backend,
+        call.chunk_size, call.fused_gemm, call.batch_invariant, None if cap is None else float(cap),
     )  # fmt: skip
-    return (logp, entropy) if return_entropy else logp
+    return (logp, entropy) if call.return_entropy else logp

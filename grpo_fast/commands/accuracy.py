@@ -1,4 +1,4 @@
-"""The accuracy rule every backend is held to, shared by the test-suite and ``grpo-fast check``.
+"""The accuracy rule every backend is held to, shared by `grpo-fast check` and the test-suite.
 
 A backend's error against the fp64 truth may exceed the error of the plain PyTorch reference run in
 the same dtype by at most a small per-dtype margin::
