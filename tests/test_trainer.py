@@ -418,8 +418,9 @@ def test_short_run_writes_metrics_plot_and_checkpoint(tmp_path):
         and result.checkpoint.name == "checkpoint-000003"
     )
     # A checkpoint is a loadable HF model directory too.
-    model, _ = load_model_and_tokenizer(str(result.checkpoint))
+    model, tokenizer = load_model_and_tokenizer(str(result.checkpoint))
     assert model.config.hidden_size == 64
+    _assert_same_tokenization(tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -527,6 +528,34 @@ def test_missing_dataset_or_reward_for_a_real_model(tmp_path):
 
 
 # ----- the demo -------------------------------------------------------------------------------------
+DEMO_TEXTS = ["say 6", "copy 3", "echo 0 <eos>", "write q 9", "repeat 1 2"]
+
+
+def _assert_same_tokenization(reloaded, texts=DEMO_TEXTS) -> None:
+    built = demo.build_tokenizer()
+    for text in texts:
+        assert reloaded.tokenize(text) == built.tokenize(text), text
+        assert reloaded(text).input_ids == built(text).input_ids, text
+    assert reloaded.pad_token_id == built.pad_token_id and reloaded.eos_token_id == built.eos_token_id
+    assert reloaded.padding_side == "left"
+
+
+def test_demo_folder_reloads_with_the_same_tokenization(tmp_path):
+    from transformers import AutoTokenizer
+
+    demo.save_pretrained(str(tmp_path))
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.tokenize("say 6") == ["say", "6"]
+    _assert_same_tokenization(reloaded)
+    _, loaded = load_model_and_tokenizer(str(tmp_path))
+    _assert_same_tokenization(loaded)
+    # saved again (as a checkpoint saves the tokenizer it trained with), it still reloads the same
+    again = tmp_path / "again"
+    reloaded.save_pretrained(again)
+    demo.build_model(demo.build_tokenizer()).config.save_pretrained(again)
+    _assert_same_tokenization(AutoTokenizer.from_pretrained(again))
+
+
 @pytest.mark.slow
 def test_demo_default_config_learns(tmp_path):
     """The acceptance bar of `make demo`: last-20-steps mean reward beats the first 20 by >= 0.3."""

@@ -46,7 +46,7 @@ def build_tokenizer() -> Any:
 
     core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         eos_token="<eos>",
@@ -54,6 +54,11 @@ def build_tokenizer() -> Any:
         padding_side="left",
         model_max_length=32,
     )
+    # Saved beside a Qwen2 config, AutoTokenizer would rebuild the folder as a byte-level BPE
+    # Qwen2Tokenizer ("say" -> s, a, y); an auto_map entry naming this class (transformers' own, no
+    # remote code) makes it load tokenizer.json as written. Checkpoints save it the same way.
+    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": [None, type(tokenizer).__name__]}
+    return tokenizer
 
 
 def build_model(tokenizer: Any, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Any:
