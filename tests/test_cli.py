@@ -19,6 +19,32 @@ from .test_trainer import one_thread  # noqa: F401 - autouse fixture
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_cli(
+    *args: str, cwd: Path = ROOT, python_flags: tuple[str, ...] = (), timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``python -m grpo_fast.cli train ARGS`` in a fresh process, this checkout's grpo_fast first."""
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "grpo_fast.cli", "train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+    )
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def one_line_error(out: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 2 with one stderr line holding ``message``, and no traceback."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1, out.stderr
+
+
 @pytest.mark.parametrize("argv", [[], ["train"], ["check"], ["bench"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -225,3 +251,10 @@ def test_check_that_checks_nothing_exits_2(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton then cannot run on CPU tensors
     assert cli.main(["check", "--backend", "triton", "--device", "cpu", "--op", "group_advantages"]) == 2
     assert "nothing was checked" in capsys.readouterr().err
+
+
+def test_train_dataset_errors_count_lines_from_one(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "say 1"}\n\n{"question": "b"}\n')
+    out = train_cli("--dataset", str(data), "--output-dir", str(tmp_path / "run"))
+    one_line_error(out, "d.jsonl, line 3 has no 'prompt' field (it has: question)")

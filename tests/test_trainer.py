@@ -190,17 +190,24 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 
 # ----- data -----------------------------------------------------------------------------------------
-def test_jsonl_errors_name_the_line_and_the_row(tmp_path):
+def test_jsonl_errors_name_the_line_counted_from_one(tmp_path):
+    """A JSONL file's errors name the line an editor shows (blank lines counted); other sources a row."""
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
     with pytest.raises(ValueError, match=r"d\.jsonl, line 2 is not valid JSON"):
         load_prompts(str(path))
     path.write_text('{"prompt": "a"}\n\n{"question": "b"}\n')
-    with pytest.raises(ValueError, match=r"row 1 has no 'prompt' field \(it has: question\)"):
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 3 has no 'prompt' field \(it has: question\)"):
         load_prompts(str(path))
     path.write_text('{"prompt": ""}\n')
-    with pytest.raises(ValueError, match="row 0: the prompt is empty"):
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 1: the prompt is empty"):
         load_prompts(str(path))
+    listed = tmp_path / "d.json"
+    listed.write_text('[{"prompt": "a"}, {"question": "b"}]')
+    with pytest.raises(ValueError, match=r"d\.json, row 2 has no 'prompt' field"):
+        load_prompts(str(listed))
+    with pytest.raises(ValueError, match=r"the prompt list, row 1: the prompt is empty"):
+        load_prompts([" "])
     path.write_text('{"prompt": 5}\n')
     with pytest.raises(ValueError, match="must be a non-empty string or a list of chat messages"):
         load_prompts(str(path))
@@ -504,7 +511,7 @@ def test_all_nan_reward_warns_once_and_trains(tmp_path):
 
 def test_prompt_longer_than_the_context_is_named(tmp_path):
     long_prompt = " ".join(["say"] * 30)
-    with pytest.raises(ValueError, match=r"row 1: the prompt is 30 tokens.*context of 32 tokens"):
+    with pytest.raises(ValueError, match=r"row 2: the prompt is 30 tokens.*context of 32 tokens"):
         Trainer(tiny(tmp_path), dataset=["say 1", long_prompt])
 
 

@@ -15,22 +15,39 @@ Prompt = str | list[dict[str, str]]  # plain text or chat messages
 
 
 class PromptDataset:
-    """Rows with a prompt column, all checked up front: an error names the row and what is wrong with it."""
+    """Rows with a prompt column, all checked up front: an error names the row and what is wrong with it.
 
-    def __init__(self, rows: Sequence[Any], *, prompt_column: str = "prompt", source: str = "dataset"):
+    Errors count from 1: "line N" of a JSONL file (blank lines counted, as an editor shows them), "row N"
+    of anything else. ``lines``: the file line of each row, when the rows come from a JSONL file."""
+
+    def __init__(
+        self,
+        rows: Sequence[Any],
+        *,
+        prompt_column: str = "prompt",
+        source: str = "dataset",
+        lines: Sequence[int] | None = None,
+    ):
         if len(rows) == 0:
             raise ValueError(f"{source} has no rows")
         self.rows = rows
         self.prompt_column = prompt_column
         self.source = source
+        self.lines = lines
         if isinstance(rows, list):
             self.rows = [self._check_row(i, row) for i, row in enumerate(rows)]
         else:  # a datasets.Dataset: read the prompt column at once rather than row by row
             for i, prompt in enumerate(rows[prompt_column]):
-                check_prompt(prompt, f"{source}, row {i}")
+                check_prompt(prompt, self.where(i))
+
+    def where(self, index: int) -> str:
+        """Where row ``index`` (0-based) is, as its error messages say it: ``"d.jsonl, line 3"``."""
+        if self.lines is not None:
+            return f"{self.source}, line {self.lines[index]}"
+        return f"{self.source}, row {index + 1}"
 
     def _check_row(self, index: int, row: Any) -> dict[str, Any]:
-        where = f"{self.source}, row {index}"
+        where = self.where(index)
         if isinstance(row, str):
             row = {self.prompt_column: row}
         if not isinstance(row, dict):
@@ -88,8 +105,9 @@ def check_prompt(prompt: object, where: str) -> None:
         )
 
 
-def read_rows(path: Path) -> list[Any]:
-    """Rows of a JSONL file (one object per line), or of a .json file holding a list."""
+def read_rows(path: Path) -> tuple[list[Any], list[int] | None]:
+    """Rows of a JSONL file (one object per line) with their line numbers, or of a .json file holding a
+    list (line numbers None: its rows are counted instead)."""
     if path.suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -97,19 +115,20 @@ def read_rows(path: Path) -> list[Any]:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path} must hold a list of rows, got {type(rows).__name__}")
-        return rows
-    rows = []
+        return rows, None
+    rows, lines = [], []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
+                lines.append(line_no)
             except json.JSONDecodeError as err:
                 raise ValueError(
                     f"{path}, line {line_no} is not valid JSON: {err.msg} (column {err.colno})"
                 ) from None
-    return rows
+    return rows, lines
 
 
 def load_prompts(
@@ -127,7 +146,8 @@ def load_prompts(
         if path.suffix in (".jsonl", ".json") or path.exists():
             if not path.is_file():
                 raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
-            return PromptDataset(read_rows(path), prompt_column=prompt_column, source=str(path))
+            rows, lines = read_rows(path)
+            return PromptDataset(rows, prompt_column=prompt_column, source=str(path), lines=lines)
         return _from_datasets(_load_hub(str(source), split), prompt_column, str(source))
     return _from_datasets(source, prompt_column, type(source).__name__)
 

@@ -59,21 +59,21 @@ def context_length(model: nn.Module) -> int | None:
 def encode_prompts(
     tokenizer: Any,
     texts: list[str],
-    row_ids: list[int],
+    places: list[str],
     *,
     context: int | None,
     max_completion_length: int,
-    source: str = "dataset",
 ) -> tuple[Tensor, Tensor]:
-    """Left-padded ``(ids, mask)``; a prompt leaving no room for the completion is an error naming its row."""
+    """Left-padded ``(ids, mask)``; a prompt leaving no room for the completion is an error naming its
+    place (``PromptDataset.where``: ``"d.jsonl, line 3"``)."""
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     lengths = enc["attention_mask"].sum(1).tolist()
-    for text, length, row in zip(texts, lengths, row_ids, strict=True):
+    for text, length, where in zip(texts, lengths, places, strict=True):
         if length == 0:
-            raise ValueError(f"{source}, row {row}: the prompt {text[:60]!r} encodes to no tokens")
+            raise ValueError(f"{where}: the prompt {text[:60]!r} encodes to no tokens")
         if context is not None and length + max_completion_length > context:
             raise ValueError(
-                f"{source}, row {row}: the prompt is {length} tokens; with max_completion_length="
+                f"{where}: the prompt is {length} tokens; with max_completion_length="
                 f"{max_completion_length} that exceeds the model's context of {context} tokens "
                 "(max_position_embeddings). Shorten or drop the prompt, or lower max_completion_length."
             )

@@ -216,10 +216,9 @@ class Trainer(RolloutMixin, UpdateMixin):
             encode_prompts(
                 self.tokenizer,
                 texts,
-                list(range(start, start + len(texts))),
+                [self.data.where(i) for i in range(start, start + len(texts))],
                 context=context,
                 max_completion_length=self.cfg.max_completion_length,
-                source=self.data.source,
             )
 
     # ----- one step -----------------------------------------------------------------------------------

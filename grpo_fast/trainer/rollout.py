@@ -192,10 +192,9 @@ class RolloutMixin:
         ids, mask = encode_prompts(
             self.tokenizer,
             texts,
-            indices,
+            [self.data.where(i) for i in indices],
             context=context_length(self.model),
             max_completion_length=cfg.max_completion_length,
-            source=self.data.source,
         )
         # Padded to the longest prompt of the whole step on every rank: a row's numbers do not
         # depend on which rank generates it.
