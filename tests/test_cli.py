@@ -258,3 +258,19 @@ def test_train_dataset_errors_count_lines_from_one(tmp_path):
     data.write_text('{"prompt": "say 1"}\n\n{"question": "b"}\n')
     out = train_cli("--dataset", str(data), "--output-dir", str(tmp_path / "run"))
     one_line_error(out, "d.jsonl, line 3 has no 'prompt' field (it has: question)")
+
+
+UNUSABLE_OUTPUT_DIRS = {
+    "permission denied": ("/sys/grpo-fast-runs", "cannot be written: permission denied in '/sys'"),
+    "under a file": ("{tmp}/a-file/runs", "cannot be created: '{tmp}/a-file' is a file, not a directory"),
+    "virtual filesystem": ("/proc/grpo-fast-runs", "'/proc' does not accept new directories"),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE_OUTPUT_DIRS)
+def test_train_unusable_output_dir_is_one_line(tmp_path, case):
+    path, message = (text.format(tmp=tmp_path) for text in UNUSABLE_OUTPUT_DIRS[case])
+    (tmp_path / "a-file").write_text("")
+    if not Path(path).parent.exists():
+        pytest.skip(f"no {Path(path).parent} on this machine")
+    one_line_error(train_cli("--output-dir", path, "--max-steps", "1"), message)

@@ -48,6 +48,7 @@ from .models import disable_dropout, enable_checkpointing, load_model_and_tokeni
 from .reporting import PLOT_FILE, MetricsLog, Progress, format_samples, plot_metrics, step_metrics
 from .rewards import RewardError, RewardFn, load_reward, reward_name, weighted_sum
 from .rollout import RolloutMixin
+from .rundir import check_writable
 from .update import UpdateMixin, cosine_schedule, make_optimizer, make_scheduler
 
 # Options that may differ on --resume without changing the run's numbers (others are reported).
@@ -103,8 +104,11 @@ class Trainer(RolloutMixin, UpdateMixin):
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed + self.group.rank)
-        # Cheap checks first: a typo in a reward name should not wait for a model to load.
+        # Cheap checks first: a typo in a reward name or an unwritable directory should not wait for a model.
         self._setup_rewards(reward_funcs)
+        self.run_dir = Path(cfg.output_dir)
+        if self.group.is_main:
+            check_writable(self.run_dir)
         self._setup_model(model, tokenizer)
         self._setup_data(dataset)
         # Several processes: every micro-batch must give each of them a completion (fails now, not later).
@@ -127,7 +131,6 @@ class Trainer(RolloutMixin, UpdateMixin):
             if cfg.bf16 is not None
             else (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         )
-        self.run_dir = Path(cfg.output_dir)
         self.metrics = MetricsLog(self.run_dir)
         self.step = 0
         self.last_samples: tuple[list, list, list] = ([], [], [])  # prompts, completions, rewards
