@@ -34,7 +34,8 @@ def train_cli(
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    # no empty entry: Python reads one as the current directory
+    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
@@ -274,3 +275,20 @@ def test_train_unusable_output_dir_is_one_line(tmp_path, case):
     if not Path(path).parent.exists():
         pytest.skip(f"no {Path(path).parent} on this machine")
     one_line_error(train_cli("--output-dir", path, "--max-steps", "1"), message)
+
+
+def test_train_finds_a_reward_module_in_the_current_directory(tmp_path):
+    """-P: the current directory is not on sys.path, as under the installed `grpo-fast` script."""
+    (tmp_path / "my_rewards.py").write_text(
+        "from grpo_fast.trainer.demo import reward\n\n\n"
+        "def accuracy(prompts, completions, answer, **kw):\n"
+        "    return reward(prompts, completions, answer)\n"
+    )
+    out = train_cli(
+        *("--reward", "my_rewards:accuracy", "--output-dir", "run", "--max-steps", "1"),
+        *("--prompts-per-step", "2", "--num-generations", "2", "--no-progress"),
+        cwd=tmp_path,
+        python_flags=("-P",),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rewards my_rewards:accuracy" in out.stdout and (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,11 +34,21 @@ class RewardError(RuntimeError):
 FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def put_cwd_on_path() -> None:
+    """Reward modules beside the user import as under ``python -m``: the current directory comes first.
+
+    The ``grpo-fast`` script's own directory is what Python puts on sys.path, not the current one."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
+
+
 def load_reward(spec: str) -> RewardFn:
-    """Import ``'package.module:function'``."""
+    """Import ``'package.module:function'`` (a module in the current directory too)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"a reward must be given as 'module:function', got {spec!r}")
+    put_cwd_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
