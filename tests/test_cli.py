@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 
 from grpo_fast import cli
 from grpo_fast.commands import check
+from grpo_fast.trainer import TrainConfig
 from grpo_fast.trainer.reporting import read_metrics
 
 from .test_trainer import one_thread  # noqa: F401 - autouse fixture
@@ -54,16 +57,37 @@ def test_help_everywhere(argv, capsys):
     assert "usage: grpo-fast" in capsys.readouterr().out
 
 
-def test_module_entry_point_runs():
-    out = subprocess.run(
-        [sys.executable, "-m", "grpo_fast.cli", "train", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+def help_by_flag(text: str) -> dict[str, str]:
+    """``--flag`` -> its help, whitespace collapsed, from argparse's option list."""
+    found: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        if match := re.match(r"^  (--[\w-]+)", line):
+            current = found.setdefault(match.group(1), [])
+        current.append(line)
+    return {flag: " ".join(" ".join(lines).split()) for flag, lines in found.items()}
+
+
+def test_module_entry_point_runs_and_help_shows_what_a_bare_run_uses():
+    out = train_cli("--help", timeout=120)
     assert out.returncode == 0 and "--learning-rate" in out.stdout and "--resume" in out.stdout
+    helps = help_by_flag(out.stdout)
+    assert "(default: runs/demo;" in helps["--output-dir"] and "(default: 300;" in helps["--max-steps"]
+    assert "(default: 0.003;" in helps["--learning-rate"]
+    bare = TrainConfig.from_dict({})  # what `grpo-fast train` alone runs
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(bare, f.name)
+        if value is None:
+            continue
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert f"(default: {shown}" in helps[flag], (flag, helps[flag])
+
+
+def test_train_mistyped_flag_gets_a_suggestion():
+    out = train_cli("--lerning-rate", "1e-5", timeout=120)
+    one_line_error(out, "unrecognized arguments: --lerning-rate 1e-5; did you mean '--learning-rate'?")
+    assert out.stderr.startswith("grpo-fast train: error:")
 
 
 def test_train_flags_cover_every_option():

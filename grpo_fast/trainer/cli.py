@@ -33,9 +33,27 @@ def _optional(kind: type):
     return parse
 
 
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def default_note(help_text: str, used: Any, base: Any) -> str:
+    """What a bare run uses, in the help: the demo's value where it differs from another model's."""
+    if used != base:
+        return f" (default: {_shown(used)}; with a --model other than demo: {_shown(base)})"
+    if "default" in help_text or base in (None, []):
+        return ""
+    return f" (default: {_shown(base)})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
+    bare = TrainConfig.from_dict({}, source="defaults")  # what `grpo-fast train` alone runs
     parser.add_argument("--config", metavar="YAML", help="options as a YAML mapping (see configs/)")
     parser.add_argument(
         "--resume",
@@ -57,8 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         scalars, elem = allowed_types(types[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata["help"]
-        if "default" not in help_text and default not in (None, []):
-            help_text += f" (default: {default})"
+        help_text += default_note(help_text, getattr(bare, f.name), default)
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if list in scalars:
             kind = elem

@@ -102,7 +102,7 @@ class TrainConfig:
     device: str = _opt(
         "auto", "cpu, cuda, cuda:1, ... (auto: cuda when available; under torchrun cuda is cuda:LOCAL_RANK)"
     )
-    num_threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    num_threads: int | None = _opt(None, "torch CPU threads (none: torch's choice)")
     parallelism: str = _opt(
         "ddp",
         "several processes (torchrun): 'ddp' keeps a replica per rank; 'fsdp' shards parameters, "
