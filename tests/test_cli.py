@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from grpo_fast import cli
 from grpo_fast.commands import check
 from grpo_fast.trainer import TrainConfig
+from grpo_fast.trainer.models import PROXY_VARIABLES
 from grpo_fast.trainer.reporting import read_metrics
 
 from .test_trainer import one_thread  # noqa: F401 - autouse fixture
@@ -316,3 +318,32 @@ def test_train_finds_a_reward_module_in_the_current_directory(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rewards my_rewards:accuracy" in out.stdout and (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "(HF_HUB_OFFLINE is set)"),
+        # .invalid never resolves (RFC 2606): the machine is offline as far as the hub goes
+        ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"}, "(hub.invalid:443 cannot be reached"),
+    ],
+    ids=["HF_HUB_OFFLINE", "no route to the hub"],
+)
+def test_train_offline_hub_model_fails_fast_in_one_line(tmp_path, env, why):
+    free = {k: v for k, v in cli_env(**env).items() if k not in PROXY_VARIABLES}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "grpo_fast.cli", "train", "--model", "grpo-fast-tests/no-such-model"]
+        + ["--dataset", "demo", "--reward", "grpo_fast.trainer.demo:reward", "--output-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**free, "HF_HOME": str(tmp_path / "hf")},  # an empty cache
+    )
+    one_line_error(
+        out,
+        f"model 'grpo-fast-tests/no-such-model' is not a local directory and this machine is offline {why}",
+    )
+    assert "pass a local model directory" in out.stderr
+    assert time.monotonic() - start < 30  # the hub client's retries take about 50 s

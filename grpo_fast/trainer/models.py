@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -32,10 +36,20 @@ def load_model_and_tokenizer(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     path = Path(name)
     if path.exists():
         _check_model_dir(path)
+    # Offline, the hub client retries for most of a minute: ask the cache alone, and say why at once.
+    offline = None if path.exists() else offline_reason()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline is not None)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, local_files_only=offline is not None
+        )
     except OSError as err:
+        if offline is not None:
+            raise ValueError(
+                f"model {name!r} is not a local directory and this machine is offline ({offline}), "
+                "with no copy in the Hugging Face cache: pass a local model directory instead "
+                "(--model ./my-model, written by save_pretrained)"
+            ) from err
         where = "directory" if path.exists() else "hub id (no local directory of that name)"
         raise ValueError(f"could not load model {name!r} as a {where}: {err}") from err
     if tokenizer.pad_token_id is None:
@@ -43,6 +57,43 @@ def load_model_and_tokenizer(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
             raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token  # left padding is masked out, any id will do
     return model, tokenizer
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def offline_reason(timeout: float = 1.5) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (None if it can), within ``timeout`` seconds:
+    HF_HUB_OFFLINE, or a name lookup and TCP connect to the hub (to the HTTPS proxy, if one is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host, port = _hub_address(constants.ENDPOINT)
+    outcome: dict[str, str | None] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["error"] = None
+        except OSError as err:
+            outcome["error"] = err.strerror or str(err)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a name lookup has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    if "error" not in outcome:
+        return f"{host}:{port} does not answer within {timeout:g} s"
+    return None if outcome["error"] is None else f"{host}:{port} cannot be reached: {outcome['error']}"
+
+
+def _hub_address(endpoint: str) -> tuple[str, int]:
+    """(host, port) the hub client connects to first: the proxy if one is set, else the endpoint."""
+    proxy = next((os.environ[k] for k in PROXY_VARIABLES if os.environ.get(k)), None)
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    url = urlsplit(proxy or endpoint)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
 
 
 def _check_model_dir(path: Path) -> None:
