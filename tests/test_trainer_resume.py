@@ -178,6 +178,51 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert "continue with --resume" in out
 
 
+def test_a_second_ctrl_c_after_the_save_is_one_line_and_exits_130(tmp_path):
+    """The second Ctrl-C lands once the checkpoint is written (while the plot is drawn): no traceback."""
+    proc = subprocess.Popen(
+        _command(tmp_path, "--save-every", "0"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not read_metrics(tmp_path / "metrics.jsonl"):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    while latest_checkpoint(tmp_path) is None:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = latest_checkpoint(tmp_path)
+    assert err.strip().splitlines()[-1] == (
+        f"grpo-fast train: stopped by Ctrl-C; the latest checkpoint is {last} (continue with --resume)"
+    )
+
+
+def test_ctrl_c_during_the_wrap_up_is_one_line(tmp_path, monkeypatch, capsys):
+    from grpo_fast import cli
+    from grpo_fast.trainer import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "plot_metrics", interrupted)
+    argv = ["train", "--output-dir", str(tmp_path), "--max-steps", "1", "--prompts-per-step", "2"]
+    assert cli.main([*argv, "--num-generations", "2", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"grpo-fast train: stopped by Ctrl-C; the latest checkpoint is {latest_checkpoint(tmp_path)} "
+        "(continue with --resume)\n"
+    )
+
+
 def _two_checkpoints(tmp_path):
     cfg = {
         "output_dir": str(tmp_path),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -110,8 +111,21 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2
-    with ProcessGroupFromEnv(cfg.device):
-        return _run(args, cfg)
+    try:
+        with ProcessGroupFromEnv(cfg.device):
+            return _run(args, cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is in place
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped_by_ctrl_c(cfg.output_dir), file=sys.stderr, flush=True)
+        return 130
+
+
+def stopped_by_ctrl_c(run_dir: str) -> str:
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir)
+    kept = f"the latest checkpoint is {last} (continue with --resume)" if last else "no checkpoint is saved"
+    return f"grpo-fast train: stopped by Ctrl-C; {kept}"
 
 
 def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
