@@ -17,6 +17,7 @@ from grpo_fast.trainer import TrainConfig, Trainer, demo
 from grpo_fast.trainer.checkpoint import TENSORS, WEIGHTS, checkpoints, latest_checkpoint
 from grpo_fast.trainer.cli import config_from_args
 from grpo_fast.trainer.reporting import read_metrics
+from grpo_fast.trainer.rundir import SETTINGS_FILE
 
 from .test_trainer import one_thread  # noqa: F401 - autouse fixture
 
@@ -221,6 +222,110 @@ def test_ctrl_c_during_the_wrap_up_is_one_line(tmp_path, monkeypatch, capsys):
         f"grpo-fast train: stopped by Ctrl-C; the latest checkpoint is {latest_checkpoint(tmp_path)} "
         "(continue with --resume)\n"
     )
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_fast.cli", "train", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _interrupt_after(run_dir: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """Start ``_command(run_dir, *extra)`` and Ctrl-C it once ``steps`` steps are logged."""
+    proc = subprocess.Popen(
+        _command(run_dir, *extra),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(read_metrics(run_dir / "metrics.jsonl")) < steps:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_resume_without_the_flags_continues_the_same_run_and_keeps_every_checkpoint(tmp_path):
+    """Interrupted, then `--output-dir RUN --resume` alone: the saved settings (not the defaults) carry
+    on, and no checkpoint that the run's save_total_limit kept is removed."""
+    _interrupt_after(tmp_path, 2, "--save-total-limit", "20")
+    settings = (tmp_path / SETTINGS_FILE).read_text()
+    kept = [p.name for p in checkpoints(tmp_path)]
+    reached = int(kept[-1].split("-")[1])
+    assert reached < STEPS and len(kept) == reached  # every step saved, none removed
+
+    resumed = _train("--output-dir", str(tmp_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {reached} of {STEPS}" in resumed.stdout
+    assert "resume changes" not in resumed.stdout and "differ" not in resumed.stderr
+    assert [p.name for p in checkpoints(tmp_path)] == [f"checkpoint-{i:06d}" for i in range(1, STEPS + 1)]
+    assert (tmp_path / SETTINGS_FILE).read_text() == settings
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+def test_resume_applies_more_steps_by_name_and_refuses_another_loss(tmp_path):
+    values = {
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "prompts_per_step": 2,
+        "num_generations": 2,
+        "progress": False,
+        "print_completions_every": 0,
+        "save_every": 1,
+        "save_total_limit": 5,
+    }
+    Trainer(TrainConfig.from_dict(values)).train()
+    before = [p.name for p in checkpoints(tmp_path)]
+    settings = (tmp_path / SETTINGS_FILE).read_text()
+
+    refused = _train("--output-dir", str(tmp_path), "--resume", "--loss-type", "grpo", "--max-steps", "3")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.count("\n") == 1 and "cannot change --loss-type (dapo -> grpo)" in refused.stderr
+    assert [p.name for p in checkpoints(tmp_path)] == before
+    assert (tmp_path / SETTINGS_FILE).read_text() == settings
+
+    more = _train("--output-dir", str(tmp_path), "--resume", "--max-steps", "3", "--no-progress")
+    assert more.returncode == 0, more.stderr[-3000:]
+    lines = more.stdout.splitlines()
+    assert [line for line in lines if "resume changes" in line] == [
+        "grpo-fast train: resume changes --max-steps: 2 -> 3 (the learning-rate schedule now ends there)"
+    ]
+    assert "resuming from step 2 of 3" in more.stdout
+    assert [p.name for p in checkpoints(tmp_path)] == [*before, "checkpoint-000003"]
+    assert TrainConfig.from_yaml(tmp_path / SETTINGS_FILE).max_steps == 3
+
+
+def test_resume_settings_of_a_run_without_a_settings_file_come_from_its_checkpoint(tmp_path):
+    from grpo_fast.trainer.resume import ResumeConflict, resume_config
+
+    cfg, _ = _two_checkpoints(tmp_path)
+    (tmp_path / SETTINGS_FILE).unlink()
+    resumed, changes = resume_config(True, {"output_dir": str(tmp_path)}, "command line")
+    assert resumed == TrainConfig.from_dict(cfg) and changes == []
+    # the same rules: max_steps may grow, save_total_limit shrinks only when asked for, by name
+    _, changes = resume_config(
+        True, {"output_dir": str(tmp_path), "max_steps": 4, "save_total_limit": 1}, "x"
+    )
+    assert [c.split(":")[0] for c in changes] == [
+        "resume changes --max-steps",
+        "resume changes --save-total-limit",
+    ]
+    with pytest.raises(ResumeConflict, match=r"--max-steps \(2 -> 1: the run has reached step 2\)"):
+        resume_config(True, {"output_dir": str(tmp_path), "max_steps": 1}, "x")
+    with pytest.raises(
+        ResumeConflict, match=r"cannot change --reward \(grpo_fast.trainer.demo:reward -> m:f\)"
+    ):
+        resume_config(str(checkpoints(tmp_path)[0]), {"rewards": ["m:f"]}, "x")
 
 
 def _two_checkpoints(tmp_path):

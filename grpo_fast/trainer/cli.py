@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .config import CHOICES, TrainConfig, allowed_types, field_types
+from .config import CHOICES, TrainConfig, allowed_types, field_types, option_flag, read_yaml
 
 METAVARS = {int: "N", float: "X", str: "STR"}
 
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training options (each also a YAML key)")
     types = field_types()
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        flag = option_flag(f.name)
         scalars, elem = allowed_types(types[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata["help"]
@@ -94,12 +94,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The options set explicitly (the YAML file's, then the flags over them) and where they come from."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if args.config:
-        return TrainConfig.from_yaml(args.config, overrides)
-    return TrainConfig.from_dict(overrides, source="command line")
+        return {**read_yaml(args.config), **overrides}, args.config
+    return overrides, "command line"
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values, source = given_options(args)
+    return TrainConfig.from_dict(values, source=source)
+
+
+def resolve(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
+    """The run's config, and one line per option a --resume changes (the saved run's options otherwise)."""
+    if not args.resume:
+        return config_from_args(args), []
+    from .resume import resume_config
+
+    return resume_config(args.resume, *given_options(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     from .distributed import ProcessGroupFromEnv
 
     try:
-        cfg = config_from_args(args)
+        cfg, changes = resolve(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"grpo-fast train: error: {err}", file=sys.stderr)
         return 2
     try:
         with ProcessGroupFromEnv(cfg.device):
-            return _run(args, cfg)
+            return _run(args, cfg, changes)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is in place
         if os.environ.get("RANK", "0") == "0":
             print(stopped_by_ctrl_c(cfg.output_dir), file=sys.stderr, flush=True)
@@ -128,7 +143,7 @@ def stopped_by_ctrl_c(run_dir: str) -> str:
     return f"grpo-fast train: stopped by Ctrl-C; {kept}"
 
 
-def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
+def _run(args: argparse.Namespace, cfg: TrainConfig, changes: list[str]) -> int:
     import torch.distributed as dist
 
     from .checkpoint import DamagedCheckpoint, DiskFull
@@ -138,6 +153,8 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     say = print if main else (lambda *a, **k: None)
+    for change in changes:
+        say(f"grpo-fast train: {change}", flush=True)
     try:  # bad options, model, dataset or rewards: one clear line, no traceback
         say(
             f"grpo-fast train: model {cfg.model}, dataset {cfg.dataset}, rewards {', '.join(cfg.rewards)}, "

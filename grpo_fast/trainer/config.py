@@ -41,6 +41,33 @@ def option_name(loss_field: str) -> str:
     return LOSS_RENAMES.get(loss_field, loss_field)
 
 
+# Options a resumed run may change: they leave its numbers alone (what is logged and saved, where and
+# with how much memory it runs). max_steps may change too (see grpo_fast.trainer.resume); nothing else.
+RESUME_FREE = frozenset(
+    {
+        "progress",
+        "print_completions_every",
+        "num_completions_to_print",
+        "save_every",
+        "save_total_limit",
+        "max_reward_failures",
+        "output_dir",
+        "device",
+        "num_threads",
+        "parallelism",
+        "gradient_checkpointing",
+        "offload_activations",
+        "max_tokens_per_microbatch",
+    }
+)
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of option ``name`` (``learning_rate`` -> ``--learning-rate``)."""
+    meta = next((f.metadata for f in dataclasses.fields(TrainConfig) if f.name == name), {})
+    return "--" + meta.get("flag", name).replace("_", "-")
+
+
 CHOICES = {
     "parallelism": PARALLELISMS,
     **{option_name(f.name): tuple(f.metadata["choices"]) for f in loss_fields() if "choices" in f.metadata},
@@ -250,37 +277,44 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a dict, naming any unknown key (with the closest known one)."""
-        if not isinstance(values, dict):
-            raise TypeError(
-                f"{source} must be a mapping of option names to values, got {type(values).__name__}"
-            )
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-                raise ValueError(f"{source}: unknown option {key!r}{hint}")
-        values = {key: _coerce(key, value) for key, value in values.items()}
+        values = checked_values(values, source)
         if values.get("model", DEMO) == DEMO:
             values = {**DEMO_PRESET, **values}  # the demo's tuned values, unless set explicitly
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        import yaml
+        return cls.from_dict({**read_yaml(path), **(overrides or {})}, source=str(path))
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(
-                f"{path} must hold a mapping of option names to values, got {type(values).__name__}"
-            )
-        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML file, as written (not yet checked)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values, got {type(values).__name__}")
+    return values
+
+
+def checked_values(values: Any, source: str) -> dict[str, Any]:
+    """``values`` with every key a known option (else the closest one is named) and YAML 1.1's float
+    strings read as floats; the values themselves are checked when a TrainConfig is built."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{source} must be a mapping of option names to values, got {type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            raise ValueError(f"{source}: unknown option {key!r}{hint}")
+    return {key: _coerce(key, value) for key, value in values.items()}
 
 
 def field_types() -> dict[str, Any]:

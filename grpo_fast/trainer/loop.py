@@ -40,7 +40,7 @@ from ..integrations.hf import add_hidden_forward, head_transform, lm_head, unsup
 from ..integrations.packing import check_packable
 from . import checkpoint as ckpt
 from . import distributed, sharding
-from .config import TrainConfig
+from .config import RESUME_FREE, TrainConfig
 from .data import PromptDataset, PromptSampler, load_prompts
 from .demo import DEMO
 from .generation import context_length, encode_prompts, prompt_text
@@ -48,22 +48,8 @@ from .models import disable_dropout, enable_checkpointing, load_model_and_tokeni
 from .reporting import PLOT_FILE, MetricsLog, Progress, format_samples, plot_metrics, step_metrics
 from .rewards import RewardError, RewardFn, load_reward, reward_name, weighted_sum
 from .rollout import RolloutMixin
-from .rundir import check_writable
+from .rundir import check_writable, write_settings
 from .update import UpdateMixin, cosine_schedule, make_optimizer, make_scheduler
-
-# Options that may differ on --resume without changing the run's numbers (others are reported).
-RESUME_FREE = {
-    "progress",
-    "print_completions_every",
-    "num_completions_to_print",
-    "save_every",
-    "save_total_limit",
-    "max_reward_failures",
-    "output_dir",
-    "device",
-    "num_threads",
-    "parallelism",
-}
 
 
 @dataclass
@@ -316,7 +302,7 @@ class Trainer(RolloutMixin, UpdateMixin):
         changed = {
             k: (v, getattr(self.cfg, k))
             for k, v in state.get("config", {}).items()
-            if k not in RESUME_FREE and hasattr(self.cfg, k) and getattr(self.cfg, k) != v
+            if k not in RESUME_FREE | {"max_steps"} and hasattr(self.cfg, k) and getattr(self.cfg, k) != v
         }
         if changed and self.group.is_main:  # said once, not by every rank
             diffs = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -337,10 +323,13 @@ class Trainer(RolloutMixin, UpdateMixin):
             self._refuse_to_replace_a_run(resume)
         if resume and resumed is None and main:
             print(f"no checkpoint in {self.run_dir} to resume from; starting a new run", flush=True)
+        if resumed is not None and main:
+            print(f"resuming from step {self.step} of {cfg.max_steps} ({resumed})", flush=True)
         self.group.barrier()  # every rank has read the checkpoint (or found none) before any is removed
         if main:
             if resumed is None:
                 self._forget_old_run()
+            write_settings(self.run_dir, cfg.to_dict())  # what a later --resume continues with
             self.metrics.start(resume_step=self.step if resumed else None)
         progress = Progress(cfg.max_steps, self.step, cfg.progress and main)
         last_saved: Path | None = resumed
