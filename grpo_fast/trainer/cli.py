@@ -21,9 +21,12 @@ EPILOG = """examples:
   torchrun --nproc-per-node 8 -m grpo_fast.cli train --config my.yaml   # data parallel (DDP)
   torchrun --nproc-per-node 8 -m grpo_fast.cli train --config my.yaml --parallelism fsdp  # sharded
 
-Flags override the YAML file. A reward function that fails skips its step; after
---max-reward-failures failures in a row the run saves a checkpoint and stops (exit code 1).
-Ctrl-C saves a checkpoint and exits (130)."""
+Flags override the YAML file. --resume continues with the run's saved options (OUTPUT_DIR/train_config.yaml):
+a flag given again may only change what keeps it the same run (--max-steps, logging, saving, device), and
+each change is named. --reward modules are imported from the current directory too. A reward function
+that fails skips its step; after --max-reward-failures failures in a row the run saves a checkpoint and
+stops (exit code 1). Ctrl-C saves a checkpoint and exits (130); a second Ctrl-C stops at once.
+More: docs/trainer.md."""
 
 
 def _optional(kind: type):
