@@ -258,19 +258,20 @@ def _interrupt_after(run_dir: Path, steps: int, *extra: str) -> subprocess.Compl
 def test_resume_without_the_flags_continues_the_same_run_and_keeps_every_checkpoint(tmp_path):
     """Interrupted, then `--output-dir RUN --resume` alone: the saved settings (not the defaults) carry
     on, and no checkpoint that the run's save_total_limit kept is removed."""
-    _interrupt_after(tmp_path, 2, "--save-total-limit", "20")
+    steps = 5
+    _interrupt_after(tmp_path, 2, "--save-total-limit", "20", "--max-steps", str(steps))
     settings = (tmp_path / SETTINGS_FILE).read_text()
     kept = [p.name for p in checkpoints(tmp_path)]
     reached = int(kept[-1].split("-")[1])
-    assert reached < STEPS and len(kept) == reached  # every step saved, none removed
+    assert reached < steps and len(kept) == reached  # every step saved, none removed
 
     resumed = _train("--output-dir", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step {reached} of {STEPS}" in resumed.stdout
+    assert f"resuming from step {reached} of {steps}" in resumed.stdout
     assert "resume changes" not in resumed.stdout and "differ" not in resumed.stderr
-    assert [p.name for p in checkpoints(tmp_path)] == [f"checkpoint-{i:06d}" for i in range(1, STEPS + 1)]
+    assert [p.name for p in checkpoints(tmp_path)] == [f"checkpoint-{i:06d}" for i in range(1, steps + 1)]
     assert (tmp_path / SETTINGS_FILE).read_text() == settings
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, steps + 1))
 
 
 def test_resume_applies_more_steps_by_name_and_refuses_another_loss(tmp_path):
