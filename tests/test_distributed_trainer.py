@@ -149,10 +149,7 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
                 dist.all_gather(copies, flat)
                 assert all(torch.equal(c, copies[0]) for c in copies), name
         _resume_and_failures(Path(root), rank)
-        # Both ranks tear the group down together. Rank 1 used to destroy it while rank 0 still read the
-        # results; the suspected cause of an intermittent SIGABRT in rank 1 ("terminate called without
-        # an active exception") on the 2-core machine.
-        dist.barrier()
+        dist.barrier()  # both ranks tear the group down together, none while another still reads results
     finally:
         dist.destroy_process_group()
 
@@ -211,10 +208,27 @@ def test_layout_splits_each_micro_batch_across_ranks():
         Layout.build(8, 4, world=4, rank=0)
 
 
+def _spawn_two(root: Path, tmp_path: Path) -> None:
+    """The two gloo workers, writing their runs under ``root``. A worker killed by SIGABRT ("terminate
+    called without an active exception", raised in a gloo thread, seen rarely on the loaded 2-core machine)
+    gets one fresh try; a failed assertion (an exception in a worker) is never retried."""
+    for attempt in (1, 2):
+        try:
+            mp.spawn(
+                _worker, args=(2, str(tmp_path / f"rendezvous-{attempt}"), str(root)), nprocs=2, join=True
+            )
+            return
+        except mp.ProcessExitedException as err:
+            if attempt == 2 or err.signal_name != "SIGABRT":
+                raise
+            warnings.warn(f"a gloo worker aborted ({err}); running the pair once more", stacklevel=1)
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     multi = tmp_path / "two"
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(multi)), nprocs=2, join=True)
+    _spawn_two(multi, tmp_path)
     for name, options in CASES.items():
         single = TRAINERS.get(name, RowSeededTrainer)(config(tmp_path / "one" / name, **options))
         single.train()
