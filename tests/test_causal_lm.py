@@ -148,3 +148,43 @@ def test_unfoldable_head_and_unpackable_model_are_named_errors():
     model.config._attn_implementation = "sdpa_paged"
     with pytest.raises(ValueError, match="padding-free steps need an attention implementation"):
         gf.causal_lm_logprobs(model, ids, mask, K, padding_free=True)
+
+
+def _fsdp2_worker(rank: int, world: int, init_file: str) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model("tied")
+        ids, mask = make_inputs()
+        want = model_logprobs(model, ids, mask, 0.8)
+        want_g = dict(
+            zip([n for n, _ in model.named_parameters()], weighted_grads(model, *want), strict=True)
+        )
+        sharded = copy.deepcopy(model)
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)  # the tied head is now a DTensor, half per rank
+        assert type(sharded.lm_head.weight).__name__ == "DTensor"
+        got = gf.causal_lm_logprobs(sharded, ids, mask, K, 0.8, return_entropy=True)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-5)
+        g = torch.Generator().manual_seed(2)  # weighted_grads' weights, through backward(): FSDP2's hooks
+        a, b = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
+        (a * got[0] + b * got[1]).sum().backward()
+        for name, param in sharded.named_parameters():
+            full = param.grad.full_tensor()  # reduce-scattered to the shards, gathered here to compare
+            torch.testing.assert_close(full, want_g[name], rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_model(tmp_path):
+    """An FSDP2 model (2 gloo processes): the sharded head gathered, the gradients reduce-scattered back."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
