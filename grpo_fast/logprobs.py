@@ -29,8 +29,8 @@ def selective_logprobs(
 
     hidden ``[..., H]``, weight ``[V, H]``, targets ``[...]`` ids in ``[0, V)``. Returns fp32 log-probs of
     targets' shape, and the fp32 entropy too with ``return_entropy=True``. Gradients flow to hidden,
-    weight and bias through the log-probs (recomputed chunk by chunk in backward); the entropy is a metric
-    and carries no gradient.
+    weight and bias through both outputs (recomputed chunk by chunk in backward); the entropy's term runs
+    only when the entropy received a gradient.
 
     ``fused_gemm=True`` (Triton backend, no gradient, no process group) runs one kernel that does the GEMM
     and the online logsumexp together and never writes a logits tile, instead of cuBLAS tiles plus the

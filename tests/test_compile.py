@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import grpo_fast as gf
-from grpo_fast.engine import compile_ops
+from grpo_fast.engine import chunk_loop, compile_ops
 
 from .helpers import cast, make_batch
 
@@ -107,6 +107,38 @@ def test_compiled_selective_logprobs_matches_eager(backend, bias):
     _assert_same(_grads((got[0] * upstream).sum(), comp_b), _grads((want[0] * upstream).sum(), eager_b))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_entropy_gradient_matches_eager(backend, monkeypatch):
+    """The backward op takes the entropy's gradient too; an entropy unused in the graph adds no term."""
+    base = make_batch(seed=4, empty_row=False)
+    a, b = torch.linspace(-1, 1, 2 * base["targets"].numel()).view(2, *base["targets"].shape)
+    terms: list[bool] = []
+    inner = chunk_loop.grad_pass
+    monkeypatch.setattr(
+        chunk_loop, "grad_pass", lambda *x, **k: terms.append(x[5][1] is not None) or inner(*x, **k)
+    )
+
+    def weighted(hidden, weight, targets, bias):
+        logp, entropy = gf.selective_logprobs(
+            hidden, weight, targets, bias, 0.8, True, backend=backend, logit_softcap=4.0
+        )
+        return (a * logp + b * entropy).sum()
+
+    def logp_only(hidden, weight, targets, bias):
+        logp, entropy = gf.selective_logprobs(hidden, weight, targets, bias, 0.8, True, backend=backend)
+        return (a * logp).sum(), entropy.detach().mean()
+
+    args = lambda b: (b["hidden"], b["weight"], b["targets"].clamp(min=0), b["bias"])  # noqa: E731
+    for fn in (weighted, lambda *x: logp_only(*x)[0]):
+        eager_b, comp_b = cast(base, torch.float32), cast(base, torch.float32)
+        want = fn(*args(eager_b))
+        got = torch.compile(fn, fullgraph=True)(*args(comp_b))
+        _assert_same([got], [want])
+        _assert_same(_grads(got, comp_b), _grads(want, eager_b))
+        torch._dynamo.reset()
+    assert terms == [True, True, False, False]  # eager, compiled; each function in turn
+
+
 def test_compiled_selective_logprobs_no_grad_and_new_shapes():
     fn = torch.compile(lambda h, w, t: gf.selective_logprobs(h, w, t), fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(0)
@@ -150,6 +182,13 @@ def test_custom_ops_pass_opcheck():
     h, w, b, t = base["hidden"], base["weight"], base["bias"], base["targets"].clamp(min=0)
     op = torch.ops.grpo_fast_compiled
     torch.library.opcheck(op.selective_logprobs.default, (h, w, t, b, 1.0, "torch", None, False, False, 30.0))
+    lse, ent = torch.randn(t.numel()), torch.rand(t.shape)
+    leaves = [x.detach() for x in (h, w, b)]  # a backward op is not differentiated itself
+    back = (*leaves[:2], t, leaves[2], lse, ent, 0.9, "torch", None, False, None, [True, True, True])
+    for grad_entropy in (torch.randn(t.shape), None):
+        torch.library.opcheck(
+            op.selective_logprobs_backward.default, (torch.randn(t.shape), grad_entropy, *back)
+        )
     cfg = compile_ops._config_json(gf.GRPOConfig(beta=0.04))
     args = (*_loss_args(base), None, None, None, None, None, cfg, "torch", None, False, [True, True, True])
     torch.library.opcheck(op.grpo_loss.default, args)

@@ -349,7 +349,8 @@ class LogprobPlan:
 
 
 class FusedLogprobs(torch.autograd.Function):
-    """Per-token log-probs and entropy; a backward through logp recomputes the tiles chunk by chunk."""
+    """Per-token log-probs and entropy; a backward recomputes the tiles chunk by chunk, with the entropy's
+    term in dlogits only when the entropy received a gradient."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LogprobPlan):
@@ -358,14 +359,17 @@ class FusedLogprobs(torch.autograd.Function):
             softcap=plan.softcap,
         )  # fmt: skip
         ctx.plan = plan
-        ctx.save_for_backward(hidden, weight, bias, lse)
-        ctx.mark_non_differentiable(entropy)
+        # An output nothing differentiates gets None, not zeros: no entropy term (and no [N] zeros) then.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
-        hidden, weight, bias, lse = ctx.saved_tensors
-        gh, gw, gb = logprob_grads(hidden, weight, bias, lse, grad_logp, ctx.plan, ctx.needs_input_grad[:3])
+    def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
+        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        stats, grad_out = (lse, entropy), (grad_logp, grad_entropy)
+        gh, gw, gb = logprob_grads(hidden, weight, bias, stats, grad_out, ctx.plan, needs)
         return gh, gw, gb, None
 
 
@@ -373,22 +377,27 @@ def logprob_grads(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lse: Tensor,
-    grad_logp: Tensor,
+    stats: tuple[Tensor, Tensor],
+    grad_out: tuple[Tensor | None, Tensor | None],
     plan: LogprobPlan,
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients to (hidden, weight, bias) of ``sum(grad_logp * logp)``: one more pass over the tiles,
-    from the row logsumexps the forward pass kept (None where ``needs`` says no)."""
+    """Gradients to (hidden, weight, bias) of ``sum(grad_logp * logp + grad_entropy * entropy)``: one more
+    pass over the tiles, from the rows' (logsumexp, entropy) the forward pass kept (None where ``needs``
+    says no). ``grad_out`` is (grad_logp, grad_entropy), flat ``[N]``, either None when it has no gradient;
+    without grad_entropy the tiles skip the entropy term (the grpo_loss entropy bonus's ``e``)."""
     grads = _Grads.allocate(hidden, weight, bias, needs)
-    coefs = (grad_logp.float(), None)  # the entropy output carries no gradient
+    lse, entropy = stats
+    grad_logp, grad_entropy = grad_out
+    g = grad_logp.float() if grad_logp is not None else torch.zeros_like(lse)
+    e = grad_entropy.float() if grad_entropy is not None else None
     grad_pass(
         hidden,
         weight,
         bias,
         plan.targets,
-        (lse, None),
-        coefs,
+        (lse, entropy),
+        (g, e),
         plan.temperature,
         plan.ops,
         plan.chunk,

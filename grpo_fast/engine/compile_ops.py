@@ -9,7 +9,8 @@ functions call these ops instead (``torch.compiler.is_compiling()``): the graph 
 - loss: the fused pass computes the gradients in forward anyway, so the op returns them next to the
   loss and its backward scales them by the incoming gradient, as the eager autograd Function does.
 - log-probs: the op also returns the rows' logsumexps; its backward is a second op that makes the one
-  gradient pass over the tiles from them, as the eager backward does.
+  gradient pass over the tiles from them and the entropies, as the eager backward does, taking the
+  entropy's incoming gradient (None when the entropy has none: no entropy term then).
 
 Each op's schema spells its arguments one by one (a custom op takes tensors and scalars, not a call
 record); everything else passes the record of :mod:`.plan`, so the op bodies run the same planning code
@@ -242,12 +243,14 @@ def _(hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gem
 
 @torch.library.custom_op(f"{_NS}::selective_logprobs_backward", mutates_args=())
 def _logprobs_backward_op(
-    grad_logp: Tensor,
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
     bias: Optional[Tensor],
     lse: Tensor,
+    entropy: Tensor,
     temperature: float,
     backend: str,
     chunk_size: Optional[int],
@@ -259,15 +262,17 @@ def _logprobs_backward_op(
         hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, False,
         logit_softcap,
     )  # fmt: skip
-    grads = logprob_grads(flat, head.weight, head.bias, lse, grad_logp.reshape(-1), plan, tuple(needs))
+    flat_grads = tuple(g.reshape(-1) if g is not None else None for g in (grad_logp, grad_entropy))
+    stats = (lse, entropy.reshape(-1))
+    grads = logprob_grads(flat, head.weight, head.bias, stats, flat_grads, plan, tuple(needs))
     gh = grads[0].reshape(hidden.shape) if grads[0] is not None else None
     return tuple(_or_empty(g, hidden) for g in (gh, *grads[1:]))
 
 
 @_logprobs_backward_op.register_fake
 def _(
-    grad_logp, hidden, weight, targets, bias, lse, temperature, backend, chunk_size, batch_invariant, softcap,
-    needs,
+    grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, backend, chunk_size,
+    batch_invariant, softcap, needs,
 ):  # fmt: skip
     return tuple(
         torch.empty_like(x) if n and x is not None else hidden.new_empty(_EMPTY)
@@ -279,13 +284,17 @@ def _logprobs_setup(ctx, inputs, output) -> None:
     hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, cap = inputs
     ctx.args = (temperature, backend, chunk_size, batch_invariant, cap)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, weight, targets, bias, output[2])
+    # An output nothing differentiates gets None, not zeros: no entropy term when the entropy is unused.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, targets, bias, output[2], output[1])
 
 
-def _logprobs_backward(ctx, grad_logp, _grad_entropy, _grad_lse):
-    hidden, weight, targets, bias, lse = ctx.saved_tensors
+def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:2]] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
-    gh, gw, gb = _logprobs_backward_op(grad_logp, hidden, weight, targets, bias, lse, *ctx.args, needs)
+    gh, gw, gb = _logprobs_backward_op(
+        grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, *ctx.args, needs
+    )
     keep = lambda g, n: g if n else None  # noqa: E731
     return keep(gh, needs[0]), keep(gw, needs[1]), None, keep(gb, needs[2]), *[None] * 6
 

@@ -19,10 +19,9 @@ naming it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -31,15 +30,15 @@ from accelerate.utils import is_peft_model
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 
 import grpo_fast as gf
 
 from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
 from ..engine.objective import averaged_over_sequences
-from .hf import HIDDEN_KWARG, add_hidden_forward, head_transform, lm_head, match_head_dtype, unsupported_head
-from .packing import VARLEN_ATTENTION, Packing, attention_implementation, check_packable
+from .causal_lm import completion_states, head_inputs
+from .hf import add_hidden_forward, head_transform, unsupported_head
+from .packing import Packing, check_packable
 
 # The TRL releases FastGRPOTrainer is tested against: it overrides GRPOTrainer's private methods (below)
 # and reads its attributes, which any release may rename or change.
@@ -50,7 +49,7 @@ OVERRIDDEN_TRL_METHODS = ("_compute_loss", "_get_per_token_logps_and_entropies")
 _untested_trl_warned = False
 
 try:  # TRL's private helpers; a release without them is reported by check_trl_version, not here
-    from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
+    from trl.trainer.utils import nanmax, nanmin
 except ImportError as _err:  # pragma: no cover - depends on the installed TRL
     _TRL_HELPERS_MISSING: ImportError | None = _err
 else:
@@ -97,15 +96,6 @@ MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
-
-
-def full_head(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The whole LM head from an FSDP2-sharded one (DTensor parameters), as TRL's fused head gathers it:
-    ``full_tensor()`` all-gathers in forward and reduce-scatters the gradient back to the shards."""
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    return weight, bias
 
 
 class FastGRPOTrainer(GRPOTrainer):
@@ -201,32 +191,18 @@ class FastGRPOTrainer(GRPOTrainer):
         """The backbone's output and the hidden states predicting the last ``keep`` tokens. Padding-free:
         the hidden states of the attended completion tokens only, ``[n, H]``, and the packing that
         places them."""
-        packing, batch = None, {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.grpo_fast_padding_free:
-            varlen = attention_implementation(self.accelerator.unwrap_model(model)) in VARLEN_ATTENTION
-            packing = Packing.of_inputs(input_ids, attention_mask, keep, one_row=varlen)
-            batch = packing.forward_kwargs()
         with self.accelerator.autocast():
-            out = model(**batch, **{HIDDEN_KWARG: True}, **forward_kwargs)
-        last = out.last_hidden_state
-        hidden = last[:, -keep - 1 : -1] if packing is None else packing.hidden(last)
-        return out, hidden, packing
+            return completion_states(
+                model, self.accelerator.unwrap_model(model), input_ids, attention_mask, keep,
+                self.grpo_fast_padding_free, **forward_kwargs,
+            )  # fmt: skip
 
-    @contextlib.contextmanager
-    def _head(self, model: nn.Module, hidden: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        """``(hidden, weight, bias)`` in the dtypes the loss takes: fp32 with cast_lm_head_to_fp32, else the
-        head in the hidden states' dtype (as autocast would run it). A sharded head is whole inside: FSDP2's
-        gathered with ``full_tensor()``; DeepSpeed ZeRO-3's gathered for the duration of the block, as TRL's
-        fused head does (grpo_fast's loss computes the weight gradient in its forward, inside the block)."""
-        weight, bias = lm_head(self.accelerator.unwrap_model(model))
-        with maybe_gather_lm_head_ctx(weight, bias):
-            weight, bias = full_head(weight, bias)
-            if self.args.cast_lm_head_to_fp32:
-                hidden, weight = hidden.float(), weight.float()
-                bias = bias.float() if bias is not None else None
-            else:
-                weight, bias = match_head_dtype(hidden, weight, bias)
-            yield hidden, weight, bias
+    def _head(self, model: nn.Module, hidden: Tensor) -> AbstractContextManager:
+        """``(hidden, weight, bias)`` for the fused ops, inside a block (see causal_lm.head_inputs): fp32 with
+        cast_lm_head_to_fp32, else the head in the hidden states' dtype; a sharded head gathered (FSDP2,
+        DeepSpeed ZeRO-3 as TRL's fused head does: grpo_fast's loss computes the weight gradient in its
+        forward, inside the block)."""
+        return head_inputs(self.accelerator.unwrap_model(model), hidden, self.args.cast_lm_head_to_fp32)
 
     def _get_per_token_logps_and_entropies(
         self,
