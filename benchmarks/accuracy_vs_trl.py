@@ -51,7 +51,14 @@ def _model(kind: str, vocab: int, pad: int, eos: int, biased: bool) -> nn.Module
         )  # fmt: skip
     elif kind == "gpt2":
         config = GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
         )
     else:
         config = PhiConfig(
@@ -122,11 +129,12 @@ def _batch(policy64: nn.Module, ref64: nn.Module, vocab: int, seed: int) -> tupl
     with torch.no_grad():
         logp, ref = _logps(policy64, ids, mask, C), _logps(ref64, ids, mask, C)
     d = (ref - logp)[completion_mask.bool()]
+    old = (logp + 0.05 * torch.randn(B, C, generator=g, dtype=logp.dtype)).clamp(max=0)
     inputs = dict(
         prompt_ids=prompt_ids, prompt_mask=torch.ones(B, P, dtype=torch.long), completion_ids=completion_ids,
         completion_mask=completion_mask, advantages=torch.randn(B, generator=g),
         num_items_in_batch=completion_mask.sum().float(),
-        old_per_token_logps=(logp + 0.05 * torch.randn(B, C, generator=g, dtype=torch.float64)).clamp(max=0).float(),
+        old_per_token_logps=old.float(),
         ref_per_token_logps=ref.float(),
     )  # fmt: skip
     return inputs, (d.exp() - d - 1).max().item()
@@ -166,7 +174,9 @@ def run_case(kind: str, drift: float, biased: bool, dtype: torch.dtype, batches:
         inputs, batch_kl = _batch(policy64, ref64, len(tokenizer), seed=100 + i)
         kl = max(kl, batch_kl)
         truth = _step(truth_trainer, GRPOTrainer._compute_loss, truth_trainer.model, inputs)
-        errors["trl"] = max(errors["trl"], _rel_l2(_step(trainer, GRPOTrainer._compute_loss, trainer.model, inputs), truth))
+        errors["trl"] = max(
+            errors["trl"], _rel_l2(_step(trainer, GRPOTrainer._compute_loss, trainer.model, inputs), truth)
+        )
         for backend in BACKENDS:
             trainer.grpo_fast_backend = backend
             got = _step(trainer, FastGRPOTrainer._compute_loss, trainer.model, inputs)
@@ -178,7 +188,9 @@ def run_case(kind: str, drift: float, biased: bool, dtype: torch.dtype, batches:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batches", type=int, default=4, help="micro-batches per case (worst reported)")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="default: both")
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -192,13 +204,17 @@ def main() -> int:
                 r = rows[-1]
                 cells = "  ".join(f"{k} {v:.1e}" for k, v in r["rel_l2"].items())
                 ratios = "  ".join(f"{k}/trl {v:.2f}" for k, v in r["ratio_to_trl"].items())
-                print(f"{kind:22} {r['dtype']:9} KL<={r['max_token_kl']:6.1f}  {cells}  |  {ratios}", flush=True)
+                print(
+                    f"{kind:22} {r['dtype']:9} KL<={r['max_token_kl']:6.1f}  {cells}  |  {ratios}", flush=True
+                )
     worst = max(max(r["ratio_to_trl"].values()) for r in rows)
     print(f"worst backend/TRL ratio: {worst:.2f}")
     if args.out:
         import grpo_fast
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout
         record = dict(
             what="relative L2 error of the parameter gradients of one loss step against an fp64 truth, "
             "worst of the micro-batches; CPU figures",
