@@ -112,11 +112,31 @@ GF_MULTIVERSION void scale_block(const float* x, float* z, int64_t n, Scale sc) 
   }
 }
 
-// Folds the scaled logits z[0:n] into `st`.
-GF_MULTIVERSION void fold_block(const float* z, int64_t n, RowStats* st) {
+// scale_block, and the block's max z (in the same loop: a max loop of its own over z did not vectorize).
+GF_MULTIVERSION float scale_max_block(const float* x, float* z, int64_t n, Scale sc) {
   float bm = kNegInf;
+  if (sc.divide) {
+    const float t = sc.t;
 #pragma omp simd reduction(max : bm)
-  for (int64_t i = 0; i < n; ++i) bm = std::max(bm, z[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i] / t;
+      z[i] = v;
+      bm = std::max(bm, v);
+    }
+  } else {
+    const float inv_t = sc.inv_t;
+#pragma omp simd reduction(max : bm)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i] * inv_t;
+      z[i] = v;
+      bm = std::max(bm, v);
+    }
+  }
+  return bm;
+}
+
+// Folds the scaled logits z[0:n], whose max is bm, into `st`.
+GF_MULTIVERSION void fold_block(const float* z, int64_t n, float bm, RowStats* st) {
   if (bm > st->m) {
     if (st->s > 0.0f) {
       const float shift = st->m - bm;
@@ -263,8 +283,8 @@ RowStats row_stats(const T* row, int64_t cols, Scale sc, int64_t target, float* 
   RowStats st;
   for (int64_t start = 0; start < cols; start += kBlock) {
     const int64_t n = std::min(kBlock, cols - start);
-    scale_block(Tile<T>::load(row + start, n, buf), buf, n, sc);  // the tile itself is kept
-    fold_block(buf, n, &st);
+    const float bm = scale_max_block(Tile<T>::load(row + start, n, buf), buf, n, sc);  // the tile is kept
+    fold_block(buf, n, bm, &st);
   }
   const bool owned = target >= 0 && target < cols;
   *target_z = owned ? scaled(static_cast<float>(row[target]), sc) : 0.0f;
