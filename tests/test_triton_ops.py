@@ -326,3 +326,12 @@ def test_frozen_head_gets_no_gradient_work():
     assert dev["weight"].grad is None
     torch.testing.assert_close(loss.double().cpu(), want.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gh.double().cpu(), gw.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_check_far_from_reference_case():
+    """One of grpo-fast check's far-from-reference cases (KL up to ~30, T = 0.7) on the Triton kernels:
+    at most twice the plain PyTorch computation's gradient error (the full set is the check's)."""
+    from grpo_fast.commands import check
+
+    _, _, status = check.check_far_case("triton", DEVICE, torch.float32, check.FAR_SHAPES[0], 30.0, 0.7)
+    assert status == "PASS", status
