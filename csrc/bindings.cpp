@@ -34,10 +34,12 @@ TORCH_LIBRARY_IMPL(grpo_fast, CUDA, m) { m.impl("group_advantages", &grpo_fast::
 // The Python side is grpo_fast/backends/native_ops.py (NativeChunkOps); the per-token GRPO math that
 // turns the stats into g and ent_coef is grpo_fast/engine/objective.py, not here.
 //
-// chunk_stats: out fp32 [3, C] = (logsumexp z, log_softmax(z)[target], entropy of softmax(z)).
+// chunk_stats: out fp32 or fp64 [3, C] = (logsumexp z, log_softmax(z)[target], entropy of softmax(z)), computed
+//   in fp32; an fp64 out gets lse = m + log s unrounded (what chunk_grad's p need).
 // chunk_partial_stats: out fp32 [4, C] = (m = max z, s = sum exp(z - m), u = sum exp(z - m) (z - m),
 //   z[target] or 0), the partials a vocabulary shard contributes (grpo_fast/engine/parallel.py combines them).
-// chunk_grad: logits overwritten with dLoss/dlogits from per-row coefficients (lse, g fp32 [C]), p = exp(z - lse):
+// chunk_grad: logits overwritten with dLoss/dlogits from per-row coefficients (lse fp64 or fp32 [C], g fp32 [C]),
+//   p = exp(z - lse):
 //   g * (onehot(target) - p) / T, minus ent_coef * p * ((z - lse) + entropy) / T when ent_coef (dLoss/dH) and
 //   the rows' entropy H (fp32 [C], both or neither) are given: that is ent_coef * dH/dlogits.
 TORCH_LIBRARY_FRAGMENT(grpo_fast, m) {

@@ -45,11 +45,13 @@ inline void check_rows(const char* op, const char* name, const std::optional<at:
   if (x.has_value()) check_rows(op, name, *x, rows, dtype, like);
 }
 
-// The fp32 [k, rows] output a chunk op writes into.
-inline void check_out(const char* op, const at::Tensor& out, int64_t k, int64_t rows, const at::Tensor& like) {
+// The [k, rows] output a chunk op writes into: fp32, or fp64 where `wide` (chunk_stats: lse = m + log s unrounded).
+inline void check_out(const char* op, const at::Tensor& out, int64_t k, int64_t rows, const at::Tensor& like,
+                      bool wide = false) {
   TORCH_CHECK(out.dim() == 2 && out.size(0) == k && out.size(1) == rows, "grpo_fast::", op, ": out must have shape [",
               k, ", ", rows, "], got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kFloat, "grpo_fast::", op, ": out must be float32, got ", out.scalar_type());
+  TORCH_CHECK(out.scalar_type() == at::kFloat || (wide && out.scalar_type() == at::kDouble), "grpo_fast::", op,
+              ": out must be float32", wide ? " or float64" : "", ", got ", out.scalar_type());
   TORCH_CHECK(out.device() == like.device(), "grpo_fast::", op, ": out must be on ", like.device(), ", got ",
               out.device());
   TORCH_CHECK(out.is_contiguous(), "grpo_fast::", op, ": out must be contiguous");
@@ -68,12 +70,13 @@ inline void check_tile_inputs(const char* op, const at::Tensor& logits, const at
   check_temperature(op, temperature);
 }
 
-// chunk_grad's per-row inputs: lse and g fp32 [C]; ent_coef and entropy (the entropy-gradient term)
-// fp32 [C], both or neither. Returns whether the entropy term is on.
+// chunk_grad's per-row inputs: lse fp64 [C] (or fp32: rounded at |lse|, every p then carries that rounding),
+// g fp32 [C]; ent_coef and entropy (the entropy-gradient term) fp32 [C], both or neither. Returns whether the
+// entropy term is on.
 inline bool check_grad_inputs(const char* op, const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& g,
                               const std::optional<at::Tensor>& ent_coef, const std::optional<at::Tensor>& entropy) {
   const int64_t rows = logits.size(0);
-  check_rows(op, "lse", lse, rows, at::kFloat, logits);
+  check_rows(op, "lse", lse, rows, lse.scalar_type() == at::kFloat ? at::kFloat : at::kDouble, logits);
   check_rows(op, "g", g, rows, at::kFloat, logits);
   TORCH_CHECK(ent_coef.has_value() == entropy.has_value(), "grpo_fast::", op, ": ent_coef and entropy go together ",
               "(the entropy-gradient term needs both), got ", ent_coef.has_value() ? "ent_coef" : "entropy",

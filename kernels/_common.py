@@ -12,8 +12,12 @@ from torch import Tensor
 # Tile dtypes the kernels read and write; the math is fp32 whatever the tile's dtype.
 TILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Launch option of the tile kernels (chunk_stats, chunk_grad_): no a*b+c -> fma fusion, so every use of
-# z = x * inv_t (the row max, the exps, the gradient) sees the same fp32 z. A product fused in one place
+# The tile kernels (chunk_stats, chunk_grad_) scale as torch does on the CPU, z = x / T correctly rounded
+# (tl.math.div_rn), not x * fl(1 / T): that product carries one relative rounding of 1 / T into every logit
+# of every row alike, an error the tokens of the weight gradient do not average out (3-5x PyTorch's
+# gradient error at T = 0.7).
+# Launch option of the tile kernels: no a*b+c -> fma fusion, so every use of z (the row max, the exps, the
+# gradient) sees the same fp32 z. A product fused in one place
 # and rounded in another puts up to half an ulp of z (|z| ~ 1/T) into every p: 8x PyTorch's gradient
 # error at T = 1e-3. They are memory-bound. Not for the fused log-prob GEMM: its fp32
 # dot is built from fmas, and its forward-only logp already carries lse's own rounding (ulp of 1/T).
@@ -77,13 +81,16 @@ def online_update(m, s, u, z, valid, AXIS: tl.constexpr):
     s' = r * s, u' = r * (u + s * (m - m')).
     """
     m_new = tl.maximum(m, tl.max(z, axis=AXIS))
-    r = tl.exp(m - m_new)
+    # Nothing but -inf so far (a block of masked vocabulary first): shift by 0, not by -inf, which would
+    # make exp(-inf - -inf) = NaN; every exp is then exp(-inf) = 0 and the state stays empty.
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    r = tl.exp(m - m_ref)
     # While nothing has been folded in, m = -inf and s = 0: the shift term must be 0, not 0 * -inf.
     shift = tl.where(s > 0, m - m_new, 0.0)
     if AXIS == 0:
-        zc = z - m_new
+        zc = z - m_ref
     else:
-        zc = z - m_new[:, None]
+        zc = z - m_ref[:, None]
     e = tl.where(valid, tl.exp(zc), 0.0)
     # e > 0 also keeps -inf logits (masked vocabulary) from making 0 * -inf.
     eu = tl.where(e > 0, e * zc, 0.0)

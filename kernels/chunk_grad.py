@@ -30,11 +30,12 @@ def _chunk_grad_kernel(
     stride_row,
     targets_ptr,
     lse_ptr,
+    lse_lo_ptr,
     g_ptr,
     ent_coef_ptr,
     entropy_ptr,
     n_cols,
-    inv_t,
+    temperature,
     HAS_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -42,8 +43,9 @@ def _chunk_grad_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     valid = cols < n_cols
     ptrs = logits_ptr + row * stride_row + cols
-    z = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32) * inv_t
-    log_p = z - tl.load(lse_ptr + row)
+    z = tl.math.div_rn(tl.load(ptrs, mask=valid, other=0.0).to(tl.float32), temperature)
+    # lse = hi + lo (two floats): (z - hi) is exact near the max, so p carries no rounding of lse.
+    log_p = (z - tl.load(lse_ptr + row)) - tl.load(lse_lo_ptr + row)
     p = tl.exp(log_p)
     onehot = (cols == tl.load(targets_ptr + row)).to(tl.float32)
     dz = tl.load(g_ptr + row) * (onehot - p)
@@ -52,7 +54,7 @@ def _chunk_grad_kernel(
         h = tl.load(entropy_ptr + row)
         # p > 0: a -inf logit (masked vocabulary) adds 0 (the limit of p log p), not 0 * -inf = NaN.
         dz -= tl.where(p > 0, coef * p * (log_p + h), 0.0)
-    tl.store(ptrs, (dz * inv_t).to(logits_ptr.dtype.element_ty), mask=valid)
+    tl.store(ptrs, tl.math.div_rn(dz, temperature).to(logits_ptr.dtype.element_ty), mask=valid)
 
 
 def chunk_grad_(
@@ -67,8 +69,9 @@ def chunk_grad_(
     """Overwrite ``logits [C, V]`` with ``dLoss/dlogits``; returns ``logits``.
 
     ``g * (onehot - p) / T`` with ``z = logits / T``, ``p = exp(z - lse)``; with ``ent_coef`` (and only
-    with ``entropy``) also ``- ent_coef * p * ((z - lse) + entropy) / T``. lse, g, ent_coef and entropy
-    are fp32 contiguous ``[C]``: the row logsumexp of ``z``, ``dLoss/dlogp``, ``dLoss/dH`` and ``H``.
+    with ``entropy``) also ``- ent_coef * p * ((z - lse) + entropy) / T``. g, ent_coef and entropy are fp32
+    contiguous ``[C]``: ``dLoss/dlogp``, ``dLoss/dH`` and ``H``; lse ``[C]`` the row logsumexp of ``z``,
+    fp64 (as :func:`chunk_stats` gives it: unrounded) or fp32 (then every p carries its rounding).
     """
     op = "chunk_grad_"
     check_tile(op, logits)
@@ -77,7 +80,7 @@ def chunk_grad_(
     if rows > 1 and logits.stride(0) < cols:
         raise ValueError(f"{op}: logits rows overlap (stride(0) < V), got strides {logits.stride()}")
     check_rows(op, "targets", targets, rows, (torch.int64, torch.int32))
-    check_rows(op, "lse", lse, rows, (torch.float32,))
+    check_rows(op, "lse", lse, rows, (torch.float64, torch.float32))
     check_rows(op, "g", g, rows, (torch.float32,))
     if (ent_coef is None) != (entropy is None):
         given, missing = ("ent_coef", "entropy") if entropy is None else ("entropy", "ent_coef")
@@ -87,6 +90,9 @@ def chunk_grad_(
     check_device(op, logits, targets, lse, g, ent_coef, entropy)
     if rows == 0 or cols == 0:
         return logits
+    lse_hi = lse.float()
+    wide = lse.dtype == torch.float64
+    lse_lo = (lse - lse_hi.double()).nan_to_num_(0.0, 0.0, 0.0).float() if wide else torch.zeros_like(lse)
     has_ent = ent_coef is not None
     block = row_block(cols, 1024 if interpreting() else 2048)
     # Rows on grid axis 0 (2**31 - 1 programs); vocabulary blocks on axis 1 (65535 at most).
@@ -94,12 +100,13 @@ def chunk_grad_(
         logits,
         logits.stride(0),
         targets,
-        lse,
+        lse_hi,
+        lse_lo,
         g,
         ent_coef if has_ent else g,  # never read without HAS_ENT
         entropy if has_ent else g,
         cols,
-        1.0 / temperature,
+        float(temperature),
         HAS_ENT=has_ent,
         BLOCK_V=block,
         num_warps=4,

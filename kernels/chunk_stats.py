@@ -16,8 +16,8 @@ from ._common import FP_FUSION, check_device, check_rows, check_tile, interpreti
 
 
 @triton.jit
-def row_stats(row_ptr, target, n_cols, inv_t, BLOCK_V: tl.constexpr):
-    """(m, s, u, target logit) of one row of scaled logits z = x * inv_t; target logit 0 if not owned."""
+def row_stats(row_ptr, target, n_cols, temperature, BLOCK_V: tl.constexpr):
+    """(m, s, u, target logit) of one row of scaled logits z = x / T; target logit 0 if not owned."""
     # Typed fp32 scalars: loop-carried values must keep one type across iterations.
     m = tl.full((), -float("inf"), tl.float32)
     s = tl.full((), 0.0, tl.float32)
@@ -25,12 +25,14 @@ def row_stats(row_ptr, target, n_cols, inv_t, BLOCK_V: tl.constexpr):
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_t
+        x = tl.load(row_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32)
+        z = tl.math.div_rn(x, temperature)  # as torch divides: see _common.py
         z = tl.where(valid, z, -float("inf"))
         m, s, u = online_update(m, s, u, z, valid, 0)
     owned = (target >= 0) & (target < n_cols)
     # Out-of-shard targets (vocab-parallel) read nothing: the load is masked off.
-    t = tl.load(row_ptr + tl.where(owned, target, 0), mask=owned, other=0.0).to(tl.float32) * inv_t
+    t = tl.load(row_ptr + tl.where(owned, target, 0), mask=owned, other=0.0).to(tl.float32)
+    t = tl.math.div_rn(t, temperature)
     return m, s, u, t
 
 
@@ -42,13 +44,13 @@ def _chunk_stats_kernel(
     out_ptr,
     n_rows,
     n_cols,
-    inv_t,
+    temperature,
     PARTIAL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride passes 2**31 on large tiles
     target = tl.load(targets_ptr + row)
-    m, s, u, t = row_stats(logits_ptr + row * stride_row, target, n_cols, inv_t, BLOCK_V)
+    m, s, u, t = row_stats(logits_ptr + row * stride_row, target, n_cols, temperature, BLOCK_V)
     if PARTIAL:
         tl.store(out_ptr + row, m)
         tl.store(out_ptr + n_rows + row, s)
@@ -56,10 +58,15 @@ def _chunk_stats_kernel(
         tl.store(out_ptr + 3 * n_rows + row, t)
     else:
         log_s = tl.log(s)
-        lse = m + log_s
-        tl.store(out_ptr + row, lse)
+        # lse = hi + lo exactly (TwoSum; no fma contraction, FP_FUSION): rounded to one float at |lse| ~ |z|
+        # it would shift every p = exp(z - lse) of chunk_grad_ by that rounding.
+        hi = m + log_s
+        b = hi - m
+        lo = tl.where(tl.abs(hi) < float("inf"), (m - (hi - b)) + (log_s - b), 0.0)  # 0: lse inf or NaN
+        tl.store(out_ptr + row, hi)
         tl.store(out_ptr + n_rows + row, (t - m) - log_s)  # not t - lse: lse is rounded at |lse|
         tl.store(out_ptr + 2 * n_rows + row, log_s - u / s)
+        tl.store(out_ptr + 3 * n_rows + row, lo)
 
 
 def _launch(op: str, logits: Tensor, targets: Tensor, temperature: float, partial: bool) -> Tensor:
@@ -69,7 +76,7 @@ def _launch(op: str, logits: Tensor, targets: Tensor, temperature: float, partia
     check_device(op, logits, targets)
     if cols == 0:
         raise ValueError(f"{op}: the tile has no vocabulary columns")
-    out = torch.empty(4 if partial else 3, rows, dtype=torch.float32, device=logits.device)
+    out = torch.empty(4, rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return out
     block = row_block(cols, 1024 if interpreting() else 4096)
@@ -80,7 +87,7 @@ def _launch(op: str, logits: Tensor, targets: Tensor, temperature: float, partia
         out,
         rows,
         cols,
-        1.0 / temperature,
+        float(temperature),
         PARTIAL=partial,
         BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
@@ -90,9 +97,10 @@ def _launch(op: str, logits: Tensor, targets: Tensor, temperature: float, partia
 
 
 def chunk_stats(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, logp, entropy) fp32 ``[C]`` of ``logits [C, V] / temperature``; targets in ``[0, V)``."""
+    """(lse, logp, entropy) ``[C]`` of ``logits [C, V] / temperature``; targets in ``[0, V)``. logp and
+    entropy fp32; lse fp64, ``m + log s`` unrounded (what chunk_grad_'s p need)."""
     out = _launch("chunk_stats", logits, targets, temperature, partial=False)
-    return out[0], out[1], out[2]
+    return out[0].double() + out[3].double(), out[1], out[2]
 
 
 def chunk_partial_stats(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:

@@ -102,8 +102,31 @@ def test_chunk_stats(case, dtype, temperature):
     same = TorchChunkOps().stats(logits.clone(), targets, temperature)
     truth = truth_stats(logits, targets, temperature)
     for name, a, b, t in zip(("lse", "logp", "entropy"), got, same, truth, strict=True):
-        assert a.dtype == torch.float32 and a.shape == (C,)
+        # lse fp64 (m + log s unrounded, for grad_), logp and entropy fp32
+        assert a.dtype == (torch.float64 if name == "lse" else torch.float32) and a.shape == (C,)
         assert_within(name, a, b, t, dtype)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-2])
+def test_tile_pass_dlogits_carry_no_rounding_of_lse(case, temperature):
+    """Peaked rows far from 0 (lse ~ 30 / T, log s ~ 1): p = exp(z - lse) with lse rounded to fp32 would
+    shift every p of a row by ulp(lse), far more than log_softmax's exp((z - m) - log s) errs."""
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(C, V, generator=gen) * 3 + 30) * temperature
+    x[:, 0] += 9 * temperature  # a dominant token: p near 1
+    targets = torch.where(torch.rand(C, generator=gen) < 0.5, 0, torch.randint(0, V, (C,), generator=gen))
+    g = torch.randn(C, generator=gen)
+    p = torch.softmax(x.double() / temperature, -1)
+    truth = (torch.nn.functional.one_hot(targets, V).double() - p) * g.double()[:, None] / temperature
+
+    def err(ops) -> float:
+        dl = ops.tile_pass_(
+            x.clone().to(case.device), targets.to(case.device), temperature, lambda lp, e: (g, None)
+        )
+        return ((dl[3].double().cpu() - truth).norm() / truth.norm()).item()
+
+    want = err(TorchChunkOps())
+    assert err(case.ops) <= 2 * want + torch.finfo(torch.float32).eps, (err(case.ops), want)
 
 
 @TILE_DTYPES

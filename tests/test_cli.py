@@ -219,9 +219,22 @@ def test_check_reports_a_wrong_backend_as_fail(monkeypatch, capsys):
 
 def test_check_lm_ops_run_and_pass_loss_rows():
     rows = check.check(["torch"], ["cpu"], ["grpo_loss"])
-    assert len(rows) == len(check.LM_SHAPES) * len(check.LOSS_CONFIGS)
+    far = len(check.FAR_SHAPES) * len(check.FAR_KL) * len(check.FAR_TEMPERATURES)
+    assert len(rows) == len(check.LM_SHAPES) * len(check.LOSS_CONFIGS) + far
     assert all(r.status == "PASS" for r in rows), [r.cells() for r in rows]
     assert all(r.rel_err < 1e-3 for r in rows)  # T = 1e-2 multiplies logit rounding by 100
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_check_far_from_reference_passes(backend):
+    """The far-from-reference cases (KL up to ~3 and ~30, T = 1, 0.7, 1e-2) judge a backend's gradients
+    against twice the plain PyTorch computation's error: p = exp(z - lse) with lse rounded to fp32 fails them
+    (3-4x the reference's error at T = 1 and 0.7)."""
+    if backend == "native" and not check.backends._native.available():
+        pytest.skip("grpo_fast._C is not built")
+    rows = check._check_far(backend, "cpu", torch.float32)
+    assert len(rows) == len(check.FAR_SHAPES) * len(check.FAR_KL) * len(check.FAR_TEMPERATURES)
+    assert all(r.status == "PASS" for r in rows), [r.cells() for r in rows]
 
 
 def test_check_covers_low_temperatures():

@@ -4,7 +4,9 @@
 //   pass 1 (online softmax): block max, one rescale of the running (m, s, u) when the max grows, then
 //          e = exp(z - m) once per element, reused for s = sum e and u = sum e * (z - m);
 //   pass 2 (chunk_grad): dlogits = g * (onehot - p) / T with p = exp(z - lse), minus e * p * (log p + H) / T
-//          when the entropy term is on (chosen once per row), written over the tile.
+//          when the entropy term is on (chosen once per row), written over the tile. lse comes in fp64 and is
+//          split into two floats, log p = (z - hi) - lo: an fp32 lse is rounded at |lse| (~|z|), and that
+//          rounding would shift every p of the row; log_softmax's p = exp((z - m) - log s) has no such error.
 // So the tile is read once for the statistics and once more (read + write) for the gradient. The inner
 // loops are branch-free float loops (a polynomial exp, selects instead of branches) that the compiler
 // vectorizes; on x86 they are compiled three times (AVX-512, AVX2+FMA, baseline) and picked at load
@@ -78,13 +80,63 @@ struct RowStats {
   float u = 0.0f;
 };
 
-// Every loop rounds z = x * inv_t to fp32 on its own (-ffp-contract=off, csrc/flags.txt): the max, the exps
-// and the gradient see the same z, so p of a row's top logit is exactly exp(z - lse) of one z.
-// Folds x[0:n] * inv_t into `st`.
-GF_MULTIVERSION void fold_block(const float* x, int64_t n, float inv_t, RowStats* st) {
+// The scaled logits of a block, z = x / T, written to z (may alias x) once for all the loops over the block:
+// the max, the exps and the gradient see the same z, so p of a row's top logit is exactly exp(z - lse) of one
+// z. Divided as torch divides (x / float(T)), not multiplied by 1 / T: fl(1 / T) carries one relative
+// rounding into every logit of every row alike, an error the tokens of the weight gradient do not average
+// out (3-5x PyTorch's gradient error at T = 0.7). Where 1 / T is exact (T a power of two) the product is the
+// same number, and cheaper.
+struct Scale {
+  float t;
+  float inv_t;
+  bool divide;
+};
+
+inline Scale make_scale(double temperature) {
+  const float t = static_cast<float>(temperature);
+  const float inv_t = 1.0f / t;
+  return {t, inv_t, static_cast<double>(inv_t) * static_cast<double>(t) != 1.0};
+}
+
+inline float scaled(float x, const Scale& sc) { return sc.divide ? x / sc.t : x * sc.inv_t; }
+
+GF_MULTIVERSION void scale_block(const float* x, float* z, int64_t n, Scale sc) {
+  if (sc.divide) {
+    const float t = sc.t;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = x[i] / t;
+  } else {
+    const float inv_t = sc.inv_t;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = x[i] * inv_t;
+  }
+}
+
+// scale_block, and the block's max z (in the same loop: a max loop of its own over z did not vectorize).
+GF_MULTIVERSION float scale_max_block(const float* x, float* z, int64_t n, Scale sc) {
   float bm = kNegInf;
+  if (sc.divide) {
+    const float t = sc.t;
 #pragma omp simd reduction(max : bm)
-  for (int64_t i = 0; i < n; ++i) bm = std::max(bm, x[i] * inv_t);
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i] / t;
+      z[i] = v;
+      bm = std::max(bm, v);
+    }
+  } else {
+    const float inv_t = sc.inv_t;
+#pragma omp simd reduction(max : bm)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i] * inv_t;
+      z[i] = v;
+      bm = std::max(bm, v);
+    }
+  }
+  return bm;
+}
+
+// Folds the scaled logits z[0:n], whose max is bm, into `st`.
+GF_MULTIVERSION void fold_block(const float* z, int64_t n, float bm, RowStats* st) {
   if (bm > st->m) {
     if (st->s > 0.0f) {
       const float shift = st->m - bm;
@@ -100,7 +152,7 @@ GF_MULTIVERSION void fold_block(const float* x, int64_t n, float inv_t, RowStats
   float bu = 0.0f;
 #pragma omp simd reduction(+ : bs, bu)
   for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] * inv_t - m;
+    const float d = z[i] - m;
     const float e = exp_neg(d);
     bs += e;
     bu += e > 0.0f ? e * d : 0.0f;  // e > 0 keeps -inf logits from making 0 * -inf
@@ -109,25 +161,36 @@ GF_MULTIVERSION void fold_block(const float* x, int64_t n, float inv_t, RowStats
   st->u += bu;
 }
 
-// out[i] = -scale * exp(x[i] * inv_t - lse): the softmax part of dlogits (out may alias x).
-GF_MULTIVERSION void softmax_grad_block(const float* x, float* out, int64_t n, float inv_t, float lse,
-                                        float scale) {
+// A row's logsumexp as two floats, lse = hi + lo: log p = (z - hi) - lo is exact but for its own last rounding
+// (z - hi is exact for the logits near the max, whose p matter).
+struct Lse {
+  float hi;
+  float lo;
+};
+
+inline Lse split_lse(double lse) {
+  const float hi = static_cast<float>(lse);
+  return {hi, std::isfinite(hi) ? static_cast<float>(lse - static_cast<double>(hi)) : 0.0f};
+}
+
+// out[i] = -scale * exp(z[i] - lse): the softmax part of dlogits (out may alias z).
+GF_MULTIVERSION void softmax_grad_block(const float* z, float* out, int64_t n, Lse lse, float scale) {
   const float neg = -scale;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = neg * exp_neg(x[i] * inv_t - lse);
+  for (int64_t i = 0; i < n; ++i) out[i] = neg * exp_neg((z[i] - lse.hi) - lse.lo);
 }
 
 // Below this log p, p is exactly 0 in fp32 (exp_neg flushes from -87 on, CUDA's expf from about -103.97): the
 // entropy term's coefficient clamps log p here, so masked (-inf) logits give 0 * finite = 0, not 0 * inf = NaN.
 constexpr float kMinLogP = -104.0f;
 
-// out[i] = -exp(d) * (scale + ent * (d + entropy)), d = x[i] * inv_t - lse = log p: the softmax part of
-// g's term and the whole entropy term (scale = g / T, ent = e / T; out may alias x).
-GF_MULTIVERSION void entropy_grad_block(const float* x, float* out, int64_t n, float inv_t, float lse, float scale,
-                                        float ent, float entropy) {
+// out[i] = -exp(d) * (scale + ent * (d + entropy)), d = z[i] - lse = log p: the softmax part of
+// g's term and the whole entropy term (scale = g / T, ent = e / T; out may alias z).
+GF_MULTIVERSION void entropy_grad_block(const float* z, float* out, int64_t n, Lse lse, float scale, float ent,
+                                        float entropy) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] * inv_t - lse;
+    const float d = (z[i] - lse.hi) - lse.lo;
     const float dc = d < kMinLogP ? kMinLogP : d;  // a select (NaN stays NaN: p carries it anyway)
     out[i] = -exp_neg(d) * (scale + ent * (dc + entropy));
   }
@@ -211,35 +274,36 @@ struct RowIO {
   int64_t rows = 0;
   int64_t cols = 0;
   int64_t row_stride = 0;
-  float inv_t = 1.0f;
+  Scale sc{1.0f, 1.0f, false};
 };
 
 // Pass 1 over one row: its (m, s, u) and the scaled target logit (0 when the target is not in [0, V)).
 template <typename T>
-RowStats row_stats(const T* row, int64_t cols, float inv_t, int64_t target, float* target_z, float* buf) {
+RowStats row_stats(const T* row, int64_t cols, Scale sc, int64_t target, float* target_z, float* buf) {
   RowStats st;
   for (int64_t start = 0; start < cols; start += kBlock) {
     const int64_t n = std::min(kBlock, cols - start);
-    fold_block(Tile<T>::load(row + start, n, buf), n, inv_t, &st);
+    const float bm = scale_max_block(Tile<T>::load(row + start, n, buf), buf, n, sc);  // the tile is kept
+    fold_block(buf, n, bm, &st);
   }
   const bool owned = target >= 0 && target < cols;
-  *target_z = owned ? static_cast<float>(row[target]) * inv_t : 0.0f;
+  *target_z = owned ? scaled(static_cast<float>(row[target]), sc) : 0.0f;
   return st;
 }
 
 // Pass 2 over one row: row = scale * (onehot(target) - p) in the tile's dtype, minus ent * p * (log p + H)
 // when ENT (the entropy term; a template parameter, so the plain pass is untouched by it).
 template <bool ENT, typename T>
-void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale, float ent, float entropy,
+void row_grad(T* row, int64_t cols, Scale sc, int64_t target, Lse lse, float scale, float ent, float entropy,
               float* buf) {
   for (int64_t start = 0; start < cols; start += kBlock) {
     const int64_t n = std::min(kBlock, cols - start);
-    const float* x = Tile<T>::load(row + start, n, buf);
+    scale_block(Tile<T>::load(row + start, n, buf), buf, n, sc);
     float* out = Tile<T>::out_block(row + start, buf);
     if constexpr (ENT) {
-      entropy_grad_block(x, out, n, inv_t, lse, scale, ent, entropy);
+      entropy_grad_block(buf, out, n, lse, scale, ent, entropy);
     } else {
-      softmax_grad_block(x, out, n, inv_t, lse, scale);
+      softmax_grad_block(buf, out, n, lse, scale);
     }
     if (target >= start && target < start + n) out[target - start] += scale;  // as torch: -s p + s
     Tile<T>::store(out, row + start, n);
@@ -278,23 +342,25 @@ RowIO row_io(const at::Tensor& logits, double temperature) {
   io.rows = logits.size(0);
   io.cols = logits.size(1);
   io.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
-  io.inv_t = static_cast<float>(1.0 / temperature);
+  io.sc = make_scale(temperature);
   return io;
 }
 
 void stats_impl(const char* op, const at::Tensor& logits, const at::Tensor& targets, double temperature,
                 at::Tensor& out, bool partial) {
   check_tile_inputs(op, logits, targets, temperature, c10::DeviceType::CPU);
-  check_out(op, out, partial ? 4 : 3, logits.size(0), logits);
+  check_out(op, out, partial ? 4 : 3, logits.size(0), logits, /*wide=*/!partial);
   const RowIO io = row_io(logits, temperature);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
-  float* o = out.mutable_data_ptr<float>();
+  const bool wide = out.scalar_type() == at::kDouble;
+  float* o = wide ? nullptr : out.mutable_data_ptr<float>();
+  double* o64 = wide ? out.mutable_data_ptr<double>() : nullptr;
   dispatch_tile(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* base = static_cast<const T*>(logits.const_data_ptr());
     for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
       float t = 0.0f;
-      const RowStats st = row_stats(base + r * io.row_stride, io.cols, io.inv_t, tgt[r], &t, buf);
+      const RowStats st = row_stats(base + r * io.row_stride, io.cols, io.sc, tgt[r], &t, buf);
       if (partial) {
         o[r] = st.m;
         o[io.rows + r] = st.s;
@@ -302,12 +368,19 @@ void stats_impl(const char* op, const at::Tensor& logits, const at::Tensor& targ
         o[3 * io.rows + r] = t;
       } else {
         const float log_s = std::log(st.s);
-        const float lse = st.m + log_s;
-        o[r] = lse;
         // (t - m) - log s, not t - lse: lse is rounded at its own magnitude, an extra rounding of log p
         // that log_softmax does not have (1.3x its error per token, summed over a sequence by GSPO/VESPO).
-        o[io.rows + r] = (t - st.m) - log_s;
-        o[2 * io.rows + r] = log_s - st.u / st.s;
+        const float logp = (t - st.m) - log_s;
+        const float entropy = log_s - st.u / st.s;
+        if (wide) {  // lse unrounded (m + log s is exact in fp64): chunk_grad's p carry no rounding of it
+          o64[r] = static_cast<double>(st.m) + static_cast<double>(log_s);
+          o64[io.rows + r] = logp;
+          o64[2 * io.rows + r] = entropy;
+        } else {
+          o[r] = st.m + log_s;
+          o[io.rows + r] = logp;
+          o[2 * io.rows + r] = entropy;
+        }
       }
     });
   });
@@ -332,7 +405,8 @@ void chunk_grad_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Ten
   const bool ent = check_grad_inputs(op, logits, lse, g, ent_coef, entropy);
   const RowIO io = row_io(logits, temperature);
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
-  const float* lse_p = lse.const_data_ptr<float>();
+  const at::Tensor lse64 = lse.to(at::kDouble);  // [C]: no copy when it already is fp64
+  const double* lse_p = lse64.const_data_ptr<double>();
   const float* g_p = g.const_data_ptr<float>();
   const float* e_p = ent ? ent_coef->const_data_ptr<float>() : nullptr;
   const float* h_p = ent ? entropy->const_data_ptr<float>() : nullptr;
@@ -341,11 +415,12 @@ void chunk_grad_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Ten
     T* base = static_cast<T*>(logits.mutable_data_ptr());
     for_rows(io.rows, io.cols, [&](int64_t r, float* buf) {
       T* row = base + r * io.row_stride;
-      const float scale = g_p[r] * io.inv_t;
+      const float scale = scaled(g_p[r], io.sc);
+      const Lse l = split_lse(lse_p[r]);
       if (ent) {
-        row_grad<true>(row, io.cols, io.inv_t, tgt[r], lse_p[r], scale, e_p[r] * io.inv_t, h_p[r], buf);
+        row_grad<true>(row, io.cols, io.sc, tgt[r], l, scale, scaled(e_p[r], io.sc), h_p[r], buf);
       } else {
-        row_grad<false>(row, io.cols, io.inv_t, tgt[r], lse_p[r], scale, 0.0f, 0.0f, buf);
+        row_grad<false>(row, io.cols, io.sc, tgt[r], l, scale, 0.0f, 0.0f, buf);
       }
     });
   });

@@ -4,7 +4,10 @@
 //           one exp per element (plus one per vector when the running max grows); the block merges the
 //           states (warp shuffles, then shared memory);
 //   pass 2 (chunk_grad): the row is read again and overwritten with g (onehot - p) / T, minus
-//           e p (log p + H) / T when the entropy term is on (chosen once per block). Each thread writes only
+//           e p (log p + H) / T when the entropy term is on (chosen once per block); lse comes in fp64 and is
+//           split into two floats, log p = (z - hi) - lo (an fp32 lse is rounded at |lse| ~ |z|, and that
+//           rounding would shift every p of the row; log_softmax's exp((z - m) - log s) has no such error).
+//           Each thread writes only
 //           the elements it has just read itself and needs nothing else from the row (the target is an
 //           index, not a logit), so the in-place write needs no barrier.
 // Statistics stay fp32 whatever the tile's dtype; indices are 64-bit (row * stride passes 2^31 on large
@@ -143,21 +146,22 @@ __device__ Stats block_merge(Stats st) {
   return st;
 }
 
-// z = x / T, rounded to fp32 alone: __fmul_rn is never fused into an fma, so every pass (max, exps, grad)
-// sees the same z. A product fused in one place and rounded in another puts up to half an ulp of z
-// (|z| ~ 1/T) into every p: 8x PyTorch's gradient error at T = 1e-3.
-__device__ __forceinline__ float scaled(float x, float inv_t) { return __fmul_rn(x, inv_t); }
+// z = x / T, correctly rounded (__fdiv_rn: never an approximate division, never fused), so every pass (max,
+// exps, grad) sees the same z. Not x * fl(1 / T): that product carries one relative rounding of 1 / T into
+// every logit of every row alike, an error the tokens of the weight gradient do not average out (3-5x
+// PyTorch's gradient error at T = 0.7 on the CPU, where torch divides).
+__device__ __forceinline__ float scaled(float x, float t) { return __fdiv_rn(x, t); }
 
 // Pass 1 over one row (every thread gets the row's state).
 template <typename T, int VEC>
-__device__ Stats row_stats(const T* row, int64_t cols, float inv_t) {
+__device__ Stats row_stats(const T* row, int64_t cols, float t) {
   Stats st{-INFINITY, 0.0f, 0.0f};
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
     const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(row + i);
     float z[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = scaled(to_float(pk.v[k]), inv_t);
+    for (int k = 0; k < VEC; ++k) z[k] = scaled(to_float(pk.v[k]), t);
     fold<VEC>(st, z);
   }
   return block_merge(st);
@@ -165,14 +169,26 @@ __device__ Stats row_stats(const T* row, int64_t cols, float inv_t) {
 
 // The scaled target logit, 0 when the target is not in [0, cols) (another vocabulary shard's token).
 template <typename T>
-__device__ __forceinline__ float target_logit(const T* row, int64_t target, int64_t cols, float inv_t) {
-  return (target >= 0 && target < cols) ? scaled(to_float(row[target]), inv_t) : 0.0f;
+__device__ __forceinline__ float target_logit(const T* row, int64_t target, int64_t cols, float t) {
+  return (target >= 0 && target < cols) ? scaled(to_float(row[target]), t) : 0.0f;
+}
+
+// A row's logsumexp as two floats, lse = hi + lo: log p = (z - hi) - lo is exact but for its own last rounding
+// (z - hi is exact for the logits near the max, whose p matter).
+struct Lse {
+  float hi;
+  float lo;
+};
+
+__device__ __forceinline__ Lse split_lse(double lse) {
+  const float hi = __double2float_rn(lse);
+  return {hi, isfinite(hi) ? __double2float_rn(lse - static_cast<double>(hi)) : 0.0f};
 }
 
 // Pass 2 over one row: row = scale * (onehot(target) - p) - ent * p * (log p + entropy), p = exp(z - lse),
 // the entropy part only when ENT (a template parameter: the plain pass is the same code as without it).
 template <bool ENT, typename T, int VEC>
-__device__ void row_grad(T* row, int64_t cols, float inv_t, int64_t target, float lse, float scale, float ent,
+__device__ void row_grad(T* row, int64_t cols, float t, int64_t target, Lse lse, float scale, float ent,
                          float entropy) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
@@ -180,7 +196,7 @@ __device__ void row_grad(T* row, int64_t cols, float inv_t, int64_t target, floa
     Pack<T, VEC> pk = *ptr;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float d = scaled(to_float(pk.v[k]), inv_t) - lse;
+      const float d = __fsub_rn(__fsub_rn(scaled(to_float(pk.v[k]), t), lse.hi), lse.lo);
       const float p = expf(d);
       float coef = scale;
       if constexpr (ENT) coef += ent * (fmaxf(d, kMinLogP) + entropy);  // NaN logits: p is NaN anyway
@@ -195,9 +211,9 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) chunk_stats_kernel(ChunkParams p, bool partial) {
   const int64_t r = blockIdx.x;
   const T* row = static_cast<const T*>(p.logits) + r * p.row_stride;
-  const Stats st = row_stats<T, VEC>(row, p.cols, p.inv_t);
+  const Stats st = row_stats<T, VEC>(row, p.cols, p.temperature);
   if (threadIdx.x != 0) return;
-  const float t = target_logit(row, p.targets[r], p.cols, p.inv_t);
+  const float t = target_logit(row, p.targets[r], p.cols, p.temperature);
   if (partial) {
     p.out[r] = st.m;
     p.out[p.rows + r] = st.s;
@@ -205,10 +221,17 @@ __global__ void __launch_bounds__(1024) chunk_stats_kernel(ChunkParams p, bool p
     p.out[3 * p.rows + r] = t;
   } else {
     const float log_s = logf(st.s);
-    const float lse = st.m + log_s;
-    p.out[r] = lse;
-    p.out[p.rows + r] = (t - st.m) - log_s;  // not t - lse: lse is rounded at |lse|
-    p.out[2 * p.rows + r] = log_s - st.u / st.s;
+    const float logp = (t - st.m) - log_s;  // not t - lse: lse is rounded at |lse|
+    const float entropy = log_s - st.u / st.s;
+    if (p.out64 != nullptr) {  // lse unrounded (m + log s is exact in fp64): chunk_grad's p carry no rounding of it
+      p.out64[r] = static_cast<double>(st.m) + static_cast<double>(log_s);
+      p.out64[p.rows + r] = logp;
+      p.out64[2 * p.rows + r] = entropy;
+    } else {
+      p.out[r] = st.m + log_s;
+      p.out[p.rows + r] = logp;
+      p.out[2 * p.rows + r] = entropy;
+    }
   }
 }
 
@@ -216,12 +239,13 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) chunk_grad_kernel(ChunkParams p) {
   const int64_t r = blockIdx.x;
   T* row = static_cast<T*>(p.logits) + r * p.row_stride;
-  const float scale = p.g[r] * p.inv_t;
+  const float scale = __fdiv_rn(p.g[r], p.temperature);
+  const Lse lse = split_lse(p.lse[r]);
   if (p.ent_coef != nullptr) {  // uniform over the grid: no divergence
-    row_grad<true, T, VEC>(row, p.cols, p.inv_t, p.targets[r], p.lse[r], scale, p.ent_coef[r] * p.inv_t,
-                           p.entropy[r]);
+    row_grad<true, T, VEC>(row, p.cols, p.temperature, p.targets[r], lse, scale,
+                           __fdiv_rn(p.ent_coef[r], p.temperature), p.entropy[r]);
   } else {
-    row_grad<false, T, VEC>(row, p.cols, p.inv_t, p.targets[r], p.lse[r], scale, 0.0f, 0.0f);
+    row_grad<false, T, VEC>(row, p.cols, p.temperature, p.targets[r], lse, scale, 0.0f, 0.0f);
   }
 }
 

@@ -17,9 +17,10 @@ struct ChunkParams {
   int64_t cols = 0;
   int dtype = kTileFloat;            // TileDtype
   const int64_t* targets = nullptr;  // [rows]; ids outside [0, cols): no one-hot, target logit 0
-  float inv_t = 1.0f;                // 1 / temperature
+  float temperature = 1.0f;          // z = logits / temperature
   float* out = nullptr;              // chunk_stats: fp32 [k, rows], k = 3 stats or 4 partial stats
-  const float* lse = nullptr;        // chunk_grad: [rows]
+  double* out64 = nullptr;           // chunk_stats: fp64 [3, rows] instead of out (lse unrounded)
+  const double* lse = nullptr;       // chunk_grad: [rows]
   const float* g = nullptr;          // chunk_grad: [rows]
   const float* ent_coef = nullptr;   // chunk_grad: [rows] or null (no entropy term)
   const float* entropy = nullptr;    // chunk_grad: [rows], set iff ent_coef is

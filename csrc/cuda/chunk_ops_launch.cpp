@@ -40,7 +40,7 @@ ChunkParams tile_params(const char* op, const at::Tensor& logits, const at::Tens
   p.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
   p.dtype = tile_dtype(logits);
   p.targets = targets.const_data_ptr<int64_t>();
-  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.temperature = static_cast<float>(temperature);  // as torch divides by it: float(T)
   return p;
 }
 
@@ -49,10 +49,14 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 void stats_impl(const char* op, const at::Tensor& logits, const at::Tensor& targets, double temperature,
                 at::Tensor& out, bool partial) {
   check_tile_inputs(op, logits, targets, temperature, kCUDA);
-  check_out(op, out, partial ? 4 : 3, logits.size(0), logits);
+  check_out(op, out, partial ? 4 : 3, logits.size(0), logits, /*wide=*/!partial);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   ChunkParams p = tile_params(op, logits, targets, temperature);
-  p.out = out.mutable_data_ptr<float>();
+  if (out.scalar_type() == at::kDouble) {
+    p.out64 = out.mutable_data_ptr<double>();
+  } else {
+    p.out = out.mutable_data_ptr<float>();
+  }
   C10_CUDA_CHECK(launch_chunk_stats(p, partial, current_stream()));
 }
 
@@ -75,7 +79,8 @@ void chunk_grad_cuda(at::Tensor& logits, const at::Tensor& targets, const at::Te
   const bool ent = check_grad_inputs(op, logits, lse, g, ent_coef, entropy);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   ChunkParams p = tile_params(op, logits, targets, temperature);
-  p.lse = lse.const_data_ptr<float>();
+  const at::Tensor lse64 = lse.to(at::kDouble);  // [C]: no copy when it already is fp64
+  p.lse = lse64.const_data_ptr<double>();
   p.g = g.const_data_ptr<float>();
   if (ent) {
     p.ent_coef = ent_coef->const_data_ptr<float>();

@@ -101,16 +101,18 @@ def _check_tile_fake(op: str, logits: Tensor, targets: Tensor) -> None:
     )
 
 
-def _check_out_fake(op: str, out: Tensor, k: int, rows) -> None:
+def _check_out_fake(
+    op: str, out: Tensor, k: int, rows, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> None:
     torch._check(
-        out.shape == (k, rows) and out.dtype == torch.float32,
-        lambda: f"{op}: out must be float32 [{k}, {rows}], got {out.dtype} {tuple(out.shape)}",
+        out.shape == (k, rows) and out.dtype in dtypes,
+        lambda: f"{op}: out must be {dtypes} [{k}, {rows}], got {out.dtype} {tuple(out.shape)}",
     )
 
 
 def _chunk_stats_fake(logits: Tensor, targets: Tensor, temperature: float, out: Tensor) -> None:
     _check_tile_fake("chunk_stats", logits, targets)
-    _check_out_fake("chunk_stats", out, 3, logits.shape[0])
+    _check_out_fake("chunk_stats", out, 3, logits.shape[0], (torch.float32, torch.float64))
 
 
 def _chunk_partial_stats_fake(logits: Tensor, targets: Tensor, temperature: float, out: Tensor) -> None:

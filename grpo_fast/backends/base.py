@@ -4,7 +4,10 @@ The chunk loop (:mod:`grpo_fast.engine.chunk_loop`) runs the GEMMs and calls the
 logits ``x = hidden_chunk @ W^T + b``, ``z = x / T``; a backend only supplies row-wise softmax work,
 and knows nothing of GRPO (the per-token math is :mod:`grpo_fast.engine.objective`, once, for all):
 
-- ``stats``: logsumexp, target log-prob and entropy of ``z`` (fp32 ``[C]`` each); the tile is kept;
+- ``stats``: logsumexp, target log-prob and entropy of ``z`` (``[C]`` each; logp and entropy fp32, the
+  logsumexp fp64, ``m + log s`` unrounded: rounded to fp32 at ``|lse| ~ |z|`` it would shift every ``p =
+  exp(z - lse)`` of ``grad_`` by that rounding, log_softmax's ``exp((z - m) - log s)`` does not); the tile is
+  kept;
 - ``partial_stats``: for a vocabulary shard (vocab-parallel), the row max ``m``, ``s = sum exp(z - m)``,
   ``u = sum exp(z - m) * (z - m)`` and the target logit (0 where the target is not in this shard),
   stacked as fp32 ``[4, C]``; :mod:`grpo_fast.engine.parallel` combines them;

@@ -52,9 +52,10 @@ class NativeChunkOps:
         if logits.dtype not in KERNEL_DTYPES:
             return self._fp64.stats(logits, targets, temperature)
         logits = _tile(logits)
-        out = torch.empty(3, logits.shape[0], dtype=torch.float32, device=logits.device)
+        # fp64: lse = m + log s unrounded, for grad_ (logp and entropy are fp32 values)
+        out = torch.empty(3, logits.shape[0], dtype=torch.float64, device=logits.device)
         torch.ops.grpo_fast.chunk_stats(logits, targets.long().contiguous(), float(temperature), out)
-        return out[0], out[1], out[2]
+        return out[0], out[1].float(), out[2].float()
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         if logits.dtype not in KERNEL_DTYPES:
@@ -85,7 +86,7 @@ class NativeChunkOps:
         torch.ops.grpo_fast.chunk_grad(
             logits,
             targets.long().contiguous(),
-            _vec(lse),
+            lse.double().contiguous(),
             _vec(g),
             float(temperature),
             _vec(ent_coef),

@@ -27,7 +27,8 @@ def _log_softmax_(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     probs = torch.exp(shifted)
     s = probs.sum(-1, keepdim=True)
     log_s = torch.log(s)
-    return (m + log_s).squeeze(1), shifted.sub_(log_s), probs.div_(s)
+    lse = (m.double() + log_s.double()).squeeze(1)  # unrounded (see base.py); fp64 z: the same values
+    return lse, shifted.sub_(log_s), probs.div_(s)
 
 
 def _entropy_(log_probs: Tensor, probs: Tensor) -> Tensor:
@@ -113,7 +114,12 @@ class TorchChunkOps:
         ent_coef: Tensor | None = None,
         entropy: Tensor | None = None,
     ) -> Tensor:
-        log_probs = _scaled_fp32(logits, temperature, in_place=True).sub_(lse.unsqueeze(1))
+        z = _scaled_fp32(logits, temperature, in_place=True)
+        # lse (fp64) as two numbers of z's dtype, log p = (z - hi) - lo: no rounding of lse in p.
+        hi = lse.to(z.dtype)
+        log_probs = z.sub_(hi.unsqueeze(1))
+        if lse.dtype != z.dtype:
+            log_probs.sub_((lse - hi.to(lse.dtype)).nan_to_num_(0.0, 0.0, 0.0).to(z.dtype).unsqueeze(1))
         coef = None if ent_coef is None else _entropy_coef_(log_probs.clone(), g, ent_coef, entropy)
         return _write_dlogits(logits, log_probs.exp_(), targets, g, temperature, coef)  # p in the tile
 

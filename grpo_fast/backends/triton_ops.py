@@ -58,9 +58,9 @@ class TritonChunkOps:
         ent_coef: Tensor | None = None,
         entropy: Tensor | None = None,
     ) -> Tensor:
-        return _chunk_grad.chunk_grad_(
-            logits, targets.contiguous(), _rows(lse), _rows(g), temperature, _rows(ent_coef), _rows(entropy)
-        )
+        lse = lse.contiguous()  # fp64 from stats: kept (the kernel takes it as two floats)
+        g, ent_coef, entropy = _rows(g), _rows(ent_coef), _rows(entropy)
+        return _chunk_grad.chunk_grad_(logits, targets.contiguous(), lse, g, temperature, ent_coef, entropy)
 
 
 def triton_selective_logprobs(

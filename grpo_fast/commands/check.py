@@ -9,6 +9,7 @@ Backends that cannot run an op on a device are listed as skipped, with the reaso
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ LOSS_CONFIGS = {
 REF_SPREAD = {"dapo+kl far-from-ref": 4.0}
 # selective_logprobs at each: |z| = |x| / T grows to ~1e3 at T = 1e-3, where every p carries z's rounding.
 TEMPERATURES = (1.0, 0.7, 1e-2, 1e-3)
+# grpo_loss far from the reference (dapo, beta 0.04): (B, T, H, V) shapes, the largest per-token KL to the
+# reference, temperatures, seeds. The KL term's gradient scales a log-prob's error by exp(ref - logp).
+FAR_SHAPES = ((3, 29, 48, 517), (2, 41, 64, 1031))
+FAR_KL = (3.0, 30.0)
+FAR_TEMPERATURES = (1.0, 0.7, 1e-2)
+FAR_SEEDS = (0, 1, 2, 3, 4)
 
 
 @dataclass
@@ -179,6 +186,112 @@ def check_loss_case(
     return _compare(LOSS_OUTPUTS, got, ref, truth, dtype)
 
 
+def _far_batch(
+    shape: tuple[int, int, int, int], seed: int, temperature: float, kl_max: float
+) -> dict[str, Tensor]:
+    """An fp64 batch whose fp32 (and bf16) logits are exact: hidden, weight and bias on a grid of 1/8 (times
+    a power of two near T), so the errors judged are the tile math's and the gradient GEMMs', not those of
+    the logits GEMM, which would hide them. The logits sit ~24 / T above 0 (a large logsumexp beside a
+    small log of the sum of exps), half the targets are the row's top token, half random (log p very
+    negative); ref - logp is uniform in [0, d] with exp(d) - d - 1 = kl_max."""
+    B, T, H, V = shape
+    g = torch.Generator().manual_seed(seed)
+    grid = lambda x: (x * 8).round() / 8  # noqa: E731
+    unit = 2.0 ** round(math.log2(temperature))
+    hidden = grid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    weight = grid(torch.randn(V, H, generator=g, dtype=torch.float64) * 3 * H**-0.5) * unit
+    bias = (grid(torch.randn(V, generator=g, dtype=torch.float64)) + 24) * unit
+    top = (hidden @ weight.T + bias).argmax(-1)
+    random = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.where(torch.rand(B, T, generator=g) < 0.5, top, random)
+    mask = (torch.rand(B, T, generator=g) > 0.1).long()
+    logp = gf.reference.selective_logprobs(hidden, weight, targets, bias, temperature=temperature)
+    d = 1.0
+    for _ in range(50):  # Newton on exp(d) - d - 1 = kl_max
+        d -= (math.exp(d) - d - 1 - kl_max) / (math.exp(d) - 1)
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        mask=mask,
+        advantages=torch.randn(B, generator=g, dtype=torch.float64),
+        old_logp=(logp + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=0.0).float(),
+        ref_logp=(logp + d * torch.rand(B, T, generator=g, dtype=torch.float64)).clamp(max=0.0).float(),
+    )
+
+
+def _rel_l2(got: list[Tensor], truth: list[Tensor]) -> float:
+    """Relative L2 error of ``got`` against ``truth``, all tensors as one vector (as a model's parameter
+    gradients are judged)."""
+    num = sum(
+        (a.detach().double().cpu() - t.double().cpu()).square().sum() for a, t in zip(got, truth, strict=True)
+    )
+    den = sum(t.double().cpu().square().sum() for t in truth)
+    return math.sqrt(num / max(den, 1e-300))
+
+
+def check_far_case(
+    backend: str,
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int],
+    kl_max: float,
+    temperature: float,
+    seeds: tuple[int, ...] = FAR_SEEDS,
+) -> tuple[float, float, str]:
+    """grpo_loss far from the reference (dapo, beta 0.04) on one shape, KL and temperature, over ``seeds``:
+    (max abs err, relative L2 error of the gradients, "PASS" or "FAIL: ..."). The gradients (hidden, weight,
+    bias: one vector) may be at most twice as far from the fp64 truth, in relative L2 error and root mean
+    square over the seeds, as the reference's in the same dtype (the plain PyTorch computation: TRL's), plus
+    one ulp of 1 (summation-order noise: these errors are a few ulps); the loss is judged by the tolerance
+    rule."""
+    cfg = gf.GRPOConfig(loss_type="dapo", beta=0.04, temperature=temperature)
+    run = partial(_loss_outputs, cfg=cfg)
+    fast = partial(gf.grpo_loss, backend=backend)
+    sq = {"got": 0.0, "ref": 0.0}
+    worst_abs, failed = 0.0, []
+    for seed in seeds:
+        batch = _far_batch(shape, seed + sum(shape), temperature, kl_max)
+        truth = run(gf.reference.grpo_loss, _leaves(batch, torch.float64, "cpu"))
+        ref = run(gf.reference.grpo_loss, _leaves(batch, dtype, device))
+        got = run(fast, _leaves(batch, dtype, device))
+        loss_err = max_err(got[0], truth[0])
+        if not loss_err <= bound(max_err(ref[0], truth[0]), scale_for("loss", truth[0]), dtype):
+            failed = ["loss"]
+        worst_abs = max(
+            worst_abs, loss_err, *(max_err(a, t) for a, t in zip(got[1:], truth[1:], strict=True))
+        )
+        sq["got"] += _rel_l2(got[1:], truth[1:]) ** 2
+        sq["ref"] += _rel_l2(ref[1:], truth[1:]) ** 2
+    err, ref_err = (math.sqrt(sq[k] / len(seeds)) for k in ("got", "ref"))
+    if not err <= 2 * ref_err + torch.finfo(dtype).eps:
+        failed.append(f"gradients ({err / ref_err:.1f}x the reference's error)")
+    return worst_abs, err, f"FAIL: {', '.join(failed)}" if failed else "PASS"
+
+
+def _check_far(name: str, device: str, dtype: torch.dtype) -> list[Row]:
+    rows = []
+    for shape in FAR_SHAPES:
+        for kl in FAR_KL:
+            for t in FAR_TEMPERATURES:
+                abs_err, rel_err, status = check_far_case(name, device, dtype, shape, kl, t)
+                case = "x".join(map(str, shape)) + f" far KL<={kl:g} T={t:g}"
+                rows.append(
+                    Row(
+                        name,
+                        device,
+                        "grpo_loss",
+                        case,
+                        str(dtype).removeprefix("torch."),
+                        abs_err,
+                        rel_err,
+                        status,
+                    )
+                )
+    return rows
+
+
 def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
     rows = []
     if op == "grpo_loss":
@@ -210,7 +323,7 @@ def _check_lm(name: str, device: str, op: str, dtype: torch.dtype) -> list[Row]:
             rows.append(
                 Row(name, device, op, case, str(dtype).removeprefix("torch."), abs_err, rel_err, status)
             )
-    return rows
+    return rows + (_check_far(name, device, dtype) if op == "grpo_loss" else [])
 
 
 def _check_advantages(name: str, device: str) -> list[Row]:

@@ -171,16 +171,17 @@ def logprob_pass(
     pad: int | None = None,
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """No-grad per-token logsumexp, log-prob and entropy, fp32 [n] each."""
+    """No-grad per-token logsumexp (fp64, see backends/base.py), log-prob and entropy (fp32), [n] each."""
     n = hidden.shape[0]
-    out = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float64, device=hidden.device)
+    out = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
     for s, e in _chunks(n, chunk):
         logits = _logits(hidden[s:e], weight, bias, pad)
         _soft_cap_(logits, softcap)
         stats = _stats(ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard)
-        for k, x in enumerate(stats):
-            out[k, s:e] = x[: e - s]
-    return out[0], out[1], out[2]
+        lse[s:e] = stats[0][: e - s]
+        out[0, s:e], out[1, s:e] = stats[1][: e - s], stats[2][: e - s]
+    return lse, out[0], out[1]
 
 
 def grad_pass(

@@ -224,7 +224,7 @@ def _logprobs_op(
     )  # fmt: skip
     if plan is None:
         logp, entropy = fused_gemm_logprobs(flat, head, targets, temperature, backend)
-        lse = flat.new_empty(_EMPTY, dtype=torch.float32)
+        lse = flat.new_empty(_EMPTY, dtype=torch.float64)
     else:
         lse, logp, entropy = logprob_pass(
             flat, head.weight, head.bias, plan.targets, plan.temperature, plan.ops, plan.chunk,
@@ -238,7 +238,7 @@ def _logprobs_op(
 def _(hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, softcap):
     out = targets.new_empty(targets.shape, dtype=torch.float32)
     rows = 0 if fused_gemm else targets.numel()
-    return out, torch.empty_like(out), hidden.new_empty((rows,), dtype=torch.float32)
+    return out, torch.empty_like(out), hidden.new_empty((rows,), dtype=torch.float64)
 
 
 @torch.library.custom_op(f"{_NS}::selective_logprobs_backward", mutates_args=())

@@ -69,4 +69,5 @@ def combine_stats(partial: Tensor, shard: VocabShard) -> tuple[Tensor, Tensor, T
     packed = torch.stack([s * scale, (u + (m - big_m) * s) * scale, t])
     big_s, big_u, target = shard.all_reduce_(packed)
     log_s = torch.log(big_s)
-    return big_m + log_s, (target - big_m) - log_s, log_s - big_u / big_s  # log p: see chunk_ops.cpp
+    lse = big_m.double() + log_s.double()  # unrounded: see backends/base.py
+    return lse, (target - big_m) - log_s, log_s - big_u / big_s  # log p: see chunk_ops.cpp
