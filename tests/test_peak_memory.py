@@ -95,7 +95,10 @@ def test_loss_peak_is_gradients_plus_one_tile(backend):
     got = _measure(backend)
     dw, dh = 4 * V * H, 4 * N * H  # fp32 weight gradient, hidden gradient
     bound = dw + dh + got["tile"]
-    print(f"{backend}: peak above inputs {got['peak_above'] / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB "
-          f"(dW {dw / 2**20:.1f} + dH {dh / 2**20:.1f} + tile of {got['rows']} rows {got['tile'] / 2**20:.1f})")  # fmt: skip
+    mib = {
+        k: f"{x / 2**20:.1f} MiB"
+        for k, x in dict(peak=got["peak_above"], bound=bound, tile=got["tile"]).items()
+    }
+    print(f"CPU, {backend}: peak above inputs {mib['peak']}, bound {mib['bound']} (tile {got['rows']} rows)")
     assert got["peak_above"] <= 1.05 * bound, got
     assert got["peak_above"] >= dw, got  # the measurement sees the gradient itself
