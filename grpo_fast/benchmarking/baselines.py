@@ -9,8 +9,9 @@
   as :func:`grpo_fast.reference.loss_from_logps` has them);
 - ``liger``: liger-kernel's ``LigerFusedLinearGRPOLoss`` as TRL configures it (compiled, one sequence
   per chunk);
-- ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile`` (the
-  loop itself, with its data-dependent chunking, stays eager);
+- ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile``: every
+  tile method the loop calls, ``tile_pass_``'s halves included (the loop itself, with its data-dependent
+  chunking, and the objective's coefficients stay eager);
 
 Nothing heavy is imported here: each factory imports its library when the benchmark builds a step.
 :func:`runnable` says which can run on a device (library installed, CUDA where it needs CUDA).
@@ -146,7 +147,10 @@ def _grpo_fast(backend: str, **options: object) -> Factory:
 
 
 class CompiledTorchChunkOps(TorchChunkOps):
-    """The "torch" chunk pass with each method under torch.compile (compiled once per process)."""
+    """The "torch" chunk pass with every tensor method the chunk loop reaches under torch.compile (compiled
+    once per process): ``stats``, ``partial_stats``, ``grad_``, and ``tile_pass_``'s two halves around the
+    objective's coefficients (``tile_stats_``, ``tile_grad_``; the coefficients are autograd on ``[C]``
+    vectors, eager as in every backend)."""
 
     name = "torch-compile"
     _compiled: dict[str, Callable] = {}
@@ -155,6 +159,12 @@ class CompiledTorchChunkOps(TorchChunkOps):
         if method not in self._compiled:
             self._compiled[method] = torch.compile(getattr(TorchChunkOps(), method), dynamic=False)
         return self._compiled[method]
+
+    def tile_stats_(self, logits, targets, temperature):
+        return self._fn("tile_stats_")(logits, targets, temperature)
+
+    def tile_grad_(self, logits, probs, scratch, targets, g, e, entropy, temperature):
+        return self._fn("tile_grad_")(logits, probs, scratch, targets, g, e, entropy, temperature)
 
     def stats(self, logits, targets, temperature):
         return self._fn("stats")(logits, targets, temperature)
