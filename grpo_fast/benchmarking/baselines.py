@@ -232,6 +232,11 @@ IMPLS: dict[str, Factory] = {name: spec[0] for name, spec in IMPLS_SPEC.items()}
 BASELINES = ("trl", "liger", "torch-compile")
 
 
+def missing_modules(name: str) -> list[str]:
+    """The modules implementation ``name`` imports that are not installed here."""
+    return [m for m in IMPLS_SPEC[name][1] if importlib.util.find_spec(m) is None]
+
+
 def runnable(name: str, device: str, dry_run: bool = False) -> bool:
     """Whether implementation `name` can run on `device` here (library installed, CUDA, extension built).
 
@@ -239,11 +244,11 @@ def runnable(name: str, device: str, dry_run: bool = False) -> bool:
     its interpreter, TRL's and Liger's torch code as is)."""
     if name not in IMPLS_SPEC:
         return False
-    _, modules, needs_cuda = IMPLS_SPEC[name]
+    needs_cuda = IMPLS_SPEC[name][2]
     if needs_cuda and not dry_run and not (device.startswith("cuda") and torch.cuda.is_available()):
         return False
     if name.startswith("grpo_fast-triton") and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     if name == "grpo_fast-native" and not _native_built():
         return False
-    return all(importlib.util.find_spec(m) is not None for m in modules)
+    return not missing_modules(name)
