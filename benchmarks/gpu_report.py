@@ -40,8 +40,15 @@ def markdown(data: dict) -> str:
             lines.append(f"| {p['phase']} | {p['status']} | {p['seconds']:g} | {p['limit_s']:g} | {note} |")
     if data.get("not_run"):
         lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in data["not_run"].items()) + "."]
-    if pre.get("fp32_out_gemm") is not None:
-        lines += ["", f"fp32-output GEMM for dW (tried in the preamble): {pre['fp32_out_gemm']}."]
+    fp32 = pre.get("fp32_out_gemm")
+    if isinstance(fp32, dict):
+        why = fp32.get("error") or fp32.get("note")
+        lines += [
+            "",
+            f"fp32-output GEMM for dW: the import-time probe says {fp32.get('probe')}, a real call in the "
+            f"preamble ran: {fp32.get('ran')}" + (f" ({why})" if why else "") + "; the loss rows record "
+            "whether their dW accumulation used it (fp32_out_gemm).",
+        ]
     if data.get("truth"):
         lines += [
             "",

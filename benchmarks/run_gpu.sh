@@ -70,6 +70,9 @@ box() {  # a phase's time box in seconds: KIT_BOX_<phase>, or its default (x3 in
 
 if [ $DRY -eq 1 ]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    # This checkout's grpo_fast, whichever one the environment has installed (the phases run from
+    # benchmarks/, where an editable install of another checkout would win).
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     DRY_ARGS=(--dry-run)
 else
     unset TRITON_INTERPRET
