@@ -247,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    missing = None
     try:
-        import datasets  # noqa: F401 - TRL's trainer needs it
+        import datasets  # noqa: F401 - TRL's trainer needs it (and it pyarrow, pandas, dill, ...)
         import trl
 
         trl_version = trl.__version__
-    except ImportError:  # the bare GPU image: TRL and datasets come from the carried wheels
-        trl_version = None
+    except ImportError as err:  # the bare GPU image: TRL and datasets come from the carried wheels
+        trl_version, missing = None, err.name or str(err)
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -295,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     impls = [i for i in IMPLS if i in (args.impl or IMPLS)]
     if trl_version is None:
         impls = [i for i in impls if not i.startswith(("trl", "fast"))]
-        print("TRL is not installed: only the thin trainer is measured", flush=True)
+        record["missing_package"] = missing
+        print(f"TRL's trainer cannot be imported ({missing} is missing; benchmarks/fetch_wheels.sh carries "
+              "it): only the thin trainer is measured", flush=True)  # fmt: skip
+    cut = False
     ctx = mp.get_context("spawn")
     for tokens in args.lengths:
         lengths = completion_lengths(tokens, args.completions, args.spread)
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.time_limit is not None and time.monotonic() - start > args.time_limit:
                 print(f"time limit: {impl} at {tokens} not run", flush=True)
+                cut = True
                 continue
             if args.dry_run:  # in this process: the dry run checks the code, not the memory
                 queue = stdlib_queue.Queue()
@@ -331,10 +336,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(record, indent=1) + "\n")
     if args.out:
-        plot(record, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        try:
+            plot(record, args.out.with_suffix(".png"))
+            print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        except ImportError as err:  # a bare image without matplotlib: the record without its chart
+            print(f"wrote {args.out}; no chart: {err.name or err} is missing", flush=True)
     print("largest completion length within", args.budget_mb, "MB:", json.dumps(record.get("largest_fits")))
-    return 0
+    return 3 if cut else 0  # 3: cut by the time limit (run_gpu.sh records the phase as cut)
 
 
 if __name__ == "__main__":

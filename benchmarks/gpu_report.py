@@ -6,8 +6,13 @@ from pathlib import Path
 
 
 def write(data: dict, out: Path, order: list[str]) -> None:
-    out.with_suffix(".md").write_text(markdown(data))
-    chart(data, out.with_suffix(".png"), order)
+    text = markdown(data)
+    try:
+        chart(data, out.with_suffix(".png"), order)
+    except ImportError as err:  # a bare image without matplotlib: the tables still come out
+        text += f"\nNo chart: {err.name or err} is missing (benchmarks/fetch_wheels.sh carries it).\n"
+        print(f"report: no chart, {err.name or err} is missing", flush=True)
+    out.with_suffix(".md").write_text(text)
 
 
 def markdown(data: dict) -> str:
@@ -25,8 +30,24 @@ def markdown(data: dict) -> str:
         lines += [
             "",
             f"Same run: cuBLAS {g['dtype']} GEMM ({g['N']} x {g['H']} x {g['V']}) {g['tflops']:.1f} TFLOP/s, "
-            f"device copy {c['gbs']:.0f} GB/s (read + write); "
-            f"fp32-output GEMM for dW: {pre.get('fp32_out_gemm')}.",
+            f"device copy {c['gbs']:.0f} GB/s (read + write); per-shape GEMM times in the record's "
+            "preamble.gemms.",
+        ]
+    if data.get("phases"):
+        lines += ["", "| phase | status | seconds | box (s) | note |", "|:---|:---|---:|---:|:---|"]
+        for p in data["phases"]:
+            note = "; ".join(x for x in (p.get("note", ""), _missing(p.get("missing_packages"))) if x)
+            lines.append(f"| {p['phase']} | {p['status']} | {p['seconds']:g} | {p['limit_s']:g} | {note} |")
+    if data.get("not_run"):
+        lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in data["not_run"].items()) + "."]
+    fp32 = pre.get("fp32_out_gemm")
+    if isinstance(fp32, dict):
+        why = fp32.get("error") or fp32.get("note")
+        lines += [
+            "",
+            f"fp32-output GEMM for dW: the import-time probe says {fp32.get('probe')}, a real call in the "
+            f"preamble ran: {fp32.get('ran')}" + (f" ({why})" if why else "") + "; the loss rows record "
+            "whether their dW accumulation used it (fp32_out_gemm).",
         ]
     if data.get("truth"):
         lines += [
@@ -58,7 +79,7 @@ def markdown(data: dict) -> str:
         model = f"{r['predicted_ms']:.1f}" if r.get("predicted_ms") is not None else ""
         rows = str(r.get("chunk_rows") or "")
         if r.get("ms") is None:
-            cells = [r.get("error", "failed")[:40], model, "", "", "", rows]
+            cells = [("cut" if r.get("cut") else r.get("error", "failed"))[:40], model, "", "", "", rows]
         else:
             peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
             cells = [
@@ -71,6 +92,15 @@ def markdown(data: dict) -> str:
             ]
         head = f"| {r['N']} | {r['H']} | {r['V']} | {r['beta']} | {r['impl']} | "
         lines.append(head + " | ".join(cells) + " |")
+    modelled = [r for r in data["rows"] if r.get("model")]
+    if modelled:
+        terms = list(dict.fromkeys(k for r in modelled for k in r["model"]))
+        lines += ["", "The model's terms, ms (docs/benchmarks.md, The model):", ""]
+        lines += ["| N | beta | implementation | " + " | ".join(terms) + " |"]
+        lines += ["|---:|---:|:---|" + "---:|" * len(terms)]
+        for r in modelled:
+            cells = [f"{r['model'][t]:.2f}" if t in r["model"] else "" for t in terms]
+            lines.append(f"| {r['N']} | {r['beta']} | {r['impl']} | " + " | ".join(cells) + " |")
     if data.get("long_context"):
         lines += ["", "| implementation | largest N in budget | H | V | budget |"]
         lines += ["|:---|---:|---:|---:|---:|"]
@@ -79,6 +109,10 @@ def markdown(data: dict) -> str:
             shown = "error" if n is None else (f">= {n}" if r.get("capped") else str(n))
             lines.append(f"| {r['impl']} | {shown} | {r['H']} | {r['V']} | {r['budget_gb']:g} GB |")
     return "\n".join(lines) + "\n"
+
+
+def _missing(packages: list[str] | None) -> str:
+    return f"missing packages: {', '.join(packages)}" if packages else ""
 
 
 def chart(data: dict, path: Path, order: list[str]) -> None:

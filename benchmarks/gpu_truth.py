@@ -35,8 +35,9 @@ def run_truth(
     shape: tuple[int, int, int, int],
     add: Callable[[dict], None],
     deadline_passed: Callable[[], bool],
-) -> None:
-    """Check every family x backend at ``shape`` = (B, T, H, V); ``add`` records each entry as it lands."""
+) -> bool:
+    """Check every family x backend at ``shape`` = (B, T, H, V); ``add`` records each entry as it lands.
+    False when the deadline stopped it before the last."""
     B, T, H, V = shape
     torch_dtype = bench.DTYPES[dtype]
     for backend in GPU_BACKENDS:
@@ -50,7 +51,7 @@ def run_truth(
                 continue
             if deadline_passed():
                 print("time limit reached: the remaining truth checks are not run", flush=True)
-                return
+                return False
             t0 = time.monotonic()
             try:
                 _, rel, status = check_loss_case(
@@ -68,6 +69,7 @@ def run_truth(
             )
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    return True
 
 
 def rel_str(entry: dict) -> str:

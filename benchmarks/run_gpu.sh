@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
-# The GPU session's one command: carried wheels, the build, then the phases of the GPU record.
+# The GPU session's one command: carried wheels, the build, then the phases of the GPU record, each in its
+# own time box, within one 10-minute device call.
 #
 #   benchmarks/run_gpu.sh [--cpu-dry-run] [PHASE ...]
-#       PHASE: preamble truth tests table longctx trainstep report (default: all seven, in that order);
-#              vocab_parallel (the NCCL overhead of the vocab-parallel path) only when named.
-#       trainstep: benchmarks/bench_longctx.py, one GRPO training step of TRL, FastGRPOTrainer and the thin
-#              trainer (padded, padding-free, token budget) at growing completion lengths, into
-#              longctx-gpu-<date>.json and .png; it gets the time the phases before it left.
+#       PHASE, in the default order (the record first, the test suite with what is left):
+#         preamble   versions, per-shape cuBLAS GEMM times, copy bandwidth, the fp32-output GEMM tried
+#         truth      every loss family on both GPU backends against an fp64 reference (short)
+#         table      the speed/memory table: the record; every row in its own time box (ROW_LIMIT)
+#         longctx    the largest N within 40 GB for grpo_fast triton and TRL
+#         trainstep  benchmarks/bench_longctx.py: one GRPO training step of TRL, FastGRPOTrainer and the
+#                    thin trainer at growing completion lengths, into longctx-gpu-<date>.json and .png
+#         tests      the GPU tests, then the Triton tests natively, with the time that is left
+#         report     the Markdown table and the PNG chart from the record
+#       vocab_parallel (the NCCL overhead of the vocab-parallel path) runs only when named.
 #
-# Results: $OUT/<device>-<date>.json (benchmarks/results/ when OUT is unset), rewritten after every
-# measurement, so a run that is killed still returns what it measured; tests.log and bench.log next to it;
-# the .md table and .png chart at the end. A copy lands in benchmarks/results/ too. The run keeps within
-# RUN_BUDGET seconds (default 480: 8 minutes of a 10-minute device call): each phase gets what is left, the
-# benchmark stops starting new measurements at its deadline, and a re-run with the same results file
-# resumes where it stopped.
+# Time: the run keeps within RUN_BUDGET seconds (default 540 of the 600 a device call may take; the build
+# counts). Each phase runs under `timeout` for its box (KIT_BOX_<phase> overrides; seconds), or for what is
+# left less REPORT_RESERVE for the report when that is less; tests get whatever is left. A phase that
+# reaches its box is stopped (the benchmark stops starting measurements a few seconds before, so what it
+# measured is saved) and recorded as cut. The record, $OUT/<device>-<date>.json, is rewritten after every
+# measurement and gets one entry per phase in "phases" ({phase, status: ok|cut|failed|skipped, seconds,
+# limit_s, missing_packages, note}), so a run that is killed still returns what it measured and says how
+# far it got; a re-run with the same file resumes where it stopped. tests.log and bench.log lie next to
+# it; a copy of the record lands in benchmarks/results/ too.
+#
+# Exit status: 0 every phase ok; 1 a phase failed; 3 none failed but one was cut or skipped for time.
 #
 # --cpu-dry-run: every phase on CPU tensors at tiny shapes (fp32; Triton under TRITON_INTERPRET=1, TRL
-# and Liger on the CPU), no wheels, no build (the checkout's environment as is). CI runs it, so the GPU
-# run cannot die on a script bug. Its record says dry_run: true and measures nothing worth keeping.
+# and Liger on the CPU), no wheels, no build (the checkout's environment as is), boxes three times as
+# long (an interpreter on a shared CPU). CI runs it (tests/test_gpu_kit.py), so the GPU run cannot die on
+# a script bug. Its record says dry_run: true and measures nothing worth keeping.
 #
-# On the dev machine first: benchmarks/fetch_wheels.sh (TRL, liger-kernel and what they need beyond the
-# image, into .whl/), then run this on the GPU machine with .whl carried.
+# On the dev machine first: benchmarks/fetch_wheels.sh (TRL, liger-kernel, datasets and what they need
+# beyond the image, into .whl/), then run this on the GPU machine with .whl carried. A phase whose
+# packages are missing says which (and its record lists them under missing_packages).
 #
-# Environment: RUN_BUDGET (s), GRPO_FAST_NO_CUDA (default 0: the native CUDA kernels are built for this
-# GPU's architecture only unless TORCH_CUDA_ARCH_LIST says otherwise; 1 skips them), GRPO_FAST_COMMIT
-# (recorded in the results when git is not there), BENCH_ARGS (extra arguments for bench_gpu.py).
+# Environment: RUN_BUDGET (s), KIT_BOX_<phase> (s), ROW_LIMIT (s per table row), REPORT_RESERVE (s),
+# GRPO_FAST_NO_CUDA (default 0: the native CUDA kernels are built for this GPU's architecture only unless
+# TORCH_CUDA_ARCH_LIST says otherwise; 1 skips them), GRPO_FAST_COMMIT (recorded in the results when git
+# is not there), BENCH_ARGS (extra arguments for bench_gpu.py).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
@@ -34,18 +48,31 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
     DRY=1
     shift
 fi
-BUDGET=${RUN_BUDGET:-480}
+BUDGET=${RUN_BUDGET:-540}
+REPORT_RESERVE=${REPORT_RESERVE:-20}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth tests table longctx trainstep report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth table longctx trainstep tests report)
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the phases cd around
-status=0
+
+box() {  # a phase's time box in seconds: KIT_BOX_<phase>, or its default (x3 in the dry run)
+    local var="KIT_BOX_$1" b
+    case $1 in
+        preamble) b=30 ;; truth) b=60 ;; table) b=240 ;; longctx) b=45 ;; trainstep) b=60 ;;
+        tests) b=100000 ;; report) b=20 ;; vocab_parallel) b=90 ;; *) b=60 ;;
+    esac
+    [ $DRY -eq 1 ] && [ "$1" != tests ] && b=$((b * 3))
+    echo "${!var:-$b}"
+}
 
 if [ $DRY -eq 1 ]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    # This checkout's grpo_fast, whichever one the environment has installed (the phases run from
+    # benchmarks/, where an editable install of another checkout would win).
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     DRY_ARGS=(--dry-run)
 else
     unset TRITON_INTERPRET
@@ -74,36 +101,59 @@ NAME=$(cd benchmarks && "$PY" -c "import bench_gpu, grpo_fast.benchmarking.harne
 RESULTS=${RESULTS:-$LOGDIR/$NAME}
 echo "results: $RESULTS"
 
-bench() {  # bench_gpu.py phases within the time left, keeping 20 s for what follows
-    local limit=$(( $(left) - 20 ))
-    [ $limit -lt 5 ] && limit=5
-    "$PY" benchmarks/bench_gpu.py "${DRY_ARGS[@]}" "$@" --out "$RESULTS" --time-limit $limit ${BENCH_ARGS:-} \
-        2>&1 | tee -a "$LOGDIR/bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+failed=0
+cut=0
+mark() {  # phase status seconds limit [note]: the phase's entry in the record
+    "$PY" benchmarks/gpu_phases.py mark "$RESULTS" "$@" >/dev/null || echo "could not record phase $1"
+    echo "== $1: $2 after $3 s (box $4 s)${5:+: $5}"
+    case $2 in failed) failed=1 ;; cut|skipped) cut=1 ;; esac
 }
 
-for phase in "${PHASES[@]}"; do
-    echo "== $phase ($(left) s left)"
-    if [ "$(left)" -le 10 ] && [ "$phase" != report ]; then
-        echo "out of time: $phase not run"
-        status=1
+run_boxed() {  # phase limit log command...: the command under `timeout limit`, then the phase's record
+    local phase=$1 limit=$2 log=$3 t0 rc status note=""
+    shift 3
+    t0=$(date +%s)
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=ok ;;
+        3) status=cut note="stopped at its time limit: what it measured is on the record, the rest is not" ;;
+        124|137) status=cut note="killed at its time box" ;;
+        *) status=failed note="exit status $rc" ;;
+    esac
+    mark "$phase" $status $(( $(date +%s) - t0 )) "$limit" "$note"
+}
+
+for i in "${!PHASES[@]}"; do
+    phase=${PHASES[$i]}
+    reserve=0
+    for later in "${PHASES[@]:$((i + 1))}"; do [ "$later" = report ] && reserve=$REPORT_RESERVE; done
+    b=$(box "$phase")
+    limit=$(( $(left) - reserve ))
+    [ "$b" -lt "$limit" ] && limit=$b
+    echo "== $phase (box $b s, $limit s given, $(left) s left)"
+    missing=$("$PY" benchmarks/gpu_phases.py missing "$phase")
+    [ -n "$missing" ] && echo "$phase: missing packages: $missing (benchmarks/fetch_wheels.sh carries them)"
+    if [ "$limit" -lt 5 ]; then
+        mark "$phase" skipped 0 "$limit" "no time left"
         continue
     fi
     case $phase in
         preamble|truth|table|longctx|report)
-            bench --phase "$phase"
+            # The benchmark stops starting new work 10 s before the box, so it saves and exits itself.
+            run_boxed "$phase" "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/bench_gpu.py "${DRY_ARGS[@]}" \
+                --phase "$phase" --out "$RESULTS" --time-limit $(( limit > 20 ? limit - 10 : limit / 2 )) \
+                ${ROW_LIMIT:+--row-limit "$ROW_LIMIT"} ${BENCH_ARGS:-}
             ;;
         tests)
             # The GPU tests: every gpu-marked test, then the Triton tests natively on the GPU (the CPU-only
             # compile tests run in CI). The dry run collects and runs the gpu-marked ones (they skip).
-            timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests \
-                2>&1 | tee "$LOGDIR/tests.log"
-            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-            if [ $DRY -eq 0 ]; then
-                timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) "$PY" -m pytest -q -ra -p no:cacheprovider \
-                    tests/test_triton_ops.py 2>&1 | tee -a "$LOGDIR/tests.log"
-                [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-            fi
+            triton_ops=""
+            [ $DRY -eq 0 ] && triton_ops="tests/test_triton_ops.py"
+            run_boxed tests "$limit" "$LOGDIR/tests.log" bash -c '
+                "$0" -m pytest -q -ra -m gpu -p no:cacheprovider tests; rc=$?
+                if [ -n "$1" ]; then "$0" -m pytest -q -ra -p no:cacheprovider "$1" || rc=1; fi
+                exit $rc' "$PY" "$triton_ops"
             ;;
         trainstep)
             if [ $DRY -eq 1 ]; then
@@ -114,21 +164,22 @@ for phase in "${PHASES[@]}"; do
                 LC_ARGS=(--device cuda --bf16 --hidden 512 --layers 4 --completions 8
                          --lengths 4096 8192 16384 32768 --token-budget 32768 --budget-mb 40960)
             fi
-            timeout $(( $(left) > 60 ? $(left) - 20 : 30 )) "$PY" benchmarks/bench_longctx.py "${LC_ARGS[@]}" \
-                --time-limit $(( $(left) > 90 ? $(left) - 60 : 20 )) --out "$LC_OUT" 2>&1 | tee -a "$LOGDIR/bench.log"
-            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            # No case starts after two thirds of the box: each runs in a fresh process, to its end.
+            run_boxed trainstep "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/bench_longctx.py "${LC_ARGS[@]}" \
+                --time-limit $(( limit * 2 / 3 )) --out "$LC_OUT"
             ;;
         vocab_parallel)
             if [ $DRY -eq 1 ]; then
-                echo "vocab_parallel needs CUDA and NCCL: not in the dry run"
+                mark vocab_parallel skipped 0 "$limit" "needs CUDA and NCCL: not in the dry run"
                 continue
             fi
-            VP_OUT="${RESULTS%.json}-vocab-parallel.json"
-            timeout $(( $(left) > 120 ? 90 : 30 )) "$PY" benchmarks/bench_vocab_parallel.py --out "$VP_OUT" \
-                2>&1 | tee -a "$LOGDIR/bench.log"
-            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            run_boxed vocab_parallel "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/bench_vocab_parallel.py \
+                --out "${RESULTS%.json}-vocab-parallel.json"
             ;;
-        *) echo "unknown phase $phase (preamble, truth, tests, table, longctx, trainstep, report, vocab_parallel)"; status=1 ;;
+        *)
+            echo "unknown phase $phase (preamble, truth, table, longctx, trainstep, tests, report, vocab_parallel)"
+            failed=1
+            ;;
     esac
 done
 
@@ -138,5 +189,8 @@ if [ $DRY -eq 0 ] && [ "$(dirname "$RESULTS")" != benchmarks/results ]; then
         [ -f "$f" ] && cp "$f" benchmarks/results/
     done
 fi
+status=0
+[ $cut -eq 1 ] && status=3
+[ $failed -eq 1 ] && status=1
 echo "== done in $(( $(date +%s) - START )) s, status $status"
 exit $status

@@ -1,15 +1,22 @@
 """No-grad selective log-probs and entropy straight from ``hidden`` and ``W``: the logits never exist.
 
 ``logits = hidden @ W^T + b`` is computed tile by tile with ``tl.dot`` (fp32 accumulation) and folded at
-once into an online logsumexp / entropy per row; the target logit is picked when its tile passes. The
-grid is (row blocks) x (vocabulary splits): each program walks one split of the vocabulary for
-``BLOCK_N`` rows and leaves fp32 partials (m, s, u, target logit), which a small second kernel merges.
-Splitting the vocabulary fills the GPU when there are few row blocks; programs of one split walk the
-same ``W`` tiles at about the same time, so ``W`` is re-read from L2 rather than HBM.
+once into an online logsumexp / entropy per row; the target logit is picked when its tile passes. The work
+is (row blocks) x (vocabulary splits) items: each walks one split of the vocabulary for ``BLOCK_N`` rows
+and leaves fp32 partials (m, s, u, target logit), which a small second kernel merges.
+
+A persistent grid: as many programs as the GPU holds at once (SMs x the CTAs per SM that the compiled
+kernel's registers and shared memory allow), each taking every ``programs``-th item. Items go in grouped
+order, as in Triton's matmul tutorial: ``group`` row blocks x every split, row blocks fastest. The programs
+resident together then work on few row blocks and many splits: each hidden block they re-read for every
+vocabulary tile is shared by about ``splits`` programs, and each ``W`` tile by about ``group``, so the
+working set (``(group + splits) x 128 x H`` elements) stays in L2 instead of every resident program
+streaming its own hidden block (row blocks fastest: 132 x 1 MiB at H = 4096, more than an H100's 50 MB).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +42,9 @@ def _logprobs_partial_kernel(
     n_vocab,
     n_hidden,
     cols_per_split,
+    n_row_blocks,
+    n_splits,
+    group_rows,
     inv_t,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
@@ -42,9 +52,45 @@ def _logprobs_partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    # Persistent: this program takes items pid, pid + programs, ... of the grouped order (module docstring).
+    n_items = n_row_blocks * n_splits
+    per_group = group_rows * n_splits
+    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+        group = item // per_group
+        first = group * group_rows
+        rows_in_group = tl.minimum(n_row_blocks - first, group_rows)
+        within = item - group * per_group
+        _partial_item(
+            h_ptr, stride_h, w_ptr, stride_w, b_ptr, targets_ptr, part_ptr, n_rows, n_vocab, n_hidden,
+            cols_per_split, n_splits, inv_t, first + within % rows_in_group, within // rows_in_group,
+            HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _partial_item(
+    h_ptr,
+    stride_h,
+    w_ptr,
+    stride_w,
+    b_ptr,
+    targets_ptr,
+    part_ptr,
+    n_rows,
+    n_vocab,
+    n_hidden,
+    cols_per_split,
+    n_splits,
+    inv_t,
+    pid_n,
+    split,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One item: row block ``pid_n`` over vocabulary split ``split``, its partials stored."""
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     # 64-bit offsets: rows * stride and cols * stride pass 2**31 for large N*H or V*H.
@@ -122,24 +168,59 @@ class LogprobsConfig:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    splits: int | None = None  # vocabulary splits; None: enough programs to fill the GPU
+    splits: int | None = None  # vocabulary splits; None: the resident programs over `group` row blocks
+    group: int | None = None  # row blocks per group of the order; None: about sqrt(resident programs)
+    programs: int | None = None  # the persistent grid; None: SMs x CTAs per SM of the compiled kernel
 
 
 def default_config(dtype: torch.dtype) -> LogprobsConfig:
     if interpreting():  # numpy runs each tile: few, small programs keep the tests fast
-        return LogprobsConfig(block_n=16, block_v=64, block_k=32, num_warps=4, num_stages=1, splits=2)
+        return LogprobsConfig(
+            block_n=16, block_v=64, block_k=32, num_warps=4, num_stages=1, splits=2, group=2, programs=3
+        )
     if dtype == torch.float32:  # fp32 dot in IEEE mode keeps more registers busy
         return LogprobsConfig(block_n=64, block_v=64, block_k=32, num_warps=4, num_stages=2)
     return LogprobsConfig()
 
 
-def _num_splits(cfg: LogprobsConfig, row_blocks: int, vocab: int, device: torch.device) -> int:
-    max_splits = triton.cdiv(vocab, cfg.block_v)
-    if cfg.splits is not None:
-        return max(1, min(cfg.splits, max_splits))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    # Two programs per SM hides the tail; more splits only add partials to merge.
-    return max(1, min(triton.cdiv(2 * sms, row_blocks), max_splits))
+@dataclass(frozen=True)
+class Launch:
+    programs: int  # the persistent grid
+    group: int  # row blocks per group
+    splits: int  # vocabulary splits
+    cols_per_split: int
+
+
+def plan_launch(cfg: LogprobsConfig, n: int, vocab: int, resident: int) -> Launch:
+    """Grid, group and splits for ``n`` rows when ``resident`` programs fit on the GPU at once.
+
+    The resident programs should cover few row blocks and many splits (module docstring): ``group`` about
+    sqrt(resident), ``splits`` the rest; fewer row blocks than that: more splits, to fill the GPU. No
+    split is empty (an empty one would merge 0 * -inf): whole vocabulary blocks per split."""
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    group = cfg.group or max(1, math.isqrt(resident))
+    group = max(1, min(group, row_blocks))
+    splits = cfg.splits or triton.cdiv(resident, group)
+    splits = max(1, min(splits, triton.cdiv(vocab, cfg.block_v)))
+    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(vocab, cols_per_split)
+    programs = max(1, min(cfg.programs or resident, row_blocks * splits))
+    return Launch(programs, group, splits, cols_per_split)
+
+
+def occupancy(kernel: object, num_warps: int, device: torch.device) -> int:
+    """CTAs of a compiled kernel that fit on one SM at once, from its registers and shared memory (what
+    the hardware allows, not an assumption)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    kernel._init_handles()
+    threads = num_warps * props["warpSize"]
+    by_regs = props["max_num_regs"] // max(1, kernel.n_regs * threads)
+    by_smem = props["max_shared_mem"] // max(1, kernel.metadata.shared)
+    max_threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+    return max(1, min(by_regs, by_smem, max_threads // threads))
+
+
+_OCCUPANCY: dict[tuple, int] = {}  # (device, dtype, config, bias) -> CTAs per SM
 
 
 def fused_logprobs(
@@ -178,24 +259,7 @@ def fused_logprobs(
         return out[0], out[1]
     cfg = config or default_config(hidden.dtype)
     row_blocks = triton.cdiv(n, cfg.block_n)
-    splits = _num_splits(cfg, row_blocks, vocab, hidden.device)
-    # Whole blocks per split, so no split is empty (an empty split would merge 0 * -inf).
-    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(vocab, cols_per_split)
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
-    _logprobs_partial_kernel[(row_blocks, splits)](
-        hidden,
-        hidden.stride(0),
-        weight,
-        weight.stride(0),
-        bias if bias is not None else weight,  # never read without HAS_BIAS
-        targets,
-        part,
-        n,
-        vocab,
-        h,
-        cols_per_split,
-        1.0 / temperature,
+    constants = dict(
         HAS_BIAS=bias is not None,
         IEEE=hidden.dtype == torch.float32,
         BLOCK_N=cfg.block_n,
@@ -204,6 +268,25 @@ def fused_logprobs(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+
+    def args(launch: Launch, part: Tensor) -> tuple:
+        b = bias if bias is not None else weight  # never read without HAS_BIAS
+        split = (launch.cols_per_split, row_blocks, launch.splits, launch.group)
+        return (hidden, hidden.stride(0), weight, weight.stride(0), b, targets, part, n, vocab, h, *split,
+                1.0 / temperature)  # fmt: skip
+
+    resident = cfg.programs or 1
+    if cfg.programs is None and hidden.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+        key = (hidden.device, hidden.dtype, cfg, bias is not None)
+        if key not in _OCCUPANCY:  # compile (as the launch will) to read its registers and shared memory
+            guess = plan_launch(cfg, n, vocab, sms)
+            kernel = _logprobs_partial_kernel.warmup(*args(guess, out), grid=(1,), **constants)
+            _OCCUPANCY[key] = occupancy(kernel, cfg.num_warps, hidden.device)
+        resident = sms * _OCCUPANCY[key]
+    launch = plan_launch(cfg, n, vocab, resident)
+    part = torch.empty(4, launch.splits, n, dtype=torch.float32, device=hidden.device)
+    _logprobs_partial_kernel[(launch.programs,)](*args(launch, part), **constants)
     block = 256 if not interpreting() else 64
-    _logprobs_combine_kernel[(triton.cdiv(n, block),)](part, out, n, splits, BLOCK=block, num_warps=4)
+    _logprobs_combine_kernel[(triton.cdiv(n, block),)](part, out, n, launch.splits, BLOCK=block, num_warps=4)
     return out[0], out[1]

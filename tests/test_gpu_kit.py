@@ -23,20 +23,26 @@ ROW_FIELDS |= {"chunk_rows", "predicted_ms"}
 TRUTH_FIELDS = {"loss_type", "backend", "dtype", "N", "H", "V", "max_rel_err", "ok"}
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-kit-out")
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "RUN_BUDGET": "400"}
+ORDER = ["preamble", "truth", "table", "longctx", "trainstep", "tests", "report"]
+
+
+def _kit(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "RUN_BUDGET": "1500", **env}
     env.pop("TRITON_INTERPRET", None)  # the script sets what it needs
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--cpu-dry-run"],
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--cpu-dry-run", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,
     )
-    return proc, out
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-kit-out")
+    return _kit(out), out
 
 
 def test_dry_run_passes_and_writes_every_phase(dry_run):
@@ -45,8 +51,21 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
     (record,) = out.glob("*-dry-run.json")
     data = json.loads(record.read_text())
     assert data["dry_run"] is True and {"device", "torch", "triton", "commit", "date"} <= set(data)
+    # the phases in order, the record (table) before the test suite, each in its box and ok
+    assert [p["phase"] for p in data["phases"]] == ORDER
+    assert all(p["status"] == "ok" and p["seconds"] <= p["limit_s"] + 5 for p in data["phases"]), data[
+        "phases"
+    ]
+    starts = [proc.stdout.index(f"== {p} (box") for p in ORDER]
+    assert starts == sorted(starts)
     pre = data["preamble"]
     assert pre["gemm"]["tflops"] > 0 and pre["copy"]["gbs"] > 0 and pre["versions"]["torch"]
+    # per-shape GEMM times: the full GEMM and one tile's three GEMMs, at every table shape
+    assert len(pre["gemms"]) == 2 and all(
+        g["rows"] > 0 and min(g["full_ms"], g["fwd_ms"], g["dh_ms"], g["dw_ms"]) > 0
+        for g in pre["gemms"].values()
+    )
+    assert set(pre["fp32_out_gemm"]) >= {"probe", "ran"}
     # truth: every loss family on both GPU backends (Triton interpreted, native's C++ on the CPU), all in
     # tolerance
     assert {(t["config"], t["backend"]) for t in data["truth"]} == {
@@ -68,12 +87,19 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
     for r in data["rows"]:
         assert ROW_FIELDS <= set(r) and "error" not in r, r
         assert r["ms"] > 0 and r["predicted_ms"] > 0
+        assert r["predicted_ms"] == pytest.approx(sum(r["model"].values()))
+        assert set(r["model"]) <= set(gpu_model.TERMS)
+    loss_row = next(r for r in data["rows"] if r["impl"] == "grpo_fast-native")
+    assert {"gemm_fwd", "gemm_dh", "gemm_dw", "tile_stats", "tile_grad", "dw_accumulate"} <= set(
+        loss_row["model"]
+    )
     tiled = [r for r in data["rows"] if r["impl"].startswith("grpo_fast") and not r["impl"].endswith("fused")]
     assert tiled and all(r["chunk_rows"] for r in tiled)  # the fused kernel has no tiles: None
     assert {r["impl"] for r in data["long_context"]} == {"grpo_fast-triton", "trl"}
     assert all(r["max_N"] and r["dry_run"] for r in data["long_context"])
     table = record.with_suffix(".md").read_text()
-    assert "truth check" in table and "model ms" in table and "dry run" in table
+    assert "truth check" in table and "model ms" in table and "dry run" in table and "| phase |" in table
+    assert "gemm_dw" in table  # the model's terms per row
     assert record.with_suffix(".png").stat().st_size > 1000
     assert (out / "tests.log").read_text().count("skipped") and (out / "bench.log").exists()
     # the long-context training-step record: every implementation measured, the chart beside it
@@ -85,20 +111,70 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
     assert (out / "longctx-cpu-dry.png").stat().st_size > 1000
 
 
-def test_roofline_model():
-    """GEMM at the preamble rate plus tile bytes at the copy rate; fused log-probs move no tile."""
-    pre = {"gemm": {"tflops": 700.0}, "copy": {"gbs": 4000.0}, "fp32_out_gemm": True}
-    n, h, v = 8192, 4096, 151936
-    gemm_only = 6 * n * h * v / 700e9
-    loss = gpu_model.predicted_ms("grpo_fast-triton", n, h, v, "bfloat16", 7068, pre)
-    tile = 3 * n * v * 2 / 4000e6
-    assert loss == pytest.approx(gemm_only + tile + 6 * v * h / 4000e6)
-    fused = gpu_model.predicted_ms("grpo_fast-triton-logprobs-fused", n, h, v, "bfloat16", 7068, pre)
-    tiled = gpu_model.predicted_ms("grpo_fast-triton-logprobs", n, h, v, "bfloat16", 7068, pre)
-    assert fused == pytest.approx(2 * n * h * v / 700e9) and tiled > fused
-    # without fp32-output GEMMs every chunk pays a half [V, H] temporary into the fp32 accumulator
-    slower = gpu_model.predicted_ms(
-        "grpo_fast-triton", n, h, v, "bfloat16", 496, {**pre, "fp32_out_gemm": False}
-    )
-    assert slower > loss
-    assert gpu_model.predicted_ms("trl", n, h, v, "bfloat16", None, pre) == pytest.approx(gemm_only)
+def test_an_overrunning_phase_is_cut_and_recorded(tmp_path):
+    """A table that outlasts its box stops itself (its rows so far on the record); a test phase that
+    outlasts its box is killed; both are recorded as cut, the report still runs, the exit status says 3."""
+    proc = _kit(tmp_path, "preamble", "table", "tests", "report", KIT_BOX_table="20", KIT_BOX_tests="6")
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("*-dry-run.json")).read_text())
+    status = {p["phase"]: p for p in data["phases"]}
+    assert [p["phase"] for p in data["phases"]] == ["preamble", "table", "tests", "report"]
+    assert status["preamble"]["status"] == status["report"]["status"] == "ok"
+    assert status["table"]["status"] == "cut" and "stopped at its time limit" in status["table"]["note"]
+    assert status["tests"]["status"] == "cut" and "killed" in status["tests"]["note"]
+    assert status["tests"]["seconds"] <= 6 + 5 + 2
+    assert 0 < len(data["rows"]) < 30  # some rows, not all of them
+    assert "| table | cut |" in next(tmp_path.glob("*-dry-run.md")).read_text()
+
+
+def test_a_row_over_its_time_box_is_cut(monkeypatch):
+    """A table row that runs past its own time box is on the record as cut, and the table goes on."""
+    import time
+
+    bench_gpu = pytest.importorskip("bench_gpu")
+    from grpo_fast.benchmarking import harness
+
+    def slow(inputs, case):
+        return lambda: time.sleep(0.3)
+
+    monkeypatch.setitem(harness.IMPLS, "slow", slow)
+    case = harness.BenchCase(N=16, H=8, V=32)
+    t0 = time.monotonic()
+    row = bench_gpu.measure_row("slow", case, 1.0, iters=5, pre={}, limit=0.5)
+    assert row["cut"] is True and row["error"].startswith("cut") and row["ms"] is None
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_model_counts_every_pass():
+    """The model: per-shape GEMM times from the preamble, then every pass over memory the loss makes."""
+    n, h, v, rows = 16384, 4096, 151936, 8192
+    gemms = {"full_ms": 30.0, "fwd_ms": 16.0, "dh_ms": 17.0, "dw_ms": 18.0, "rows": rows}
+    pre = {
+        "gemm": {"tflops": 700.0},
+        "gemms": {gpu_model.shape_key(n, h, v): gemms},
+        "copy": {"gbs": 3000.0},
+        "fp32_out_gemm": {"probe": True, "ran": True},
+        "device_type": "cuda",
+    }
+    bw = 3000e6
+    terms = gpu_model.predict("grpo_fast-triton", n, h, v, "bfloat16", rows, pre)
+    assert terms["gemm_fwd"] == pytest.approx(2 * 16.0) and terms["gemm_dh"] == pytest.approx(2 * 17.0)
+    assert terms["gemm_dw"] == pytest.approx(2 * 18.0)
+    assert terms["tile_stats"] == pytest.approx(n * v * 2 / bw)
+    assert terms["tile_grad"] == pytest.approx(2 * n * v * 2 / bw)
+    assert terms["dw_accumulate"] == pytest.approx(3 * 4 * v * h / bw)  # 2 tiles: write, read + write
+    assert terms["dw_cast"] == pytest.approx(6 * v * h / bw)
+    assert terms["backward_scale"] == pytest.approx(4 * (n * h + v * h) / bw)
+    assert set(terms) <= set(gpu_model.TERMS)
+    # the fp32-output GEMM did not run: every tile's half dW is written and read besides
+    without = gpu_model.predict("grpo_fast-triton", n, h, v, "bfloat16", rows, pre, fp32_out=False)
+    assert without["dw_accumulate"] - terms["dw_accumulate"] == pytest.approx(2 * 4 * v * h / bw)
+    # no-grad log-probs: the tile path reads its tiles once; the fused kernel moves none
+    fused = gpu_model.predict("grpo_fast-triton-logprobs-fused", n, h, v, "bfloat16", None, pre)
+    tiled = gpu_model.predict("grpo_fast-triton-logprobs", n, h, v, "bfloat16", rows, pre)
+    assert fused["gemm_fwd"] == 30.0 and "tile_stats" not in fused and tiled["tile_stats"] > 0
+    # the others: a bound, the full GEMM's rate for 6NHV
+    assert gpu_model.predict("trl", n, h, v, "bfloat16", None, pre) == {"gemm_bound": pytest.approx(90.0)}
+    # a shape the preamble did not measure: the first shape's rate for every GEMM
+    other = gpu_model.predict("grpo_fast-triton", 4096, h, v, "bfloat16", 4096, pre)
+    assert other["gemm_fwd"] == pytest.approx(2 * 4096 * h * v / 700e9)

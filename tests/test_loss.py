@@ -285,6 +285,21 @@ def test_auto_chunk_size_respects_budget(monkeypatch):
         auto_chunk_size(10, 10, torch.float32, torch.device("cpu"), 3)
 
 
+@pytest.mark.parametrize(
+    "n, v, want",
+    [(16384, 151936, [8192, 8192]), (32768, 152064, [11008, 11008, 10752]), (8192, 151936, [8192])],
+)
+def test_tiles_are_balanced(monkeypatch, n, v, want):
+    """The tokens are shared evenly among the fewest tiles the budget allows, in multiples of 128 rows: no
+    thin remainder tile (16384 tokens under a 14128-row budget are not 14128 + 2256)."""
+    from grpo_fast.engine import chunk_loop, tile_size
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (130 * 2**30, 141 * 2**30))
+    rows = tile_size.auto_chunk_size(n, v, torch.bfloat16, torch.device("cuda"), fp32_temps=0)
+    assert [e - s for s, e in chunk_loop._chunks(n, rows)] == want
+    assert rows % 128 == 0 and rows * v * 2 <= 4 * 2**30
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_weight_gradient_accumulator_needs_no_zero_fill(monkeypatch, dtype):
     """The fp32 dW accumulator starts as garbage (here NaN) and the first chunk overwrites it (beta = 0)."""
@@ -324,8 +339,10 @@ def test_cuda_tile_budget_follows_free_memory(monkeypatch):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free, t=total: (f, t))
         assert tile_size.chunk_budget_bytes(cuda) == int(want)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (130 * gib, 141 * gib))
-    rows = tile_size.auto_chunk_size(10**6, 151936, torch.bfloat16, cuda, fp32_temps=0)
-    assert rows == (4 * gib // (151936 * 2)) // 16 * 16  # 14128 rows: 1 chunk of N=8192 instead of 17
+    assert 4 * gib // (151936 * 2) == 14134  # the budget's rows: N=8192 is 1 chunk instead of 17
+    assert tile_size.auto_chunk_size(8192, 151936, torch.bfloat16, cuda, fp32_temps=0) == 8192
+    # more tokens than that: even tiles, each a multiple of 128, within the budget
+    assert tile_size.auto_chunk_size(10**6, 151936, torch.bfloat16, cuda, fp32_temps=0) == 13952
     monkeypatch.setenv("GRPO_FAST_CHUNK_BUDGET_MB", "64")
     assert tile_size.chunk_budget_bytes(cuda) == 64 * 2**20
 

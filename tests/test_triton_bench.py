@@ -22,6 +22,7 @@ from grpo_fast.benchmarking import harness as bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 bench_gpu = pytest.importorskip("bench_gpu")
+gpu_longctx = pytest.importorskip("gpu_longctx")
 
 # The interpreter evaluates both sides of tl.where in numpy, so masked lanes warn about inf - inf.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -102,7 +103,7 @@ def _affine(a: float, b: float, budget: float):
 def test_long_context_search_finds_the_largest_n(a, b, cap):
     budget, step = 40e9, 1024
     probe = _affine(a, b, budget)
-    n, probes = bench_gpu.largest_fitting(probe, budget, step, cap)
+    n, probes = gpu_longctx.largest_fitting(probe, budget, step, cap)
     truth = max([k * step for k in range(1, cap // step + 1) if probe(k * step) is not None], default=0)
     assert n == truth
     assert len(probes) <= 6  # affine memory: two probes predict, two confirm
@@ -111,7 +112,7 @@ def test_long_context_search_finds_the_largest_n(a, b, cap):
 def test_long_context_search_bisects_when_memory_is_not_affine():
     budget, step = 40e9, 1024
     probe = lambda n: (6e9 + 16e3 * n + 1e-3 * n * n) if 6e9 + 16e3 * n + 1e-3 * n * n <= budget else None  # noqa: E731
-    n, _ = bench_gpu.largest_fitting(probe, budget, step, 2**21)
+    n, _ = gpu_longctx.largest_fitting(probe, budget, step, 2**21)
     assert probe(n) is not None and probe(n + step) is None
 
 

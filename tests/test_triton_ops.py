@@ -122,8 +122,15 @@ def test_fused_logprobs(dtype, temperature, bias):
         logprobs.LogprobsConfig(block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1, splits=1),
         logprobs.LogprobsConfig(block_n=32, block_v=128, block_k=64, num_warps=4, num_stages=1, splits=5),
         logprobs.LogprobsConfig(block_n=16, block_v=16, block_k=16, num_warps=4, num_stages=1, splits=1000),
+        # persistent programs over the grouped order: a partial last group, fewer programs than items
+        logprobs.LogprobsConfig(
+            block_n=4, block_v=32, block_k=16, num_warps=4, num_stages=1, splits=3, group=2, programs=4
+        ),
+        logprobs.LogprobsConfig(
+            block_n=8, block_v=64, block_k=16, num_warps=4, num_stages=1, splits=2, group=5, programs=1
+        ),
     ],
-    ids=["one-split", "five-splits", "split-per-tile"],
+    ids=["one-split", "five-splits", "split-per-tile", "grouped-persistent", "one-program"],
 )
 def test_fused_logprobs_tilings(config):
     """Any tiling gives the same answer: splits merge exactly, partial tiles at every edge."""
@@ -138,6 +145,23 @@ def test_fused_logprobs_tilings(config):
     want = gf.reference.selective_logprobs(hidden.double(), weight.double(), targets, None, 1.3, True)
     torch.testing.assert_close(logp.cpu().double(), want[0].double(), rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ent.cpu().double(), want[1].double(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "n, resident, want",
+    [
+        (16384, 132, (132, 11, 12)),  # an H100 at 1 CTA per SM: 11 row blocks x 12 splits resident
+        (16384, 264, (264, 16, 17)),  # 2 CTAs per SM
+        (1024, 132, (132, 8, 17)),  # 8 row blocks: more splits fill the GPU
+        (100, 132, (132, 1, 132)),  # one row block
+    ],
+)
+def test_fused_logprobs_launch_plan(n, resident, want):
+    """The persistent grid is what the GPU holds at once; resident programs cover few row blocks (about
+    sqrt of them) and many vocabulary splits, so hidden blocks and W tiles are shared through L2."""
+    launch = logprobs.plan_launch(logprobs.LogprobsConfig(), n, 151936, resident)
+    assert (launch.programs, launch.group, launch.splits) == want
+    assert launch.cols_per_split % 128 == 0 and (launch.splits - 1) * launch.cols_per_split < 151936
 
 
 def rewards_with_nans(m: int, r: int, seed: int) -> torch.Tensor:

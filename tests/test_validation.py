@@ -239,3 +239,65 @@ def test_loss_input_value_checks_take_one_transfer(monkeypatch):
     out_of_range = r"targets at unmasked positions must lie in \[0, V=13\), got values in \[0, 99\]"
     with pytest.raises(ValueError, match=out_of_range):
         validation.validate_loss_inputs(*args[:2], torch.where(targets > 5, 99, 0), *args[3:], None, seq_ids)
+
+
+def _spoiled(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize(
+    "name, index, value, match",
+    [
+        ("hidden", (1, 2, 3), float("nan"), r"hidden must be finite \(NaN or inf found at a position"),
+        ("hidden", (0, 4, 0), float("-inf"), r"hidden must be finite"),
+        ("weight", (V - 1, H - 1), float("inf"), r"weight \(the LM head\) must be finite"),
+        ("weight", (0, 0), float("nan"), r"weight \(the LM head\) must be finite"),
+    ],
+)
+def test_non_finite_head_inputs_are_named_from_the_result(ok, backend, name, index, value, match):
+    """NaN/inf in hidden or W show in the pass's per-row results; then the inputs are searched and the bad
+    one named, with the message an up-front check would give. Masked rows do not count."""
+    from grpo_fast import backends
+
+    if backends.why_not(backend, torch.device("cpu"), "grpo_loss") is not None:
+        pytest.skip(f"{backend} cannot run here")
+    bad = dict(ok, **{name: _spoiled(ok[name], index, value)})
+    with pytest.raises(ValueError, match=match):
+        loss(bad, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        gf.selective_logprobs(bad["hidden"], bad["weight"], bad["targets"], backend=backend)
+    if name == "hidden":  # the same NaN at a masked position: no error, a finite loss
+        mask = ok["mask"].clone()
+        mask[index[:2]] = 0
+        value_, _ = loss(bad, mask=mask, backend=backend)
+        assert torch.isfinite(value_)
+
+
+def test_soft_capped_inputs_are_checked_up_front(ok):
+    """A soft cap maps an inf logit to a finite one, so the result cannot tell: checked before the pass."""
+    bad = dict(ok, weight=_spoiled(ok["weight"], (0, 0), float("inf")))
+    cfg = gf.GRPOConfig(logit_softcap=30.0)
+    with pytest.raises(ValueError, match=r"weight \(the LM head\) must be finite"):
+        loss(bad, config=cfg)
+    with pytest.raises(ValueError, match=r"weight \(the LM head\) must be finite"):
+        gf.selective_logprobs(bad["hidden"], bad["weight"], bad["targets"], logit_softcap=30.0)
+
+
+def test_finite_inputs_are_not_read_for_the_checks(ok, monkeypatch):
+    """On finite inputs no check reads W or hidden: torch.isfinite sees only [N]-sized tensors (targets,
+    mask, advantages, the rows' results) and the [V] bias."""
+    seen = []
+    original = torch.isfinite
+
+    def spy(x):
+        seen.append(tuple(x.shape))
+        return original(x)
+
+    monkeypatch.setattr(torch, "isfinite", spy)
+    value, _ = loss(ok, bias=torch.zeros(V))
+    assert torch.isfinite(value)
+    gf.selective_logprobs(ok["hidden"], ok["weight"], ok["targets"])
+    assert seen and all(len(s) <= 2 and (V, H) != s and s[-1:] != (H,) for s in seen), seen

@@ -82,16 +82,38 @@ class TorchChunkOps:
         self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # One set of probabilities for the statistics and dlogits (the split stats + grad_ computes them
-        # twice); the tile is this pass's, so an fp32 one is scaled in place.
+        # twice); the two halves around the caller's coefficients are methods, so that a subclass can
+        # compile them (grpo_fast.benchmarking.baselines).
+        lse, logp, entropy, probs, scratch = self.tile_stats_(logits, targets, temperature)
+        g, e = coefficients(logp, entropy)
+        dz = self.tile_grad_(logits, probs, scratch, targets, g, e, entropy, temperature)
+        return lse, logp, entropy, dz
+
+    def tile_stats_(
+        self, logits: Tensor, targets: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(lse, logp, entropy, p, a spent [C, V] buffer): the tile is this pass's, so an fp32 one is
+        scaled in place."""
         z = _scaled_fp32(logits, temperature, in_place=True)
         lse, log_probs, probs = _log_softmax_(z)
         logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        entropy = _entropy_(log_probs, probs)  # log_probs is gone now
-        g, e = coefficients(logp, entropy)
-        # The entropy term (rare) needs log p again: recomputed into the same buffer.
-        coef = None if e is None else _entropy_coef_(torch.log(probs, out=log_probs), g, e, entropy)
-        dz = _write_dlogits(logits, probs, targets, g, temperature, coef)
-        return lse, logp, entropy, dz
+        entropy = _entropy_(log_probs, probs)  # log_probs is gone now: the buffer is scratch
+        return lse, logp, entropy, probs, log_probs
+
+    def tile_grad_(
+        self,
+        logits: Tensor,
+        probs: Tensor,
+        scratch: Tensor,
+        targets: Tensor,
+        g: Tensor,
+        e: Tensor | None,
+        entropy: Tensor,
+        temperature: float,
+    ) -> Tensor:
+        """dlogits over ``probs`` (or the tile); the entropy term (rare) recomputes log p into scratch."""
+        coef = None if e is None else _entropy_coef_(torch.log(probs, out=scratch), g, e, entropy)
+        return _write_dlogits(logits, probs, targets, g, temperature, coef)
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         z = _scaled_fp32(logits, temperature, in_place=False)

@@ -9,8 +9,9 @@
   as :func:`grpo_fast.reference.loss_from_logps` has them);
 - ``liger``: liger-kernel's ``LigerFusedLinearGRPOLoss`` as TRL configures it (compiled, one sequence
   per chunk);
-- ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile`` (the
-  loop itself, with its data-dependent chunking, stays eager);
+- ``torch-compile``: grpo_fast's chunk loop with the "torch" chunk pass under ``torch.compile``: every
+  tile method the loop calls, ``tile_pass_``'s halves included (the loop itself, with its data-dependent
+  chunking, and the objective's coefficients stay eager);
 
 Nothing heavy is imported here: each factory imports its library when the benchmark builds a step.
 :func:`runnable` says which can run on a device (library installed, CUDA where it needs CUDA).
@@ -146,7 +147,10 @@ def _grpo_fast(backend: str, **options: object) -> Factory:
 
 
 class CompiledTorchChunkOps(TorchChunkOps):
-    """The "torch" chunk pass with each method under torch.compile (compiled once per process)."""
+    """The "torch" chunk pass with every tensor method the chunk loop reaches under torch.compile (compiled
+    once per process): ``stats``, ``partial_stats``, ``grad_``, and ``tile_pass_``'s two halves around the
+    objective's coefficients (``tile_stats_``, ``tile_grad_``; the coefficients are autograd on ``[C]``
+    vectors, eager as in every backend)."""
 
     name = "torch-compile"
     _compiled: dict[str, Callable] = {}
@@ -155,6 +159,12 @@ class CompiledTorchChunkOps(TorchChunkOps):
         if method not in self._compiled:
             self._compiled[method] = torch.compile(getattr(TorchChunkOps(), method), dynamic=False)
         return self._compiled[method]
+
+    def tile_stats_(self, logits, targets, temperature):
+        return self._fn("tile_stats_")(logits, targets, temperature)
+
+    def tile_grad_(self, logits, probs, scratch, targets, g, e, entropy, temperature):
+        return self._fn("tile_grad_")(logits, probs, scratch, targets, g, e, entropy, temperature)
 
     def stats(self, logits, targets, temperature):
         return self._fn("stats")(logits, targets, temperature)
@@ -222,6 +232,11 @@ IMPLS: dict[str, Factory] = {name: spec[0] for name, spec in IMPLS_SPEC.items()}
 BASELINES = ("trl", "liger", "torch-compile")
 
 
+def missing_modules(name: str) -> list[str]:
+    """The modules implementation ``name`` imports that are not installed here."""
+    return [m for m in IMPLS_SPEC[name][1] if importlib.util.find_spec(m) is None]
+
+
 def runnable(name: str, device: str, dry_run: bool = False) -> bool:
     """Whether implementation `name` can run on `device` here (library installed, CUDA, extension built).
 
@@ -229,11 +244,11 @@ def runnable(name: str, device: str, dry_run: bool = False) -> bool:
     its interpreter, TRL's and Liger's torch code as is)."""
     if name not in IMPLS_SPEC:
         return False
-    _, modules, needs_cuda = IMPLS_SPEC[name]
+    needs_cuda = IMPLS_SPEC[name][2]
     if needs_cuda and not dry_run and not (device.startswith("cuda") and torch.cuda.is_available()):
         return False
     if name.startswith("grpo_fast-triton") and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     if name == "grpo_fast-native" and not _native_built():
         return False
-    return all(importlib.util.find_spec(m) is not None for m in modules)
+    return not missing_modules(name)

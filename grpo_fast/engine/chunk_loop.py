@@ -181,6 +181,7 @@ def logprob_pass(
         stats = _stats(ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard)
         lse[s:e] = stats[0][: e - s]
         out[0, s:e], out[1, s:e] = stats[1][: e - s], stats[2][: e - s]
+        del logits  # freed before the next tile's GEMM: one tile alive, not two
     return lse, out[0], out[1]
 
 
@@ -218,6 +219,7 @@ def grad_pass(
             *ent,
         )
         grads.accumulate(_uncap_(dl, factor)[: t - s], h, weight, s, t)
+        del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,9 @@ class LossPlan:
     rows: Tensor | None = None  # rows of the [N, H] hidden the loss reads (masked dropped); None: all
     # The entropy quantile's pool: this process's entropies in, every process's out (None: this batch's).
     entropy_gather: Callable[[Tensor], Tensor] | None = None
+    # Called with the rows' (logp, entropy): raises naming a non-finite input (validation's
+    # finite_result_check); None: the inputs were checked up front.
+    check_result: Callable[..., None] | None = None
 
 
 def run_grpo(
@@ -270,6 +275,7 @@ def run_grpo(
                 dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
             logp[s:e], entropy[s:e] = lp[:c], ent[:c]
             grads.accumulate(_uncap_(dl, factor)[:c], h, weight, s, e)
+            del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
     else:
         pad = plan.pad
         cap = cfg.logit_softcap
@@ -293,7 +299,10 @@ def run_grpo(
             softcap=cap,
         )
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
-    return loss, metrics, grads.final(weight, bias, shard)
+    out = grads.final(weight, bias, shard)
+    if plan.check_result is not None:  # after final()'s collective: every rank gets through it
+        plan.check_result(logp, entropy)
+    return loss, metrics, out
 
 
 def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coefficients:
@@ -308,9 +317,10 @@ def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coeffici
 
 
 def _scaled(grad: Tensor | None, scale: Tensor, is_one: bool) -> Tensor | None:
+    """``grad * scale`` in place: the forward's gradients are this backward's alone (no second [V, H])."""
     if grad is None or is_one:
         return grad
-    return grad * scale.to(grad.dtype)
+    return grad.mul_(scale.to(grad.dtype))
 
 
 class FusedGRPOLoss(torch.autograd.Function):

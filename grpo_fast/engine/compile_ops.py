@@ -33,7 +33,14 @@ from torch import Tensor
 from ..config import GRPOConfig
 from .chunk_loop import logprob_grads, logprob_pass, run_grpo
 from .objective import metric_names
-from .plan import LogprobCall, LossCall, fused_gemm_logprobs, plan_logprobs, plan_loss
+from .plan import (
+    LogprobCall,
+    LossCall,
+    fused_gemm_logprobs,
+    logprob_result_check,
+    plan_logprobs,
+    plan_loss,
+)
 
 _NS = "grpo_fast_compiled"
 _EMPTY = (0,)  # the stand-in for "no tensor" in an op's outputs (custom ops cannot return None)
@@ -194,15 +201,13 @@ def grpo_loss(call: LossCall) -> tuple[Tensor, dict[str, Tensor]]:
 # ---- selective_logprobs
 
 
-def _plan(
-    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, checks,
-    softcap,
-):  # fmt: skip
-    call = LogprobCall(
+def _call(
+    hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, softcap
+) -> LogprobCall:
+    return LogprobCall(
         hidden, weight, targets, bias, temperature, backend=backend, chunk_size=chunk_size,
         fused_gemm=fused_gemm, batch_invariant=batch_invariant, logit_softcap=softcap,
     )  # fmt: skip
-    return plan_logprobs(call, value_checks=checks)
 
 
 @torch.library.custom_op(f"{_NS}::selective_logprobs", mutates_args=())
@@ -218,10 +223,11 @@ def _logprobs_op(
     batch_invariant: bool,
     logit_softcap: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    flat, head, targets, plan = _plan(
-        hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant, True,
+    call = _call(
+        hidden, weight, targets, bias, temperature, backend, chunk_size, fused_gemm, batch_invariant,
         logit_softcap,
     )  # fmt: skip
+    flat, head, targets, plan = plan_logprobs(call)
     if plan is None:
         logp, entropy = fused_gemm_logprobs(flat, head, targets, temperature, backend)
         lse = flat.new_empty(_EMPTY, dtype=torch.float64)
@@ -230,6 +236,7 @@ def _logprobs_op(
             flat, head.weight, head.bias, plan.targets, plan.temperature, plan.ops, plan.chunk,
             None, plan.pad, plan.softcap,
         )  # fmt: skip
+    logprob_result_check(call, flat, head, logp, entropy)
     # Outputs may not alias each other: the pass returns rows of one buffer (O(N) copies).
     return logp.reshape(targets.shape).clone(), entropy.reshape(targets.shape).clone(), lse.clone()
 
@@ -258,10 +265,10 @@ def _logprobs_backward_op(
     logit_softcap: Optional[float],
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    flat, head, _, plan = _plan(
-        hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, False,
-        logit_softcap,
-    )  # fmt: skip
+    call = _call(
+        hidden, weight, targets, bias, temperature, backend, chunk_size, False, batch_invariant, logit_softcap
+    )
+    flat, head, _, plan = plan_logprobs(call, value_checks=False)
     flat_grads = tuple(g.reshape(-1) if g is not None else None for g in (grad_logp, grad_entropy))
     stats = (lse, entropy.reshape(-1))
     grads = logprob_grads(flat, head.weight, head.bias, stats, flat_grads, plan, tuple(needs))

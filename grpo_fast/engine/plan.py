@@ -7,7 +7,9 @@ names, checks the non-tensor ones once, and is what every entry point passes on 
 
 Order: the LM head is checked and (vocab-parallel) the shard layout agreed first, because the other inputs'
 checks need the global vocabulary; then the inputs are validated; then :meth:`Head.plan` resolves the
-backend and the tile size. Nothing runs a kernel before all checks have passed.
+backend and the tile size. Nothing runs a kernel before all checks have passed, but one: NaN and inf in
+hidden and the LM head are found from the pass's per-row results (``validation.finite_result_check``),
+which then names the bad input with the same error; a full read of W per call is what that saves.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from .parallel import VocabShard, make_shard, shared_chunk_size
 from .tile_size import resolve_chunk_size
 from .validation import (
     ValueChecks,
+    add_bias_value_check,
     add_head_value_checks,
     check_lm_head,
     check_same_device,
     check_targets,
     check_tensor,
+    finite_result_check,
     validate_loss_inputs,
 )
 
@@ -255,7 +259,8 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     )
     targets = head.local_targets(pick(inputs.targets))
     rows = keep if compact else None
-    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, pad, rows, call.entropy_gather)
+    check = None if cfg.logit_softcap is not None else finite_result_check(h, weight)  # else: checked
+    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, pad, rows, call.entropy_gather, check)
     return h, weight, bias, plan
 
 
@@ -286,7 +291,10 @@ def plan_logprobs(
     check_same_device(hidden.device, targets=check_tensor("targets", call.targets))
     checks = ValueChecks()  # one device-to-host transfer for all the value checks
     targets = check_targets(call.targets, hidden.shape[:-1], head.vocab, checks=checks)
-    add_head_value_checks(checks, hidden, head.weight, head.bias)
+    if call.logit_softcap is not None:  # the cap hides an inf from the result: check up front
+        add_head_value_checks(checks, hidden, head.weight, head.bias)
+    else:  # hidden and weight from the result (logprob_result_check), bias now
+        add_bias_value_check(checks, head.bias)
     if value_checks:
         checks.run()
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -300,6 +308,13 @@ def plan_logprobs(
     cap = None if call.logit_softcap is None else float(call.logit_softcap)
     plan = LogprobPlan(local, float(call.temperature), ops, chunk, head.shard, pad, cap)
     return flat, head, targets, plan
+
+
+def logprob_result_check(call: LogprobCall, flat: Tensor, head: Head, logp: Tensor, entropy: Tensor) -> None:
+    """NaN or inf in hidden or the LM head, found from the log-probs (see ``finite_result_check``); with a
+    soft cap they were checked up front."""
+    if call.logit_softcap is None:
+        finite_result_check(flat, head.weight)(logp, entropy)
 
 
 def fused_gemm_logprobs(
@@ -332,5 +347,6 @@ def run_logprobs(call: LogprobCall) -> Tensor | tuple[Tensor, Tensor]:
         logp, entropy = fused_gemm_logprobs(flat, head, targets, float(call.temperature), call.backend)
     else:
         logp, entropy = FusedLogprobs.apply(flat, head.weight, head.bias, plan)
+    logprob_result_check(call, flat, head, logp, entropy)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if call.return_entropy else logp

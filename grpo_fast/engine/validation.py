@@ -1,4 +1,6 @@
-"""Input checks of the public API: each names the argument and what was expected, before any kernel runs."""
+"""Input checks of the public API: each names the argument and what was expected, before any kernel runs;
+except NaN and inf in ``hidden`` and the LM head ``weight``, which the pass's per-row results reveal at no
+cost: those are looked for only when a result is not finite (:func:`finite_result_check`)."""
 
 from __future__ import annotations
 
@@ -107,15 +109,45 @@ def add_head_value_checks(
     checks: ValueChecks, hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None = None
 ) -> None:
     """hidden (at the ``rows`` that count, default all), weight and bias must be finite: a NaN there
-    would only show as a NaN loss. One read of each, in the checks' single transfer."""
+    would only show as a NaN loss. One read of each, in the checks' single transfer.
+
+    The calls run this up front only where the result cannot tell (a soft cap turns an inf logit into a
+    finite one); otherwise :func:`finite_result_check` runs it when a result is not finite."""
     if hidden.numel():
         finite_rows = torch.isfinite(hidden).all(-1)
         bad = ~finite_rows if rows is None else ~finite_rows & rows.reshape(finite_rows.shape)
         checks.add(bad.any(), lambda: "hidden must be finite (NaN or inf found at a position that counts)")
     if weight.numel():
         checks.add(~torch.isfinite(weight).all(), lambda: "weight (the LM head) must be finite")
+    add_bias_value_check(checks, bias)
+
+
+def add_bias_value_check(checks: ValueChecks, bias: Tensor | None) -> None:
+    """bias must be finite; checked up front always ([V] values: nothing to save), because a -inf bias
+    (a banned token) leaves every row's statistics finite."""
     if bias is not None and bias.numel():
         checks.add(~torch.isfinite(bias).all(), lambda: "bias must be finite")
+
+
+def finite_result_check(hidden: Tensor, weight: Tensor) -> Callable[..., None]:
+    """The finiteness check of ``hidden`` (the rows the pass reads) and ``weight``, from the pass's own
+    per-row results instead of a read of both on every call.
+
+    A NaN or inf in a row of hidden makes that row's logits, hence its log-prob or entropy, non-finite; one
+    anywhere in weight does so for the rows that meet it (an inf times a hidden value of either sign). The
+    returned function takes those ``[N]`` results: all finite costs one small reduction and one transfer;
+    otherwise it searches the inputs and raises :func:`add_head_value_checks`'s error naming the bad one.
+    Finite inputs whose logits overflow find nothing: the result is returned as computed."""
+
+    def check(*results: Tensor) -> None:
+        present = [r for r in results if r.numel()]
+        if not present or bool(torch.stack([torch.isfinite(r).all() for r in present]).all()):
+            return
+        checks = ValueChecks()
+        add_head_value_checks(checks, hidden, weight, None)
+        checks.run()
+
+    return check
 
 
 def check_targets(
@@ -248,7 +280,10 @@ def validate_loss_inputs(
             lambda: "mask must hold finite non-negative values (1 = token counts, 0 = padding)",
         )
     targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0, checks=checks)
-    add_head_value_checks(checks, hidden, weight, bias, rows=mask_f != 0)
+    if cfg.logit_softcap is not None:  # the cap hides an inf from the result: check up front
+        add_head_value_checks(checks, hidden, weight, bias, rows=mask_f != 0)
+    else:  # hidden and weight from the result (finite_result_check), bias now
+        add_bias_value_check(checks, bias)
 
     advantages = check_tensor("advantages", advantages)
     check_float("advantages", advantages)
