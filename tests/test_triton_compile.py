@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 LOGPROBS_SIG = {
     "h_ptr": "*bf16", "stride_h": "i32", "w_ptr": "*bf16", "stride_w": "i32", "b_ptr": "*bf16",
     "targets_ptr": "*i64", "part_ptr": "*fp32", "n_rows": "i32", "n_vocab": "i32", "n_hidden": "i32",
-    "cols_per_split": "i32", "inv_t": "fp32",
+    "cols_per_split": "i32", "n_row_blocks": "i32", "n_splits": "i32", "group_rows": "i32", "inv_t": "fp32",
 }  # fmt: skip
 GROUP_SIG = {
     "rewards_ptr": "*fp32", "weights_ptr": "*fp32", "out_ptr": "*fp32", "summed_ptr": "*fp32",
@@ -39,7 +39,7 @@ def variants():
 
     stats_sig = {
         "logits_ptr": "*bf16", "stride_row": "i64", "targets_ptr": "*i64", "out_ptr": "*fp32",
-        "n_rows": "i32", "n_cols": "i32", "inv_t": "fp32",
+        "n_rows": "i32", "n_cols": "i32", "temperature": "fp32",
     }  # fmt: skip
     for partial in (False, True):
         yield (
@@ -56,7 +56,8 @@ def variants():
     )
     grad_sig = {
         "logits_ptr": "*bf16", "stride_row": "i64", "targets_ptr": "*i64", "lse_ptr": "*fp32",
-        "g_ptr": "*fp32", "ent_coef_ptr": "*fp32", "entropy_ptr": "*fp32", "n_cols": "i32", "inv_t": "fp32",
+        "lse_lo_ptr": "*fp32", "g_ptr": "*fp32", "ent_coef_ptr": "*fp32", "entropy_ptr": "*fp32",
+        "n_cols": "i32", "temperature": "fp32",
     }  # fmt: skip
     for has_ent in (False, True):
         yield chunk_grad._chunk_grad_kernel, grad_sig, {"HAS_ENT": has_ent, "BLOCK_V": 2048}, {"num_warps": 4}
