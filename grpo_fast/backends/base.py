@@ -5,6 +5,7 @@ logits ``x = hidden_chunk @ W^T + b``, ``z = x / T``; a backend only supplies ro
 and knows nothing of GRPO (the per-token math is :mod:`grpo_fast.engine.objective`, once, for all):
 
 - ``stats``: logsumexp, target log-prob and entropy of ``z`` (fp32 ``[C]`` each); the tile is kept;
+- ``stats_``: the same where the tile is not needed afterwards: it may be overwritten (no copy of it);
 - ``partial_stats``: for a vocabulary shard (vocab-parallel), the row max ``m``, ``s = sum exp(z - m)``,
   ``u = sum exp(z - m) * (z - m)`` and the target logit (0 where the target is not in this shard),
   stacked as fp32 ``[4, C]``; :mod:`grpo_fast.engine.parallel` combines them;
@@ -37,6 +38,10 @@ class ChunkOps(Protocol):
     fp32_temps: int
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def stats_(
+        self, logits: Tensor, targets: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor: ...
 

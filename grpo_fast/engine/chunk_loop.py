@@ -25,6 +25,7 @@ from .objective import (
     metric_names,
     needs_whole_sequences,
     with_entropy_mask,
+    zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
 
@@ -47,14 +48,31 @@ class _Grads:
     weight: Tensor | None  # fp32 accumulator; garbage until the first chunk (no zero-fill)
     bias: Tensor | None  # fp32 accumulator
     started: bool = False  # whether a chunk has written the weight accumulator
+    # Rows of ``hidden`` that the pass's rows are (the pass runs on a selection; the others keep 0): None,
+    # the pass's rows are hidden's own.
+    rows: Tensor | None = None
+    block: int | None = None  # batch invariance: hidden-gradient GEMMs of exactly this many rows
 
     @classmethod
-    def allocate(cls, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, ...]) -> _Grads:
+    def allocate(
+        cls,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        needs: tuple[bool, ...],
+        rows: Tensor | None = None,
+        block: int | None = None,
+    ) -> _Grads:
         acc = dict(dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+        gh = None
+        if needs[0]:  # rows outside the selection have no gradient: exact zeros
+            gh = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
         return cls(
-            hidden=torch.empty_like(hidden) if needs[0] else None,
+            hidden=gh,
             weight=torch.empty(weight.shape, **acc) if needs[1] else None,
             bias=torch.zeros(weight.shape[0], **acc) if (bias is not None and needs[2]) else None,
+            rows=rows,
+            block=block,
         )
 
     def _accumulate_weight(self, dlogits: Tensor, h_chunk: Tensor) -> None:
@@ -76,13 +94,35 @@ class _Grads:
         else:
             acc.copy_(part)
 
+    def _accumulate_hidden(self, dlogits: Tensor, weight: Tensor, start: int, end: int) -> None:
+        """dL/dh of rows [start, end) of the pass from ``dlogits`` (the tile, padding rows included)."""
+        c = end - start
+        if self.block is None:
+            if self.rows is None:
+                torch.mm(dlogits[:c], weight, out=self.hidden[start:end])
+            else:
+                self.hidden.index_copy_(0, self.rows[start:end], torch.mm(dlogits[:c], weight))
+            return
+        # One GEMM shape (block rows, the tile's padding rows included): a row's dL/dh does not depend on
+        # the rows it comes with, like its log-prob.
+        part = dlogits.new_empty(dlogits.shape[0], weight.shape[1])
+        for i in range(0, dlogits.shape[0], self.block):
+            torch.mm(dlogits[i : i + self.block], weight, out=part[i : i + self.block])
+        if self.rows is None:
+            self.hidden[start:end].copy_(part[:c])
+        else:
+            self.hidden.index_copy_(0, self.rows[start:end], part[:c])
+
     def accumulate(self, dlogits: Tensor, h_chunk: Tensor, weight: Tensor, start: int, end: int) -> None:
+        """Fold the tile's ``dlogits`` (``[rows, V]``, padding rows after the ``end - start`` real ones)
+        into the gradients of rows [start, end) of the pass."""
         if self.hidden is not None:
-            torch.mm(dlogits, weight, out=self.hidden[start:end])
+            self._accumulate_hidden(dlogits, weight, start, end)
+        real = dlogits[: end - start]
         if self.weight is not None:
-            self._accumulate_weight(dlogits, h_chunk)
+            self._accumulate_weight(real, h_chunk)
         if self.bias is not None:
-            self.bias.add_(dlogits.sum(0, dtype=self.bias.dtype))
+            self.bias.add_(real.sum(0, dtype=self.bias.dtype))
         self.started = True
 
     def final(
@@ -95,6 +135,19 @@ class _Grads:
         gw = self.weight.to(weight.dtype) if self.weight is not None else None
         gb = self.bias.to(bias.dtype) if self.bias is not None else None
         return self.hidden, gw, gb
+
+
+def zero_split(zero: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """(rows with a gradient, rows without), each in order, from ``zero`` ([n] bool, True: no gradient);
+    None when every row has one. One host read (the count), no boolean indexing."""
+    if zero is None:
+        return None
+    num_zero = int(zero.sum())
+    if num_zero == 0:
+        return None
+    order = torch.argsort(zero.to(torch.int8), stable=True)
+    live = zero.numel() - num_zero
+    return order[:live], order[live:]
 
 
 def _chunks(n: int, chunk: int):
@@ -151,11 +204,19 @@ def _padded(x: Tensor | None, rows: int) -> Tensor | None:
 
 
 def _stats(
-    ops: ChunkOps, logits: Tensor, targets: Tensor, temperature: float, shard: VocabShard | None
+    ops: ChunkOps,
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    shard: VocabShard | None,
+    keep_tile: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, logp, entropy) over the whole vocabulary, combining shards when the head is split."""
+    """(lse, logp, entropy) over the whole vocabulary, combining shards when the head is split;
+    ``keep_tile=False``: the tile may be overwritten."""
     if shard is None:
-        return ops.stats(logits, targets, temperature)
+        return (
+            ops.stats(logits, targets, temperature) if keep_tile else ops.stats_(logits, targets, temperature)
+        )
     return combine_stats(ops.partial_stats(logits, targets, temperature), shard)
 
 
@@ -177,7 +238,9 @@ def logprob_pass(
     for s, e in _chunks(n, chunk):
         logits = _logits(hidden[s:e], weight, bias, pad)
         _soft_cap_(logits, softcap)
-        stats = _stats(ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard)
+        stats = _stats(
+            ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
+        )
         for k, x in enumerate(stats):
             out[k, s:e] = x[: e - s]
     return out[0], out[1], out[2]
@@ -216,7 +279,37 @@ def grad_pass(
             temperature,
             *ent,
         )
-        grads.accumulate(_uncap_(dl, factor)[: t - s], h, weight, s, t)
+        grads.accumulate(_uncap_(dl, factor), h, weight, s, t)
+
+
+def nonzero_grad_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    stats: tuple[Tensor, Tensor | None],
+    coefs: tuple[Tensor, Tensor | None],
+    temperature: float,
+    ops: ChunkOps,
+    chunk: int,
+    needs: tuple[bool, ...],
+    pad: int | None = None,
+    softcap: float | None = None,
+) -> _Grads:
+    """:func:`grad_pass` over the rows whose coefficients are not both exactly 0, into new gradients (the
+    other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). One host read (the count)."""
+    g, e = coefs
+    zero = (g == 0) if e is None else (g == 0) & (e == 0)
+    split = zero_split(zero)
+    rows = None if split is None else split[0]
+    grads = _Grads.allocate(hidden, weight, bias, needs, rows=rows, block=pad)
+    if rows is not None:
+        pick = lambda x: x.index_select(0, rows) if x is not None else None  # noqa: E731
+        hidden, targets = pick(hidden), pick(targets)
+        stats, coefs = (pick(stats[0]), pick(stats[1])), (pick(g), pick(e))
+    if hidden.shape[0]:
+        grad_pass(hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, grads, pad, softcap)
+    return grads
 
 
 @dataclass(frozen=True)
@@ -241,58 +334,89 @@ def run_grpo(
     Per tile: GEMM, row statistics (combined across vocab shards), the per-row coefficients of the
     objective, dlogits in place, the gradient GEMMs. A token-local objective does it in one walk over the
     tokens; one that couples the tokens of a sequence first walks them for the log-probs (no grad).
+
+    Rows whose coefficients are exactly 0 take no part in dlogits and the gradient GEMMs (their dL/dh is
+    0): a token-local objective knows them from the batch before the walk (:func:`zero_gradient_rows`)
+    and walks them for their statistics only; the two-walk objective knows every zero coefficient before
+    its gradient walk and leaves those rows out of it. One host read per call either way (the count).
     """
-    cfg, batch, ops, chunk, targets, shard = (
+    cfg, batch, ops, chunk, targets, shard, pad = (
         plan.cfg,
         plan.batch,
         plan.ops,
         plan.chunk,
         plan.targets,
         plan.shard,
+        plan.pad,
     )
-    n, temperature = hidden.shape[0], cfg.temperature
-    grads = _Grads.allocate(hidden, weight, bias, needs)
+    n, temperature, cap = hidden.shape[0], cfg.temperature, cfg.logit_softcap
     if not needs_whole_sequences(cfg):
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty_like(logp)
-        for s, e in _chunks(n, chunk):
-            h, c = hidden[s:e], e - s
-            logits = _logits(h, weight, bias, plan.pad)
-            factor = _soft_cap_(logits, cfg.logit_softcap)
-            t = _padded(targets[s:e], logits.shape[0])
-            coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
-            if shard is None:
-                _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
-            else:  # the statistics of every shard first, then the same coefficients and dlogits
-                lse, lp, ent = _stats(ops, logits, t, temperature, shard)
-                g, ec = coefs(lp, ent)
-                dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
-            logp[s:e], entropy[s:e] = lp[:c], ent[:c]
-            grads.accumulate(_uncap_(dl, factor)[:c], h, weight, s, e)
+        split = zero_split(zero_gradient_rows(batch, cfg))
+        if split is None:
+            grads = _Grads.allocate(hidden, weight, bias, needs, block=pad)
+            logp, entropy = _one_walk(hidden, weight, bias, targets, batch, plan, grads)
+        else:
+            live, dead = split
+            grads = _Grads.allocate(hidden, weight, bias, needs, rows=live, block=pad)
+            logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            entropy = torch.empty_like(logp)
+            if live.numel():
+                lp, ent = _one_walk(
+                    hidden.index_select(0, live), weight, bias, targets.index_select(0, live),
+                    batch.select(live), plan, grads,
+                )  # fmt: skip
+                logp.index_copy_(0, live, lp)
+                entropy.index_copy_(0, live, ent)
+            # Statistics only (loss value, metrics): the same GEMM tiles, no dlogits, no gradient GEMMs.
+            _, lp, ent = logprob_pass(
+                hidden.index_select(0, dead), weight, bias, targets.index_select(0, dead), temperature, ops,
+                chunk, shard, pad, softcap=cap,
+            )  # fmt: skip
+            logp.index_copy_(0, dead, lp)
+            entropy.index_copy_(0, dead, ent)
     else:
-        pad = plan.pad
-        cap = cfg.logit_softcap
         lse, logp, entropy = logprob_pass(
             hidden, weight, bias, targets, temperature, ops, chunk, shard, pad, softcap=cap
         )
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         coefs = coefficients(logp, entropy, batch, cfg)
-        grad_pass(
-            hidden,
-            weight,
-            bias,
-            targets,
-            (lse, entropy),
-            coefs,
-            temperature,
-            ops,
-            chunk,
-            grads,
-            pad,
-            softcap=cap,
+        grads = nonzero_grad_pass(
+            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs, pad, cap
         )
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     return loss, metrics, grads.final(weight, bias, shard)
+
+
+def _one_walk(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    batch: TokenBatch,
+    plan: LossPlan,
+    grads: _Grads,
+) -> tuple[Tensor, Tensor]:
+    """The token-local objective's single walk over ``hidden``'s rows (``batch`` their tokens): statistics,
+    coefficients, dlogits and the gradient GEMMs per tile. Returns (logp, entropy)."""
+    cfg, ops, shard, temperature = plan.cfg, plan.ops, plan.shard, plan.cfg.temperature
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(logp)
+    for s, e in _chunks(n, plan.chunk):
+        h, c = hidden[s:e], e - s
+        logits = _logits(h, weight, bias, plan.pad)
+        factor = _soft_cap_(logits, cfg.logit_softcap)
+        t = _padded(targets[s:e], logits.shape[0])
+        coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
+        if shard is None:
+            _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
+        else:  # the statistics of every shard first, then the same coefficients and dlogits
+            lse, lp, ent = _stats(ops, logits, t, temperature, shard)
+            g, ec = coefs(lp, ent)
+            dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
+        logp[s:e], entropy[s:e] = lp[:c], ent[:c]
+        grads.accumulate(_uncap_(dl, factor), h, weight, s, e)
+    return logp, entropy
 
 
 def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coefficients:
@@ -379,10 +503,10 @@ def logprob_grads(
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients to (hidden, weight, bias) of ``sum(grad_logp * logp)``: one more pass over the tiles,
-    from the row logsumexps the forward pass kept (None where ``needs`` says no)."""
-    grads = _Grads.allocate(hidden, weight, bias, needs)
+    from the row logsumexps the forward pass kept (None where ``needs`` says no); rows whose ``grad_logp``
+    is 0 are left out of it."""
     coefs = (grad_logp.float(), None)  # the entropy output carries no gradient
-    grad_pass(
+    grads = nonzero_grad_pass(
         hidden,
         weight,
         bias,
@@ -392,8 +516,8 @@ def logprob_grads(
         plan.temperature,
         plan.ops,
         plan.chunk,
-        grads,
+        needs,
         plan.pad,
-        softcap=plan.softcap,
+        plan.softcap,
     )
     return grads.final(weight, bias, plan.shard)
