@@ -43,3 +43,14 @@ def group_advantages(
     # device has it): fp32 loses the differences between large rewards, as the compiled kernels do not.
     wide = torch.float64 if rewards2d.device.type in ("cpu", "cuda") else torch.float32
     return reference.group_advantages(rewards2d, group_size, scale, float(eps), weights, compute_dtype=wide)
+
+
+def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool: the groups of ``rewards`` (``[B*G]`` totals, NaN: not scored) whose scored rewards are all
+    exactly equal (or that have none): the groups whose advantages are exactly 0. An fp32 std of equal
+    rewards is rounding noise (8 x 0.7 gives ~6e-8), so no tolerance on a std can say this."""
+    grouped = rewards.reshape(-1, group_size)
+    nan = torch.isnan(grouped)
+    high = torch.where(nan, float("-inf"), grouped).amax(1)
+    low = torch.where(nan, float("inf"), grouped).amin(1)
+    return (high == low) | nan.all(1)
