@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,53 @@ def test_equal_rewards_are_exactly_zero_advantage_groups():
     assert equal_reward_groups(rewards, 8).tolist() == [True, False, True]
     adv = gf.group_advantages(rewards, 8)
     assert (adv[:8] == 0).all() and (adv[16:] == 0).all() and (adv[8:16] != 0).any()
+
+
+# ----- several processes: a rank that skips everything ---------------------------------------------------
+def _rank_worker(rank: int, world: int, init_file: str, root: str) -> None:
+    import torch.distributed as dist
+
+    from .test_distributed_trainer import RowSeededTrainer, config
+
+    class RankSkips(HalfEqualTrainer, RowSeededTrainer):
+        """Rows 4-7 of each step (all of rank 1's) form a group of equal rewards."""
+
+        def build_batch(self):
+            batch = super().build_batch()
+            self.all_skipped = getattr(self, "all_skipped", []) + [bool(batch.skipped.all())]
+            return batch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for parallelism in ("ddp", "fsdp"):
+            trainer = RankSkips(config(Path(root) / parallelism, parallelism=parallelism, **RANK_CASE))
+            trainer.train()
+            assert trainer.all_skipped == [rank == 1] * 2, (rank, trainer.all_skipped)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+RANK_CASE = dict(loss_type="grpo", beta=0.0, num_iterations=2)
+
+
+@pytest.mark.slow  # two gloo processes, DDP then FSDP2, and a 1-process reference: ~30-70 s here
+def test_a_rank_that_skips_everything_takes_part_in_every_collective(tmp_path):
+    import os
+
+    import torch.multiprocessing as mp
+
+    from .test_distributed_trainer import RowSeededTrainer, _assert_rows_close, _final_weights, config
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "two")), nprocs=2, join=True)
+    single = type("S", (HalfEqualTrainer, RowSeededTrainer), {})(config(tmp_path / "one", **RANK_CASE))
+    single.train()
+    want = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["skipped_completions"] for r in want] == [0.5, 0.5]
+    for parallelism in ("ddp", "fsdp"):
+        _assert_rows_close(read_metrics(tmp_path / "two" / parallelism / "metrics.jsonl"), want, parallelism)
+        got, ref = _final_weights(tmp_path / "two" / parallelism), _final_weights(tmp_path / "one")
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=2e-5, msg=f"{parallelism}: {key}")

@@ -161,9 +161,7 @@ class RolloutMixin:
         if cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~out.truncated).unsqueeze(1).long()
         micro = [index.to(self.device) for index in layout.local_micro()]
-        skipped = self._zero_gradient_completions(advantages)
-        trained = micro if skipped is None else [index[~skipped[index]] for index in micro]
-        chunks = self._chunks(out, trained)
+        skipped, chunks = self.plan_passes(out, micro, advantages)
         # Later iterations see a moved policy; the first one's ratio is exactly 1, as in TRL.
         passes = [c for cs in chunks for c in cs]
         old = self._rows_logprobs(self.model, out, passes) if cfg.num_iterations > 1 else None
@@ -177,6 +175,15 @@ class RolloutMixin:
         return StepBatch(
             rows, out, prompts, layout, rewards, advantages, loss_mask, micro, chunks, old, ref, skipped
         )
+
+    def plan_passes(
+        self, out: Rollout, micro: list[Tensor], advantages: Tensor
+    ) -> tuple[Tensor | None, list[list[Tensor]]]:
+        """(the completions skip_zero_advantage leaves out or None, each micro-batch's forward passes over
+        the rest)."""
+        skipped = self._zero_gradient_completions(advantages)
+        trained = micro if skipped is None else [index[~skipped[index]] for index in micro]
+        return skipped, self._chunks(out, trained)
 
     def _zero_gradient_completions(self, advantages: Tensor) -> Tensor | None:
         """skip_zero_advantage: [n] bool, this rank's completions whose every token's gradient is exactly 0
