@@ -2,11 +2,14 @@
 # The GPU session's one command: carried wheels, the build, then the phases of the GPU record.
 #
 #   benchmarks/run_gpu.sh [--cpu-dry-run] [PHASE ...]
-#       PHASE: preamble truth tests table longctx trainstep report (default: all seven, in that order);
+#       PHASE: preamble truth tests table longctx trainstep skipzero report (default: all eight, in order);
 #              vocab_parallel (the NCCL overhead of the vocab-parallel path) only when named.
 #       trainstep: benchmarks/bench_longctx.py, one GRPO training step of TRL, FastGRPOTrainer and the thin
 #              trainer (padded, padding-free, token budget) at growing completion lengths, into
-#              longctx-gpu-<date>.json and .png (issue 16); it gets the time the phases before it left.
+#              longctx-gpu-<date>.json and .png; it gets the time the phases before it left.
+#       skipzero: benchmarks/bench_skip_zero.py, grpo_loss alone and a loss step of FastGRPOTrainer and the
+#              thin trainer with 0/25/50/75% of the completions at advantage 0, skip off and on, into
+#              skip-zero-gpu-<date>.json and .png.
 #
 # Results: $OUT/<device>-<date>.json (benchmarks/results/ when OUT is unset), rewritten after every
 # measurement, so a run that is killed still returns what it measured; tests.log and bench.log next to it;
@@ -39,7 +42,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth tests table longctx trainstep report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth tests table longctx trainstep skipzero report)
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the phases cd around
 status=0
@@ -118,6 +121,19 @@ for phase in "${PHASES[@]}"; do
                 --time-limit $(( $(left) > 90 ? $(left) - 60 : 20 )) --out "$LC_OUT" 2>&1 | tee -a "$LOGDIR/bench.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
             ;;
+        skipzero)
+            if [ $DRY -eq 1 ]; then
+                SZ_OUT="$LOGDIR/skip-zero-cpu-dry.json"
+                SZ_ARGS=(--dry-run)
+            else
+                SZ_OUT="$LOGDIR/skip-zero-gpu-$(date +%Y%m%d).json"
+                SZ_ARGS=(--device cuda --bf16 --loss-shape 16384 4096 151936 64 --tokens 2048 --iters 3)
+            fi
+            (cd benchmarks && timeout $(( $(left) > 60 ? $(left) - 20 : 30 )) "$PY" bench_skip_zero.py "${SZ_ARGS[@]}" \
+                --time-limit $(( $(left) > 90 ? $(left) - 60 : 20 )) --out "$(cd .. && realpath -m "$SZ_OUT")") \
+                2>&1 | tee -a "$LOGDIR/bench.log"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            ;;
         vocab_parallel)
             if [ $DRY -eq 1 ]; then
                 echo "vocab_parallel needs CUDA and NCCL: not in the dry run"
@@ -128,13 +144,14 @@ for phase in "${PHASES[@]}"; do
                 2>&1 | tee -a "$LOGDIR/bench.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
             ;;
-        *) echo "unknown phase $phase (preamble, truth, tests, table, longctx, trainstep, report, vocab_parallel)"; status=1 ;;
+        *) echo "unknown phase $phase (preamble, truth, tests, table, longctx, trainstep, skipzero, report, vocab_parallel)"; status=1 ;;
     esac
 done
 
 if [ $DRY -eq 0 ] && [ "$(dirname "$RESULTS")" != benchmarks/results ]; then
     for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md" "${RESULTS%.json}-vocab-parallel.json" \
-             "$LOGDIR"/longctx-gpu-*.json "$LOGDIR"/longctx-gpu-*.png; do
+             "$LOGDIR"/longctx-gpu-*.json "$LOGDIR"/longctx-gpu-*.png \
+             "$LOGDIR"/skip-zero-gpu-*.json "$LOGDIR"/skip-zero-gpu-*.png; do
         [ -f "$f" ] && cp "$f" benchmarks/results/
     done
 fi
