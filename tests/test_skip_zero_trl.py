@@ -138,16 +138,16 @@ def binary(completions, **kwargs):
     return [float(len(c) % 2) for c in completions]
 
 
-def train(cls, path: str, out, **fast_options) -> list[dict]:
+def train(cls, path: str, out, reward=binary, batch: int = 8, **fast_options) -> list[dict]:
     args = GRPOConfig(
         output_dir=str(out), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, max_steps=2,
-        per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=2, num_generations=4,
         max_completion_length=4, logging_steps=1, seed=0, bf16=False, learning_rate=1e-2, beta=0.0,
         num_iterations=2, gradient_checkpointing=False,
     )  # fmt: skip
     trainer = cls(
         model=AutoModelForCausalLM.from_pretrained(path),
-        reward_funcs=[binary],
+        reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_list(demo.make_rows(16, seed=1)),
         processing_class=AutoTokenizer.from_pretrained(path),
@@ -168,3 +168,36 @@ def test_training_run_matches_trl(model_dir, tmp_path):  # noqa: F811
         for key in {"loss", "grad_norm", "reward", "frac_reward_zero_std"} & w.keys():
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
     assert got[0]["skipped_completions"] == got[0]["frac_reward_zero_std"] > 0
+
+
+# ----- two processes: one skips everything ---------------------------------------------------------------
+def equal_on_rank_1(completions, **kwargs):
+    """Rank 1's completions (two whole groups: TRL gives each process whole prompts) all score 1."""
+    import torch.distributed as dist
+
+    return [1.0] * len(completions) if dist.get_rank() == 1 else binary(completions)
+
+
+def _rank_worker(rank: int, init_file: str, path: str, out: str) -> None:
+    from .test_trl_distributed import WORLD, _join
+
+    _join(rank, init_file)
+    try:
+        kw = dict(reward=equal_on_rank_1, batch=4)
+        want = train(GRPOTrainer, path, f"{out}/trl", **kw)
+        got = train(FastGRPOTrainer, path, f"{out}/fast", grpo_fast_skip_zero_advantage=True, **kw)
+        assert len(want) == len(got) == 2
+        for w, g in zip(want, got, strict=True):
+            for key in {"loss", "grad_norm", "reward", "frac_reward_zero_std"} & w.keys():
+                assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (rank, key)
+        assert all(g["skipped_completions"] >= 1 / WORLD for g in got)  # rank 1's half, at least
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def test_a_process_that_skips_everything_matches_trl(tmp_path):
+    from .test_trl_distributed import spawn_with_model
+
+    spawn_with_model(_rank_worker, tmp_path)
