@@ -127,6 +127,7 @@ def loss_alone(args, backend: str) -> list[dict]:
                 skip=skip,
                 step_s=statistics.median(times[(frac, skip)]),
                 step_s_min=min(times[(frac, skip)]),
+                cpu_s=statistics.median(cpu_times[(frac, skip)]),
                 grad_rel_l2_vs_skip_off=rel,
             )  # fmt: skip
         )
@@ -134,10 +135,11 @@ def loss_alone(args, backend: str) -> list[dict]:
 
 
 # ----- a loss step of the trainers ---------------------------------------------------------------------
-def _trainer_step(impl: str, args, tokens: int, queue) -> None:
-    """Time FastGRPOTrainer's or the thin trainer's loss step, in this process."""
+def _trainer_step(args, tokens: int, queue) -> None:
+    """Time FastGRPOTrainer's or the thin trainer's (``args.step_impl``) loss step, in this process."""
     import torch
 
+    impl = args.step_impl
     torch.set_num_threads(args.threads) if args.threads else None
     step = (bench_longctx._trl_step if impl == "fast" else bench_longctx._thin_step)(
         impl, args, tokens, args.device
@@ -189,10 +191,11 @@ def trainer_rows(args, record: dict, out: Path | None) -> None:
                     if args.time_limit is not None and time.monotonic() - start > args.time_limit:
                         print(f"time limit: {model} {impl} {frac} skip={skip} not run", flush=True)
                         continue
-                    one = argparse.Namespace(**{**vars(case_args), "zero_frac": frac, "skip_zero": skip})
-                    target = lambda a, t, q, impl=impl: _trainer_step(impl, a, t, q)  # noqa: E731
+                    one = argparse.Namespace(
+                        **{**vars(case_args), "zero_frac": frac, "skip_zero": skip, "step_impl": impl}
+                    )
                     row = dict(case="loss_step", model=model, impl=impl, zero_frac=frac, skip=skip, **shape)
-                    row.update(_run(target, one, args.tokens, args.dry_run))
+                    row.update(_run(_trainer_step, one, args.tokens, args.dry_run))
                     row.update(completions=args.completions, completion_tokens=args.tokens)
                     record["rows"].append(row)
                     print(json.dumps(row), flush=True)
@@ -211,7 +214,7 @@ def _run(target, args, tokens: int, dry_run: bool) -> dict:
         queue = stdlib_queue.Queue()
         target(args, tokens, queue)
         return queue.get()
-    ctx = mp.get_context("fork")  # the lambdas: fork, before torch has threads of its own here
+    ctx = mp.get_context("spawn")  # not fork: this process's OpenMP threads do not survive a fork
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(args, tokens, queue))
     proc.start()
