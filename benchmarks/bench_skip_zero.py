@@ -135,23 +135,42 @@ def loss_alone(args, backend: str) -> list[dict]:
 
 
 # ----- a loss step of the trainers ---------------------------------------------------------------------
-def _trainer_step(args, tokens: int, queue) -> None:
-    """Time FastGRPOTrainer's or the thin trainer's (``args.step_impl``) loss step, in this process."""
+def _trainer_pair(args, tokens: int, queue) -> None:
+    """FastGRPOTrainer's or the thin trainer's (``args.step_impl``) loss step with the skip off and on, in
+    this process, timed alternately: a busy machine slows both alike, and each pair gives one ratio."""
     import torch
 
-    impl = args.step_impl
     torch.set_num_threads(args.threads) if args.threads else None
-    step = (bench_longctx._trl_step if impl == "fast" else bench_longctx._thin_step)(
-        impl, args, tokens, args.device
-    )
-    times, cpu_times = [], []
-    step()  # warm-up
+    build = bench_longctx._trl_step if args.step_impl == "fast" else bench_longctx._thin_step
+    steps = {
+        skip: build(
+            args.step_impl, argparse.Namespace(**{**vars(args), "skip_zero": skip}), tokens, args.device
+        )
+        for skip in (False, True)
+    }
+    times: dict = {False: [], True: []}
+    cpu_times: dict = {False: [], True: []}
+    for step in steps.values():
+        step()  # warm-up
     for _ in range(args.iters):
-        start, cpu = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu)
-    queue.put(dict(step_s=statistics.median(times), step_s_all=times, cpu_s=statistics.median(cpu_times)))
+        for skip, step in steps.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            step()
+            times[skip].append(time.perf_counter() - start)
+            cpu_times[skip].append(time.process_time() - cpu)
+    ratios = [on / off for on, off in zip(times[True], times[False], strict=True)]
+    queue.put(
+        {
+            skip: dict(
+                step_s=statistics.median(times[skip]),
+                step_s_min=min(times[skip]),
+                step_s_all=times[skip],
+                cpu_s=statistics.median(cpu_times[skip]),
+                on_over_off=statistics.median(ratios),
+            )  # fmt: skip
+            for skip in (False, True)
+        }
+    )
 
 
 def _grads_case(args, tokens: int, queue) -> None:
@@ -187,19 +206,18 @@ def trainer_rows(args, record: dict, out: Path | None) -> None:
             case_args.vocab, case_args.hidden, case_args.layers = 512, 32, 2
         for frac in args.fracs:
             for impl in ("fast", "thin"):
+                if args.time_limit is not None and time.monotonic() - start > args.time_limit:
+                    print(f"time limit: {model} {impl} {frac} not run", flush=True)
+                    continue
+                one = argparse.Namespace(**{**vars(case_args), "zero_frac": frac, "step_impl": impl})
+                pair = _run(_trainer_pair, one, args.tokens, args.dry_run)
                 for skip in (False, True):
-                    if args.time_limit is not None and time.monotonic() - start > args.time_limit:
-                        print(f"time limit: {model} {impl} {frac} skip={skip} not run", flush=True)
-                        continue
-                    one = argparse.Namespace(
-                        **{**vars(case_args), "zero_frac": frac, "skip_zero": skip, "step_impl": impl}
-                    )
                     row = dict(case="loss_step", model=model, impl=impl, zero_frac=frac, skip=skip, **shape)
-                    row.update(_run(_trainer_step, one, args.tokens, args.dry_run))
+                    row.update(pair.get(skip, pair))
                     row.update(completions=args.completions, completion_tokens=args.tokens)
                     record["rows"].append(row)
                     print(json.dumps(row), flush=True)
-                    _write(record, out, plot_loss)
+                _write(record, out, plot_loss)
         one = argparse.Namespace(**{**vars(case_args), "zero_frac": 0.5})
         row = dict(case="grads", model=model, impl="fast", zero_frac=0.5, **shape)
         row.update(_run(_grads_case, one, args.tokens, args.dry_run))
