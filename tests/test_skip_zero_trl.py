@@ -201,3 +201,34 @@ def test_a_process_that_skips_everything_matches_trl(tmp_path):
     from .test_trl_distributed import spawn_with_model
 
     spawn_with_model(_rank_worker, tmp_path)
+
+
+def test_resume_mid_run_with_skipping(model_dir, tmp_path):  # noqa: F811
+    """A run saved after step 2 and resumed logs steps 3 and 4 as the straight run does (each generation
+    batch serves two steps: num_iterations=2, so a checkpoint between them would regenerate in TRL too)."""
+
+    def run(out, **extra) -> tuple[FastGRPOTrainer, list[dict]]:
+        args = GRPOConfig(
+            output_dir=str(out), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=4, save_steps=2,
+            per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
+            max_completion_length=4, logging_steps=1, seed=0, bf16=False, learning_rate=1e-2, beta=0.0,
+            num_iterations=2, gradient_checkpointing=False,
+        )  # fmt: skip
+        trainer = FastGRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_dir),
+            reward_funcs=[binary],
+            args=args,
+            train_dataset=Dataset.from_list(demo.make_rows(16, seed=1)),
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            grpo_fast_skip_zero_advantage=True,
+        )
+        trainer.train(**extra)
+        return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+    _, straight = run(tmp_path / "straight")
+    checkpoint = str(tmp_path / "straight" / "checkpoint-2")
+    _, resumed = run(tmp_path / "straight", resume_from_checkpoint=checkpoint)
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [1, 2, 3, 4]
+    for got, want in zip(resumed[2:], straight[2:], strict=True):
+        for key in ("loss", "grad_norm", "skipped_completions"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
