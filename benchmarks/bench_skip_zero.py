@@ -59,7 +59,42 @@ def _header(args, what: str) -> dict:
     )  # fmt: skip
 
 
+def summarize(record: dict) -> dict:
+    """The headline ratios of a record (skip on over skip off, or over the 0% step)."""
+    rows = record["rows"]
+    out: dict = {}
+    if "steps" in record:  # the demo record
+        for skip in (False, True):
+            runs = [r for r in rows if r["skip"] == skip]
+            if runs:
+                last = [statistics.mean(r["curve"]["reward_mean"][-50:]) for r in runs]
+                out[f"skip_{'on' if skip else 'off'}"] = dict(
+                    seeds=len(runs), wall_s_total=sum(r["wall_s"] for r in runs),
+                    reward_last50_mean=statistics.mean(last),
+                    reward_last50_sd=statistics.stdev(last) if len(last) > 1 else 0.0,
+                    frac_reward_zero_std_last50=statistics.mean(
+                        statistics.mean(r["curve"]["frac_reward_zero_std"][-50:]) for r in runs
+                    ),
+                )  # fmt: skip
+        if len(out) == 2:
+            out["wall_on_over_off"] = out["skip_on"]["wall_s_total"] / out["skip_off"]["wall_s_total"]
+        return out
+    time_of = {
+        (r["case"], r.get("backend") or f"{r['model']}/{r['impl']}", r["zero_frac"], r["skip"]): r["step_s"]
+        for r in rows
+        if r["case"] in ("grpo_loss", "loss_step") and r.get("step_s")
+    }
+    for (case, what, frac, skip), t in time_of.items():
+        if not skip or frac == 0.0:
+            continue
+        off, none = time_of.get((case, what, frac, False)), time_of.get((case, what, 0.0, False))
+        key = f"{case}/{what}/{int(100 * frac)}%"
+        out[key] = dict(on_over_off=t / off if off else None, on_over_0pct=t / none if none else None)
+    return out
+
+
 def _write(record: dict, out: Path | None, plot) -> None:
+    record["summary"] = summarize(record)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
@@ -252,14 +287,14 @@ def plot_loss(record: dict, path: Path) -> None:
     for ax, (model, impl) in zip(axes, panels, strict=False):
         for skip, style in ((False, "o--"), (True, "s-")):
             rows = [r for r in steps if r["model"] == model and r["impl"] == impl and r["skip"] == skip]
-            ax.plot([100 * r["zero_frac"] for r in rows], [r["step_s"] for r in rows], style,
-                    label=f"skip {'on' if skip else 'off'}")  # fmt: skip
+            label = "skip on" if skip else "skip off (the loss still skips rows' backward)"
+            ax.plot([100 * r["zero_frac"] for r in rows], [r["step_s"] for r in rows], style, label=label)
         ax.set_title(f"{'FastGRPOTrainer' if impl == 'fast' else 'thin trainer'}\n{model}", fontsize=9)
         ax.set_xlabel("completions at advantage 0 (%)")
         ax.set_ylabel("loss step (s)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     ax = axes[-1]
     loss = [r for r in record["rows"] if r["case"] == "grpo_loss"]
     labels = [f"{r['backend']}\n{int(100 * r['zero_frac'])}% {'on' if r['skip'] else 'off'}" for r in loss]
@@ -273,7 +308,7 @@ def plot_loss(record: dict, path: Path) -> None:
         "grpo_loss fwd+bwd (N={}, H={}, V={})".format(*record.get("loss_shape", [0, 0, 0])[:3]), fontsize=9
     )
     ax.set_ylabel("s")
-    fig.suptitle(f"skip zero-gradient work: {record['device']}, {record['date']}", fontsize=10)
+    fig.suptitle(f"skip zero-gradient work, CPU figures: {record['device']}, {record['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -346,7 +381,9 @@ def plot_demo(record: dict, path: Path) -> None:
     ax_t.set_xticks([i + 0.2 for i in range(len(seeds))], [f"seed {s}" for s in seeds])
     ax_t.set_ylabel("whole run (s)")
     ax_t.legend(fontsize=8)
-    fig.suptitle(f"demo, thin trainer, beta 0, {record['steps']} steps: {record['device']}", fontsize=10)
+    fig.suptitle(
+        f"demo, thin trainer, beta 0, {record['steps']} steps, CPU figures: {record['device']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
