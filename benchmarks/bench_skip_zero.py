@@ -97,7 +97,9 @@ def _write(record: dict, out: Path | None, plot) -> None:
     record["summary"] = summarize(record)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
+        head = json.dumps({k: v for k, v in record.items() if k != "rows"}, indent=1)[:-2]
+        rows = ",\n  ".join(json.dumps(r) for r in record["rows"])  # one line per row (the curves are long)
+        out.write_text(f'{head},\n "rows": [\n  {rows}\n ]\n}}\n')
         plot(record, out.with_suffix(".png"))
 
 
