@@ -51,7 +51,7 @@ from gpu_longctx import run_longctx
 
 from grpo_fast.benchmarking import baselines as bench_baselines
 from grpo_fast.benchmarking import harness as bench
-from grpo_fast.engine import chunk_loop
+from grpo_fast.engine import gradients
 
 ROOT = Path(__file__).resolve().parent
 SHAPES = [(8192, 4096, 151936), (16384, 4096, 128256), (4096, 2048, 151936), (32768, 3584, 152064)]
@@ -185,8 +185,8 @@ def measure_row(
     row["seconds"] = round(time.monotonic() - t0, 1)
     fp32_out = None
     if impl.startswith("grpo_fast") and rows and case.device.startswith("cuda") and case.dtype != "float32":
-        # After the run: chunk_loop turns the flag off the first time the fp32-output GEMM fails.
-        fp32_out = row["fp32_out_gemm"] = bool(chunk_loop.FP32_OUT_GEMM["cuda"])
+        # After the run: the dW accumulator turns the flag off the first time the fp32-output GEMM fails.
+        fp32_out = row["fp32_out_gemm"] = bool(gradients.FP32_OUT_GEMM["cuda"])
     if pre:
         terms = gpu_model.predict(impl, case.N, case.H, case.V, case.dtype, rows, pre, fp32_out)
         row["model"] = terms

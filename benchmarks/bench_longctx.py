@@ -78,6 +78,7 @@ def _batch(args, tokens: int, device: str) -> dict:
         completion_mask=(torch.arange(tokens) < lengths.unsqueeze(1)).long(),
         advantages=torch.randn(B, generator=g),
     )
+    batch["advantages"][: round(getattr(args, "zero_frac", 0.0) * B)] = 0.0  # groups of equal rewards
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -88,6 +89,8 @@ def _trl_step(impl: str, args, tokens: int, device: str):
 
     cls = GRPOTrainer if impl == "trl" else FastGRPOTrainer
     extra = {"grpo_fast_padding_free": True} if impl == "fast-padding-free" else {}
+    if impl != "trl" and getattr(args, "skip_zero", False):
+        extra["grpo_fast_skip_zero_advantage"] = True
     inputs = _batch(args, tokens, device)
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum().float()
     return trl_loss_step(cls, _model(args, tokens, device), inputs, tokens, device, args.bf16, **extra)
@@ -120,6 +123,7 @@ def _thin_step(impl: str, args, tokens: int, device: str):
                 save_every=0,
                 print_completions_every=0,
                 num_threads=torch.get_num_threads(),
+                skip_zero_advantage=getattr(args, "skip_zero", False),
             )  # fmt: skip
         )
         trainer = Trainer(cfg, model=_model(args, tokens, device), tokenizer=tokenizer)
@@ -132,9 +136,10 @@ def _thin_step(impl: str, args, tokens: int, device: str):
     )  # fmt: skip
     layout = Layout.build(n, 1, 1, 0)
     micro = [index.to(device) for index in layout.local_micro()]
+    skipped, chunks = trainer.plan_passes(rows, micro, b["advantages"])
     batch = StepBatch(
-        [], rows, [], layout, torch.zeros(n, 1), b["advantages"], b["completion_mask"], micro,
-        trainer._chunks(rows, micro), None, None,
+        [], rows, [], layout, torch.zeros(n, 1), b["advantages"], b["completion_mask"], micro, chunks,
+        None, None, skipped,
     )  # fmt: skip
 
     def step() -> None:
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--time-limit", type=float, default=None, help="start no case after this many s")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (CI)")
+    parser.add_argument("--zero-frac", type=float, default=0.0, help="completions at advantage 0")
+    parser.add_argument("--skip-zero", action="store_true", help="skip_zero_advantage (fast and thin)")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--append",

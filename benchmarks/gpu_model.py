@@ -20,7 +20,7 @@ import torch
 
 from grpo_fast import backends
 from grpo_fast.benchmarking import harness as bench
-from grpo_fast.engine import chunk_loop
+from grpo_fast.engine import gradients
 from grpo_fast.engine.tile_size import auto_chunk_size
 
 LOGPROB_IMPLS = ("grpo_fast-triton-logprobs", "grpo_fast-triton-logprobs-fused")
@@ -86,9 +86,9 @@ def _copy_ms(mib: int, device: str, iters: int) -> float:
 
 
 def fp32_out_gemm(device: str, dtype: str, shape: tuple[int, int, int]) -> dict:
-    """Whether the dW accumulation's fp32-output GEMM runs here: chunk_loop's import-time probe, and a real
+    """Whether the dW accumulation's fp32-output GEMM runs here: gradients' import-time probe, and a real
     call at one tile's dW shape (the probe only asks whether the kernel is registered)."""
-    probe = chunk_loop.FP32_OUT_GEMM.get("cuda")
+    probe = gradients.FP32_OUT_GEMM.get("cuda")
     torch_dtype = bench.DTYPES[dtype]
     if not device.startswith("cuda") or torch_dtype.itemsize >= 4:
         return {"probe": probe, "ran": None, "note": "not used: fp32 tiles accumulate with addmm_"}

@@ -41,6 +41,7 @@ PHASE_MODULES: dict[str, tuple[str, ...]] = {
         "xxhash",
         "matplotlib",
     ),  # fmt: skip
+    "skipzero": ("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib"),
     "tests": ("pytest", "hypothesis", "triton"),
     "report": ("matplotlib",),
     "vocab_parallel": ("torch",),

@@ -10,6 +10,9 @@
 #         longctx    the largest N within 40 GB for grpo_fast triton and TRL
 #         trainstep  benchmarks/bench_longctx.py: one GRPO training step of TRL, FastGRPOTrainer and the
 #                    thin trainer at growing completion lengths, into longctx-gpu-<date>.json and .png
+#         skipzero   benchmarks/bench_skip_zero.py: grpo_loss alone and a loss step of FastGRPOTrainer and
+#                    the thin trainer with 0/25/50/75% of the completions at advantage 0, skip off and on,
+#                    into skip-zero-gpu-<date>.json and .png
 #         tests      the GPU tests, then the Triton tests natively, with the time that is left
 #         report     the Markdown table and the PNG chart from the record
 #       vocab_parallel (the NCCL overhead of the vocab-parallel path) runs only when named.
@@ -54,14 +57,14 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth table longctx trainstep tests report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth table longctx trainstep skipzero tests report)
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the phases cd around
 
 box() {  # a phase's time box in seconds: KIT_BOX_<phase>, or its default (x3 in the dry run)
     local var="KIT_BOX_$1" b
     case $1 in
-        preamble) b=30 ;; truth) b=60 ;; table) b=240 ;; longctx) b=45 ;; trainstep) b=60 ;;
+        preamble) b=30 ;; truth) b=60 ;; table) b=240 ;; longctx) b=45 ;; trainstep) b=60 ;; skipzero) b=60 ;;
         tests) b=100000 ;; report) b=20 ;; vocab_parallel) b=90 ;; *) b=60 ;;
     esac
     [ $DRY -eq 1 ] && [ "$1" != tests ] && b=$((b * 3))
@@ -168,6 +171,17 @@ for i in "${!PHASES[@]}"; do
             run_boxed trainstep "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/bench_longctx.py "${LC_ARGS[@]}" \
                 --time-limit $(( limit * 2 / 3 )) --out "$LC_OUT"
             ;;
+        skipzero)
+            if [ $DRY -eq 1 ]; then
+                SZ_OUT="$LOGDIR/skip-zero-cpu-dry.json"
+                SZ_ARGS=(--dry-run)
+            else
+                SZ_OUT="$LOGDIR/skip-zero-gpu-$(date +%Y%m%d).json"
+                SZ_ARGS=(--device cuda --bf16 --loss-shape 16384 4096 151936 64 --tokens 2048 --iters 3)
+            fi
+            run_boxed skipzero "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/bench_skip_zero.py "${SZ_ARGS[@]}" \
+                --time-limit $(( limit * 2 / 3 )) --out "$SZ_OUT"
+            ;;
         vocab_parallel)
             if [ $DRY -eq 1 ]; then
                 mark vocab_parallel skipped 0 "$limit" "needs CUDA and NCCL: not in the dry run"
@@ -177,7 +191,7 @@ for i in "${!PHASES[@]}"; do
                 --out "${RESULTS%.json}-vocab-parallel.json"
             ;;
         *)
-            echo "unknown phase $phase (preamble, truth, table, longctx, trainstep, tests, report, vocab_parallel)"
+            echo "unknown phase $phase (preamble, truth, table, longctx, trainstep, skipzero, tests, report, vocab_parallel)"
             failed=1
             ;;
     esac
@@ -185,7 +199,8 @@ done
 
 if [ $DRY -eq 0 ] && [ "$(dirname "$RESULTS")" != benchmarks/results ]; then
     for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md" "${RESULTS%.json}-vocab-parallel.json" \
-             "$LOGDIR"/longctx-gpu-*.json "$LOGDIR"/longctx-gpu-*.png; do
+             "$LOGDIR"/longctx-gpu-*.json "$LOGDIR"/longctx-gpu-*.png \
+             "$LOGDIR"/skip-zero-gpu-*.json "$LOGDIR"/skip-zero-gpu-*.png; do
         [ -f "$f" ] && cp "$f" benchmarks/results/
     done
 fi

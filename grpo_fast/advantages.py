@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from . import backends
@@ -31,3 +32,14 @@ def group_advantages(
     )
     name = backends.resolve(backend, rewards2d.device, "group_advantages")
     return backends.group_advantages_fn(name)(rewards2d, weights, group_size, scale, float(eps))
+
+
+def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool: the groups of ``rewards`` (``[B*G]`` totals, NaN: not scored) whose scored rewards are all
+    exactly equal (or that have none): the groups whose advantages are exactly 0. An fp32 std of equal
+    rewards is rounding noise (8 x 0.7 gives ~6e-8), so no tolerance on a std can say this."""
+    grouped = rewards.reshape(-1, group_size)
+    nan = torch.isnan(grouped)
+    high = torch.where(nan, float("-inf"), grouped).amax(1)
+    low = torch.where(nan, float("inf"), grouped).amin(1)
+    return (high == low) | nan.all(1)

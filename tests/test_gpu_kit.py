@@ -109,6 +109,13 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
     }  # fmt: skip
     assert all(r["step_s"] > 0 and "error" not in r for r in steps["rows"]), steps["rows"]
     assert (out / "longctx-cpu-dry.png").stat().st_size > 1000
+    # the zero-gradient skip's record: grpo_loss alone and both trainers' loss steps, skip off and on
+    skip = json.loads((out / "skip-zero-cpu-dry.json").read_text())
+    assert skip["dry_run"] is True and all("error" not in r for r in skip["rows"]), skip["rows"]
+    steps = {(r["impl"], r["zero_frac"], r["skip"]) for r in skip["rows"] if r["case"] == "loss_step"}
+    assert steps == {(i, f, s) for i in ("fast", "thin") for f in (0.0, 0.5) for s in (False, True)}
+    assert {(r["zero_frac"], r["skip"]) for r in skip["rows"] if r["case"] == "grpo_loss"} >= {(0.5, True)}
+    assert (out / "skip-zero-cpu-dry.png").stat().st_size > 1000
 
 
 def test_an_overrunning_phase_is_cut_and_recorded(tmp_path):

@@ -303,9 +303,9 @@ def test_tiles_are_balanced(monkeypatch, n, v, want):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_weight_gradient_accumulator_needs_no_zero_fill(monkeypatch, dtype):
     """The fp32 dW accumulator starts as garbage (here NaN) and the first chunk overwrites it (beta = 0)."""
-    from grpo_fast.engine import chunk_loop
+    from grpo_fast.engine import gradients
 
-    original = chunk_loop._Grads.allocate
+    original = gradients.Grads.allocate
 
     def poisoned(*args, **kwargs):
         grads = original(*args, **kwargs)
@@ -316,7 +316,7 @@ def test_weight_gradient_accumulator_needs_no_zero_fill(monkeypatch, dtype):
     batch = make_batch(seed=40, dtype=torch.float64)
     cfg = gf.GRPOConfig(beta=0.04)
     want = run_loss(cast(batch, dtype), cfg, gf.grpo_loss, backend="torch", chunk_size=7)
-    monkeypatch.setattr(chunk_loop._Grads, "allocate", staticmethod(poisoned))
+    monkeypatch.setattr(gradients.Grads, "allocate", staticmethod(poisoned))
     got = run_loss(cast(batch, dtype), cfg, gf.grpo_loss, backend="torch", chunk_size=7)
     assert torch.equal(got[0], want[0])
     assert got[2].keys() == want[2].keys() and "weight" in got[2]

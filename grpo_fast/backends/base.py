@@ -8,6 +8,7 @@ and knows nothing of GRPO (the per-token math is :mod:`grpo_fast.engine.objectiv
   logsumexp fp64, ``m + log s`` unrounded: rounded to fp32 at ``|lse| ~ |z|`` it would shift every ``p =
   exp(z - lse)`` of ``grad_`` by that rounding, log_softmax's ``exp((z - m) - log s)`` does not); the tile is
   kept;
+- ``stats_``: the same where the tile is not needed afterwards: it may be overwritten (no copy of it);
 - ``partial_stats``: for a vocabulary shard (vocab-parallel), the row max ``m``, ``s = sum exp(z - m)``,
   ``u = sum exp(z - m) * (z - m)`` and the target logit (0 where the target is not in this shard),
   stacked as fp32 ``[4, C]``; :mod:`grpo_fast.engine.parallel` combines them;
@@ -40,6 +41,10 @@ class ChunkOps(Protocol):
     fp32_temps: int
 
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def stats_(
+        self, logits: Tensor, targets: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor: ...
 

@@ -57,6 +57,11 @@ class NativeChunkOps:
         torch.ops.grpo_fast.chunk_stats(logits, targets.long().contiguous(), float(temperature), out)
         return out[0], out[1].float(), out[2].float()
 
+    def stats_(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        if logits.dtype not in KERNEL_DTYPES:
+            return self._fp64.stats_(logits, targets, temperature)
+        return self.stats(logits, targets, temperature)  # the kernel reads the tile in place anyway
+
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         if logits.dtype not in KERNEL_DTYPES:
             return self._fp64.partial_stats(logits, targets, temperature)

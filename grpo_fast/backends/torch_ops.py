@@ -78,6 +78,12 @@ class TorchChunkOps:
         logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
         return lse, logp, _entropy_(log_probs, probs)
 
+    def stats_(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        z = _scaled_fp32(logits, temperature, in_place=True)  # no [C, V] copy: the tile is not kept
+        lse, log_probs, probs = _log_softmax_(z)
+        logp = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        return lse, logp, _entropy_(log_probs, probs)
+
     def tile_pass_(
         self, logits: Tensor, targets: Tensor, temperature: float, coefficients: Coefficients
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -40,6 +40,9 @@ class TritonChunkOps:
     def stats(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         return _chunk_stats.chunk_stats(logits, targets.contiguous(), temperature)
 
+    def stats_(self, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        return self.stats(logits, targets, temperature)  # the kernel reads the tile in place anyway
+
     def partial_stats(self, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
         return _chunk_stats.chunk_partial_stats(logits, targets.contiguous(), temperature)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..backends.base import ChunkOps, Coefficients
 from ..config import GRPOConfig
+from .gradients import Grads
 from .objective import (
     TokenBatch,
     coefficients,
@@ -25,76 +26,22 @@ from .objective import (
     metric_names,
     needs_whole_sequences,
     with_entropy_mask,
+    zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
 
 
-def _has_fp32_out_gemm() -> bool:
-    """Whether this torch has addmm with an fp32 output for half inputs on CUDA (torch >= 2.8)."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", "CUDA")
-    except RuntimeError:  # no such operator in this torch
-        return False
-
-
-# Probed once, at import; set to False the first time the op fails at run time (then the fallback runs).
-FP32_OUT_GEMM = {"cuda": _has_fp32_out_gemm()}
-
-
-@dataclass
-class _Grads:
-    hidden: Tensor | None
-    weight: Tensor | None  # fp32 accumulator; garbage until the first chunk (no zero-fill)
-    bias: Tensor | None  # fp32 accumulator
-    started: bool = False  # whether a chunk has written the weight accumulator
-
-    @classmethod
-    def allocate(cls, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, ...]) -> _Grads:
-        acc = dict(dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
-        return cls(
-            hidden=torch.empty_like(hidden) if needs[0] else None,
-            weight=torch.empty(weight.shape, **acc) if needs[1] else None,
-            bias=torch.zeros(weight.shape[0], **acc) if (bias is not None and needs[2]) else None,
-        )
-
-    def _accumulate_weight(self, dlogits: Tensor, h_chunk: Tensor) -> None:
-        acc, a, b = self.weight, dlogits.t(), h_chunk
-        beta = 1.0 if self.started else 0.0  # the first chunk overwrites: no zero-fill beforehand
-        if dlogits.dtype == acc.dtype:
-            acc.addmm_(a, b, beta=beta)
-            return
-        if acc.device.type == "cuda" and FP32_OUT_GEMM["cuda"]:
-            # Half inputs, fp32 output accumulated by the GEMM itself (beta = 1): no half [V, H] temporary.
-            try:
-                torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=beta, out=acc)
-                return
-            except (RuntimeError, NotImplementedError):  # this build/GPU has no such kernel after all
-                FP32_OUT_GEMM["cuda"] = False
-        part = torch.mm(a, b)  # half-precision GEMM (fp32 accumulate inside), summed across chunks in fp32
-        if self.started:
-            acc.add_(part)
-        else:
-            acc.copy_(part)
-
-    def accumulate(self, dlogits: Tensor, h_chunk: Tensor, weight: Tensor, start: int, end: int) -> None:
-        if self.hidden is not None:
-            torch.mm(dlogits, weight, out=self.hidden[start:end])
-        if self.weight is not None:
-            self._accumulate_weight(dlogits, h_chunk)
-        if self.bias is not None:
-            self.bias.add_(dlogits.sum(0, dtype=self.bias.dtype))
-        self.started = True
-
-    def final(
-        self, weight: Tensor, bias: Tensor | None, shard: VocabShard | None
-    ) -> tuple[Tensor | None, ...]:
-        if shard is not None and self.hidden is not None:
-            shard.all_reduce_(self.hidden)  # each rank holds its vocab shard's part of dL/dh
-        if self.weight is not None and not self.started:  # no token at all: the gradient is 0
-            self.weight.zero_()
-        gw = self.weight.to(weight.dtype) if self.weight is not None else None
-        gb = self.bias.to(bias.dtype) if self.bias is not None else None
-        return self.hidden, gw, gb
+def zero_split(zero: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """(rows with a gradient, rows without), each in order, from ``zero`` ([n] bool, True: no gradient);
+    None when every row has one. One host read (the count), no boolean indexing."""
+    if zero is None:
+        return None
+    num_zero = int(zero.sum())
+    if num_zero == 0:
+        return None
+    order = torch.argsort(zero.to(torch.int8), stable=True)
+    live = zero.numel() - num_zero
+    return order[:live], order[live:]
 
 
 def _chunks(n: int, chunk: int):
@@ -151,11 +98,19 @@ def _padded(x: Tensor | None, rows: int) -> Tensor | None:
 
 
 def _stats(
-    ops: ChunkOps, logits: Tensor, targets: Tensor, temperature: float, shard: VocabShard | None
+    ops: ChunkOps,
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    shard: VocabShard | None,
+    keep_tile: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, logp, entropy) over the whole vocabulary, combining shards when the head is split."""
+    """(lse, logp, entropy) over the whole vocabulary, combining shards when the head is split;
+    ``keep_tile=False``: the tile may be overwritten."""
     if shard is None:
-        return ops.stats(logits, targets, temperature)
+        return (
+            ops.stats(logits, targets, temperature) if keep_tile else ops.stats_(logits, targets, temperature)
+        )
     return combine_stats(ops.partial_stats(logits, targets, temperature), shard)
 
 
@@ -178,7 +133,9 @@ def logprob_pass(
     for s, e in _chunks(n, chunk):
         logits = _logits(hidden[s:e], weight, bias, pad)
         _soft_cap_(logits, softcap)
-        stats = _stats(ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard)
+        stats = _stats(
+            ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
+        )
         lse[s:e] = stats[0][: e - s]
         out[0, s:e], out[1, s:e] = stats[1][: e - s], stats[2][: e - s]
         del logits  # freed before the next tile's GEMM: one tile alive, not two
@@ -195,7 +152,7 @@ def grad_pass(
     temperature: float,
     ops: ChunkOps,
     chunk: int,
-    grads: _Grads,
+    grads: Grads,
     pad: int | None = None,
     softcap: float | None = None,
 ) -> None:
@@ -218,8 +175,38 @@ def grad_pass(
             temperature,
             *ent,
         )
-        grads.accumulate(_uncap_(dl, factor)[: t - s], h, weight, s, t)
+        grads.accumulate(_uncap_(dl, factor), h, weight, s, t)
         del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
+
+
+def nonzero_grad_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    stats: tuple[Tensor, Tensor | None],
+    coefs: tuple[Tensor, Tensor | None],
+    temperature: float,
+    ops: ChunkOps,
+    chunk: int,
+    needs: tuple[bool, ...],
+    pad: int | None = None,
+    softcap: float | None = None,
+) -> Grads:
+    """:func:`grad_pass` over the rows whose coefficients are not both exactly 0, into new gradients (the
+    other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). One host read (the count)."""
+    g, e = coefs
+    zero = (g == 0) if e is None else (g == 0) & (e == 0)
+    split = zero_split(zero)
+    rows = None if split is None else split[0]
+    grads = Grads.allocate(hidden, weight, bias, needs, rows=rows, block=pad)
+    if rows is not None:
+        pick = lambda x: x.index_select(0, rows) if x is not None else None  # noqa: E731
+        hidden, targets = pick(hidden), pick(targets)
+        stats, coefs = (pick(stats[0]), pick(stats[1])), (pick(g), pick(e))
+    if hidden.shape[0]:
+        grad_pass(hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, grads, pad, softcap)
+    return grads
 
 
 @dataclass(frozen=True)
@@ -247,62 +234,93 @@ def run_grpo(
     Per tile: GEMM, row statistics (combined across vocab shards), the per-row coefficients of the
     objective, dlogits in place, the gradient GEMMs. A token-local objective does it in one walk over the
     tokens; one that couples the tokens of a sequence first walks them for the log-probs (no grad).
+
+    Rows whose coefficients are exactly 0 take no part in dlogits and the gradient GEMMs (their dL/dh is
+    0): a token-local objective knows them from the batch before the walk (:func:`zero_gradient_rows`)
+    and walks them for their statistics only; the two-walk objective knows every zero coefficient before
+    its gradient walk and leaves those rows out of it. One host read per call either way (the count).
     """
-    cfg, batch, ops, chunk, targets, shard = (
+    cfg, batch, ops, chunk, targets, shard, pad = (
         plan.cfg,
         plan.batch,
         plan.ops,
         plan.chunk,
         plan.targets,
         plan.shard,
+        plan.pad,
     )
-    n, temperature = hidden.shape[0], cfg.temperature
-    grads = _Grads.allocate(hidden, weight, bias, needs)
+    n, temperature, cap = hidden.shape[0], cfg.temperature, cfg.logit_softcap
     if not needs_whole_sequences(cfg):
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty_like(logp)
-        for s, e in _chunks(n, chunk):
-            h, c = hidden[s:e], e - s
-            logits = _logits(h, weight, bias, plan.pad)
-            factor = _soft_cap_(logits, cfg.logit_softcap)
-            t = _padded(targets[s:e], logits.shape[0])
-            coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
-            if shard is None:
-                _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
-            else:  # the statistics of every shard first, then the same coefficients and dlogits
-                lse, lp, ent = _stats(ops, logits, t, temperature, shard)
-                g, ec = coefs(lp, ent)
-                dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
-            logp[s:e], entropy[s:e] = lp[:c], ent[:c]
-            grads.accumulate(_uncap_(dl, factor)[:c], h, weight, s, e)
-            del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
+        split = zero_split(zero_gradient_rows(batch, cfg))
+        if split is None:
+            grads = Grads.allocate(hidden, weight, bias, needs, block=pad)
+            logp, entropy = _one_walk(hidden, weight, bias, targets, batch, plan, grads)
+        else:
+            live, dead = split
+            grads = Grads.allocate(hidden, weight, bias, needs, rows=live, block=pad)
+            logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            entropy = torch.empty_like(logp)
+            if live.numel():
+                lp, ent = _one_walk(
+                    hidden.index_select(0, live), weight, bias, targets.index_select(0, live),
+                    batch.select(live), plan, grads,
+                )  # fmt: skip
+                logp.index_copy_(0, live, lp)
+                entropy.index_copy_(0, live, ent)
+            # Statistics only (loss value, metrics): the same GEMM tiles, no dlogits, no gradient GEMMs.
+            _, lp, ent = logprob_pass(
+                hidden.index_select(0, dead), weight, bias, targets.index_select(0, dead), temperature, ops,
+                chunk, shard, pad, softcap=cap,
+            )  # fmt: skip
+            logp.index_copy_(0, dead, lp)
+            entropy.index_copy_(0, dead, ent)
     else:
-        pad = plan.pad
-        cap = cfg.logit_softcap
         lse, logp, entropy = logprob_pass(
             hidden, weight, bias, targets, temperature, ops, chunk, shard, pad, softcap=cap
         )
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         coefs = coefficients(logp, entropy, batch, cfg)
-        grad_pass(
-            hidden,
-            weight,
-            bias,
-            targets,
-            (lse, entropy),
-            coefs,
-            temperature,
-            ops,
-            chunk,
-            grads,
-            pad,
-            softcap=cap,
+        grads = nonzero_grad_pass(
+            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs, pad, cap
         )
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
     if plan.check_result is not None:  # after final()'s collective: every rank gets through it
         plan.check_result(logp, entropy)
     return loss, metrics, out
+
+
+def _one_walk(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    batch: TokenBatch,
+    plan: LossPlan,
+    grads: Grads,
+) -> tuple[Tensor, Tensor]:
+    """The token-local objective's single walk over ``hidden``'s rows (``batch`` their tokens): statistics,
+    coefficients, dlogits and the gradient GEMMs per tile. Returns (logp, entropy)."""
+    cfg, ops, shard, temperature = plan.cfg, plan.ops, plan.shard, plan.cfg.temperature
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(logp)
+    for s, e in _chunks(n, plan.chunk):
+        h, c = hidden[s:e], e - s
+        logits = _logits(h, weight, bias, plan.pad)
+        factor = _soft_cap_(logits, cfg.logit_softcap)
+        t = _padded(targets[s:e], logits.shape[0])
+        coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
+        if shard is None:
+            _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
+        else:  # the statistics of every shard first, then the same coefficients and dlogits
+            lse, lp, ent = _stats(ops, logits, t, temperature, shard)
+            g, ec = coefs(lp, ent)
+            dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
+        logp[s:e], entropy[s:e] = lp[:c], ent[:c]
+        grads.accumulate(_uncap_(dl, factor), h, weight, s, e)
+        del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
+    return logp, entropy
 
 
 def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coefficients:
@@ -396,13 +414,13 @@ def logprob_grads(
     """Gradients to (hidden, weight, bias) of ``sum(grad_logp * logp + grad_entropy * entropy)``: one more
     pass over the tiles, from the rows' (logsumexp, entropy) the forward pass kept (None where ``needs``
     says no). ``grad_out`` is (grad_logp, grad_entropy), flat ``[N]``, either None when it has no gradient;
-    without grad_entropy the tiles skip the entropy term (the grpo_loss entropy bonus's ``e``)."""
-    grads = _Grads.allocate(hidden, weight, bias, needs)
+    without grad_entropy the tiles skip the entropy term (the grpo_loss entropy bonus's ``e``). Rows whose
+    incoming gradients are both 0 are left out of the pass."""
     lse, entropy = stats
     grad_logp, grad_entropy = grad_out
-    g = grad_logp.float() if grad_logp is not None else torch.zeros_like(lse)
+    g = grad_logp.float() if grad_logp is not None else torch.zeros_like(entropy)
     e = grad_entropy.float() if grad_entropy is not None else None
-    grad_pass(
+    grads = nonzero_grad_pass(
         hidden,
         weight,
         bias,
@@ -412,8 +430,8 @@ def logprob_grads(
         plan.temperature,
         plan.ops,
         plan.chunk,
-        grads,
+        needs,
         plan.pad,
-        softcap=plan.softcap,
+        plan.softcap,
     )
     return grads.final(weight, bias, plan.shard)

@@ -58,6 +58,11 @@ class TokenBatch:
             self, **{k: v[start:end] for k in _TOKEN_LOCAL_FIELDS if (v := getattr(self, k)) is not None}
         )
 
+    def select(self, index: Tensor) -> TokenBatch:
+        """Tokens ``index`` (per-sequence fields kept whole), with the same validity as :meth:`rows`."""
+        present = {k: v for k in _TOKEN_LOCAL_FIELDS if (v := getattr(self, k)) is not None}
+        return replace(self, **{k: v.index_select(0, index) for k, v in present.items()})
+
 
 def needs_whole_sequences(cfg: GRPOConfig) -> bool:
     """True when a token's loss depends on the log-probs (or entropies) of other tokens: of its sequence
@@ -72,6 +77,36 @@ def needs_whole_sequences(cfg: GRPOConfig) -> bool:
         or cfg.off_policy_mask_threshold is not None
         or cfg.top_entropy_quantile < 1.0
     )
+
+
+def zero_advantage_blocker(cfg: GRPOConfig) -> str | None:
+    """Why a completion whose advantages are all 0 may still have a gradient under ``cfg``, or None when it
+    has none (then a trainer may leave it out of the policy's forward and backward altogether)."""
+    if cfg.beta != 0.0:
+        return "beta > 0: the KL term has a gradient at advantage 0"
+    if cfg.entropy_coef != 0.0:
+        return "an entropy bonus: it has a gradient at advantage 0"
+    if cfg.top_entropy_quantile < 1.0:
+        return "top_entropy_quantile < 1: the entropy quantile ranks every token, a skipped one's too"
+    return None
+
+
+def zero_gradient_rows(batch: TokenBatch, cfg: GRPOConfig) -> Tensor | None:
+    """[n] bool: the tokens whose ``g`` and ``e`` are exactly 0 whatever their log-prob and entropy, known
+    before any pass over the head; None when the config leaves none that way.
+
+    Every loss type's policy term is its advantage times factors that are finite (ratios are capped, VESPO's
+    phi is cleaned of NaN, the masks are 0/1), so a zero advantage zeroes it and its derivative; the KL
+    term (beta) and the entropy bonus do not vanish with the advantage. Sequence-level ratios couple the
+    tokens of a sequence: there a token needs its whole sequence at advantage 0 (per-token advantages).
+    """
+    if cfg.beta != 0.0 or cfg.entropy_coef != 0.0:
+        return None
+    zero = batch.adv == 0
+    if batch.token_adv and cfg.importance_sampling_level == "sequence":
+        live = segment_sum((~zero).float(), batch.seq_ids, batch.num_seqs)
+        zero = live[batch.seq_ids] == 0
+    return zero
 
 
 def with_entropy_mask(

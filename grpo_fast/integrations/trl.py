@@ -34,8 +34,10 @@ from trl import GRPOTrainer
 
 import grpo_fast as gf
 
+from ..advantages import equal_reward_groups
 from ..config import CLIPPED_LOSS_TYPES, LOSS_TYPES
-from ..engine.objective import averaged_over_sequences
+from ..engine.objective import averaged_over_sequences, zero_advantage_blocker
+from ..trainer.update import loss_share
 from .causal_lm import completion_states, head_inputs
 from .hf import add_hidden_forward, head_transform, unsupported_head
 from .packing import Packing, check_packable
@@ -107,6 +109,14 @@ class FastGRPOTrainer(GRPOTrainer):
     :mod:`grpo_fast.integrations.packing`), in the loss step and in the old/reference log-prob passes;
     the model needs an attention implementation that isolates packed sequences (sdpa, eager, flex, flash).
 
+    ``grpo_fast_skip_zero_advantage=True`` leaves completions whose gradient is exactly 0 (advantage 0 on
+    every completion token, with beta 0, no entropy bonus, top_entropy_quantile 1, no auxiliary loss) out of
+    the loss step's forward/backward and of the old log-prob pass; the loss normalizers still count them,
+    so loss and gradients are unchanged. The advantages then come from ``gf.group_advantages`` (TRL's
+    formula in fp64: a group of equal rewards gets exactly 0, not fp32 rounding noise), and
+    ``frac_reward_zero_std`` counts the groups whose rewards are exactly equal; ``skipped_completions``
+    logs the fraction left out. See docs/skip-zero-advantage.md.
+
     The installed TRL must be within ``VERIFIED_TRL``; ``grpo_fast_allow_untested_trl=True`` runs on another
     release anyway, with one warning.
     """
@@ -118,12 +128,14 @@ class FastGRPOTrainer(GRPOTrainer):
         grpo_fast_batch_invariant: bool = False,
         grpo_fast_padding_free: bool = False,
         grpo_fast_allow_untested_trl: bool = False,
+        grpo_fast_skip_zero_advantage: bool = False,
         **kwargs: Any,
     ):
         for name, value in (
             ("grpo_fast_batch_invariant", grpo_fast_batch_invariant),
             ("grpo_fast_padding_free", grpo_fast_padding_free),
             ("grpo_fast_allow_untested_trl", grpo_fast_allow_untested_trl),
+            ("grpo_fast_skip_zero_advantage", grpo_fast_skip_zero_advantage),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -140,7 +152,10 @@ class FastGRPOTrainer(GRPOTrainer):
         self.grpo_fast_backend = grpo_fast_backend
         self.grpo_fast_batch_invariant = grpo_fast_batch_invariant
         self.grpo_fast_padding_free = grpo_fast_padding_free
+        self.grpo_fast_skip_zero_advantage = grpo_fast_skip_zero_advantage
         self._fallback_warned: set[str] = set()
+        self._rewards_per_func: Tensor | None = None  # the last generation batch's, every process's
+        self._deferred_old: dict[str, Any] | None = None  # the old log-prob pass, waiting for advantages
         # Patch where TRL patched its fused head: under PEFT, the transformers model inside.
         add_hidden_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if getattr(self, "ref_model", None) is not None:
@@ -225,6 +240,14 @@ class FastGRPOTrainer(GRPOTrainer):
             or compute_aux_loss
             or any(v is not None for v in multimodal.values())
         )
+        if self._deferred_old is not None and not self._deferred_old and model is self.model and not trl_pass:
+            # The old log-prob pass of a generation batch: run once the advantages say which rows train.
+            self._deferred_old.update(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                batch_size=batch_size,
+            )  # fmt: skip
+            placeholder = torch.zeros(input_ids.size(0), logits_to_keep, device=input_ids.device)
+            return placeholder, None, None
         # The reference model is its own: its head's scale and soft-capping are read from its config.
         trl_pass = trl_pass or unsupported_head(model, scale_ok=True) is not None
         if trl_pass:
@@ -253,6 +276,108 @@ class FastGRPOTrainer(GRPOTrainer):
         logps_t = torch.cat(logps)
         return logps_t, torch.cat(entropies) if compute_entropy else None, None
 
+    # ----- grpo_fast_skip_zero_advantage --------------------------------------------------------------
+    def _skip_blocker(self, config: gf.GRPOConfig | None = None) -> str | None:
+        """Why a completion at advantage 0 may still have a gradient in this trainer (None: it has none)."""
+        config = config if config is not None else self._gf_config
+        if config is None:
+            return "TRL's own loss (grpo_fast does not run this configuration)"
+        if self._entropy_bonus_enabled:
+            return "an entropy bonus: it has a gradient at advantage 0"
+        if self.aux_loss_enabled:
+            return "an auxiliary loss: the router's balancing loss has a gradient on every token"
+        return zero_advantage_blocker(config)
+
+    def _skipping(self) -> bool:
+        """Whether this trainer skips zero-gradient completions (said once when the option cannot)."""
+        if not self.grpo_fast_skip_zero_advantage:
+            return False
+        blocker = self._skip_blocker()
+        if blocker is not None and "skip_zero_advantage" not in self._fallback_warned:
+            self._fallback_warned.add("skip_zero_advantage")
+            warnings.warn(
+                f"FastGRPOTrainer: grpo_fast_skip_zero_advantage skips nothing with {blocker}", stacklevel=3
+            )
+        return blocker is None
+
+    def _calculate_rewards(
+        self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any
+    ) -> Tensor:
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards
+        return rewards
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        """TRL's generation batch; with skip_zero_advantage, exact advantages and the old log-probs of the
+        completions that train only (TRL computes them before the rewards: the pass is held until then)."""
+        if not self._skipping():
+            return super()._generate_and_score_completions(inputs)
+        # vLLM's importance-sampling correction reads every old log-prob right away: no deferring then.
+        defer = not (self.use_vllm and self.vllm_importance_sampling_correction)
+        self._deferred_old = {} if defer else None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            deferred, self._deferred_old = self._deferred_old, None
+        finally:
+            self._deferred_old = None
+        self._exact_advantages(output)
+        if deferred:
+            output["old_per_token_logps"] = self._old_logps_of_trained_rows(output, **deferred)
+        return output
+
+    def _exact_advantages(self, output: dict[str, Any]) -> None:
+        """TRL's advantages (sum_then_normalize) from ``gf.group_advantages``, in fp64, so equal rewards give
+        exactly 0; ``frac_reward_zero_std`` counts the groups whose rewards are exactly equal."""
+        rewards_per_func, self._rewards_per_func = self._rewards_per_func, None
+        if rewards_per_func is None or self.multi_objective_aggregation != "sum_then_normalize":
+            return  # normalize_then_sum centres on the batch: an equal group's advantage is not 0 there
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        weights = self.reward_weights.to(rewards_per_func.device)
+        advantages = gf.group_advantages(rewards_per_func, G, self.scale_rewards, 1e-4, weights)
+        local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start : start + local].to(output["advantages"])
+        totals = (rewards_per_func * weights).nansum(1)
+        totals[torch.isnan(rewards_per_func).all(1)] = float("nan")
+        self._metrics[mode]["frac_reward_zero_std"][-1] = equal_reward_groups(totals, G).float().mean().item()
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+
+    def _trained_rows(self, advantages: Tensor, mask: Tensor) -> Tensor:
+        """[B] bool: the completions with a non-zero advantage on some completion token."""
+        if advantages.dim() == 1:
+            return advantages != 0
+        return ((advantages != 0) & (mask != 0)).any(1)
+
+    def _old_logps_of_trained_rows(
+        self,
+        output: dict[str, Any],
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        logits_to_keep: int,
+        batch_size: int,
+    ) -> Tensor:
+        """The old log-prob pass over the completions that train (0 for the others: never read). Every
+        process runs as many rows (padded with copies of its first row), so that the forwards that are
+        collectives (FSDP2, ZeRO-3, DDP's buffer broadcast) match."""
+        live = self._trained_rows(output["advantages"], output["completion_mask"]).nonzero().squeeze(1)
+        rows = live.numel()
+        if self.accelerator.num_processes > 1:
+            count = torch.tensor([float(rows)], device=input_ids.device)
+            rows = int(self.accelerator.gather(count).max().item())
+        old = torch.zeros(input_ids.size(0), logits_to_keep, device=input_ids.device)
+        if rows == 0:
+            return old
+        index = torch.cat([live, live.new_zeros(rows - live.numel())])
+        with torch.no_grad():
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids[index], attention_mask[index], logits_to_keep, batch_size
+            )
+        return old.index_copy_(0, live, logps[: live.numel()].to(old))
+
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         reason = self._static_fallback or self._batch_fallback(inputs)
         if reason is not None:
@@ -267,6 +392,33 @@ class FastGRPOTrainer(GRPOTrainer):
         return self._fast_loss(model, inputs)
 
     def _fast_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        if not self._skipping():
+            return self._fast_loss_rows(model, inputs)
+        mask = inputs["completion_mask"]
+        mask = mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+        rows = mask.shape[0]
+        live = self._trained_rows(inputs["advantages"], mask).nonzero().squeeze(1)
+        kept = live.numel()
+        mode = "train" if self.model.training else "eval"
+        skipped, count = (torch.tensor(x, device=mask.device) for x in (1.0 - kept / rows, float(rows)))
+        self._metrics[mode]["skipped_completions"].append(self._global_mean(skipped, count))
+        if kept == rows:
+            return self._fast_loss_rows(model, inputs)
+        # No row trains: one row runs at weight 0, so that every process makes the same collectives.
+        index = live if kept else live.new_zeros(1)
+        part = {
+            k: v.index_select(0, index) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+            for k, v in inputs.items()
+        }
+        # The loss normalizers count the skipped rows: this part's loss, times its share, is the batch's.
+        tokens = float(mask.sum()) if self._gf_config.normalizer == "batch_tokens" else 0.0
+        kept_tokens = float(mask.index_select(0, live).sum()) if tokens else 0.0
+        share = loss_share(self._gf_config, float(kept), kept_tokens, float(rows), tokens) if kept else 0.0
+        return self._fast_loss_rows(model, part, share)
+
+    def _fast_loss_rows(self, model: nn.Module, inputs: dict[str, Any], share: float = 1.0) -> Tensor:
+        """The loss of ``inputs``' rows, times ``share`` (their part of the batch's loss; 0: a row run only
+        for the collectives, its metrics not counted)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -338,7 +490,7 @@ class FastGRPOTrainer(GRPOTrainer):
                 backend=self.grpo_fast_backend,
                 batch_invariant=self.grpo_fast_batch_invariant,
             )
-        self._log_loss_metrics(mode, metrics, mask, token_adv=inputs["advantages"].dim() == 2)
+        self._log_loss_metrics(mode, metrics, mask, token_adv=inputs["advantages"].dim() == 2, weight=share)
         if self._entropy_bonus_enabled:
             # TRL's policy_loss: the policy term as its normalizer has it, before accumulation scaling
             policy = metrics.get("policy_loss", loss).detach()
@@ -346,7 +498,7 @@ class FastGRPOTrainer(GRPOTrainer):
                 policy = policy / divide_by
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
             self._entropy_bonus_step(mode, metrics, mask)
-        loss = loss / divide_by
+        loss = loss / divide_by if share == 1.0 else loss * share / divide_by
         if self.aux_loss_enabled:
             aux_loss = self._aux_loss(model, out, attention_mask if packing is None else packing.real)
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -410,13 +562,20 @@ class FastGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(torch.stack([local_mean.float() * count, count]), reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-    def _log_loss_metrics(self, mode: str, metrics: dict[str, Tensor], mask: Tensor, token_adv: bool) -> None:
+    def _log_loss_metrics(
+        self, mode: str, metrics: dict[str, Tensor], mask: Tensor, token_adv: bool, weight: float = 1.0
+    ) -> None:
         """TRL's metric lines from grpo_loss's metrics, weighted as TRL's global_masked_mean weighs them:
         one value per sequence for sequence-level ratios (and VESPO's phi), per token otherwise, and per
-        token whenever the advantages are per token ((B, T) broadcasts)."""
+        token whenever the advantages are per token ((B, T) broadcasts). ``weight`` 0: the same collectives,
+        nothing counted (a row run only for them)."""
         log = self._metrics[mode]
         tokens = mask.sum().float()
         seqs = torch.tensor(float(mask.shape[0]), device=mask.device)
+        if weight == 0.0:
+            tokens, seqs = tokens * 0.0, seqs * 0.0
+            extremes = ("clip_ratio_low_min", "clip_ratio_high_max")
+            metrics = {k: v.new_full((), float("nan")) if k in extremes else v for k, v in metrics.items()}
         if self.beta != 0.0:
             log["kl"].append(self._global_mean(metrics["kl"], tokens))
         log["entropy"].append(self._global_mean(metrics["entropy"], tokens))

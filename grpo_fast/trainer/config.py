@@ -156,6 +156,12 @@ class TrainConfig:
         "one GEMM shape for every logits tile: a token's log-prob does not depend on the batch it is scored "
         "in, so the first update's ratios are exactly 1 (metric ratio_not_one)",
     )
+    skip_zero_advantage: bool = _opt(
+        True,
+        "leave completions with advantage 0 (gradient exactly 0 when beta = 0, no entropy bonus, "
+        "top_entropy_quantile = 1) out of the policy's forward/backward and the old log-probs: same loss "
+        "and gradients; entropy and clip metrics cover the trained tokens (docs/skip-zero-advantage.md)",
+    )
 
     # Optimisation.
     max_steps: int = _opt(

@@ -16,6 +16,7 @@ from torch import Tensor
 
 import grpo_fast as gf
 
+from ..advantages import equal_reward_groups
 from .rewards import weighted_sum
 
 if TYPE_CHECKING:
@@ -73,10 +74,11 @@ def step_metrics(
     rewards, out = batch.rewards, batch.out
     G = len(rewards) // len(batch.rows)
     reward_total = weighted_sum(rewards, reward_weights)
-    grouped_std = torch.nan_to_num(gf.reference.nanstd(reward_total.view(-1, G), dim=1), nan=0.0)
+    equal_groups = equal_reward_groups(reward_total, G)  # advantage exactly 0 (a std's noise is not)
     completion_len = out.completion_mask.sum(1).float()
     len_sum, len_count = float(completion_len.sum()), float(completion_len.numel())
     truncated = float(out.truncated.float().sum())
+    skipped = float(batch.skipped.sum()) if batch.skipped is not None else 0.0
     losses, loss_metrics = stats.losses, stats.metrics
     means = loss_metrics.means()
     if group.active:  # everything a row reports is over all ranks
@@ -91,6 +93,7 @@ def step_metrics(
                     len_sum,
                     len_count,
                     truncated,
+                    skipped,
                 ],
                 dtype=torch.float64,
             )
@@ -99,7 +102,7 @@ def step_metrics(
         at = len(losses)
         loss_metrics.sums = dict(zip(keys, packed[at : at + len(keys)], strict=True))
         loss_metrics.weights = dict(zip(keys, packed[at + len(keys) : at + 2 * len(keys)], strict=True))
-        loss_metrics.weight, len_sum, len_count, truncated = packed[at + 2 * len(keys) :]
+        loss_metrics.weight, len_sum, len_count, truncated, skipped = packed[at + 2 * len(keys) :]
         extreme_keys = sorted(loss_metrics.extremes)
         if extreme_keys:  # min / max metrics: a max over ranks of sign * value
             values = [loss_metrics.extremes[k] for k in extreme_keys]
@@ -114,13 +117,14 @@ def step_metrics(
         "reward_mean": _nanmean(reward_total),
         "reward_std": float(gf.reference.nanstd(reward_total)),
         **{f"rewards/{name}": _nanmean(rewards[:, j]) for j, name in enumerate(reward_names)},
-        "frac_reward_zero_std": float((grouped_std < 1e-8).float().mean()),
+        "frac_reward_zero_std": float(equal_groups.float().mean()),
         "loss": sum(losses) / len(losses),
         **means,
         "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
         "lr": lr,
         "completion_len": len_sum / len_count if group.active else float(completion_len.mean()),
         "truncated_frac": truncated / len_count if group.active else float(out.truncated.float().mean()),
+        **({"skipped_completions": skipped / len_count} if batch.skipped is not None else {}),
         "tokens_per_s": len_sum / elapsed,
         "step_time_s": elapsed,
         "peak_mem_mb": peak_mem,

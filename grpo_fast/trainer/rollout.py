@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import grpo_fast as gf
 
+from ..engine.objective import zero_advantage_blocker
 from ..integrations.hf import HIDDEN_KWARG, backbone, completion_hidden, lm_head, match_head_dtype
 from ..integrations.packing import VARLEN_ATTENTION, Packing, attention_implementation
 from . import distributed, sharding
@@ -41,6 +42,9 @@ class StepBatch:
     chunks: list[list[Tensor]]  # each micro-batch's forward passes (one, or by max_tokens_per_microbatch)
     old: Tensor | None  # log-probs before the first update (only when num_iterations > 1)
     ref: Tensor | None  # log-probs of the reference model (only when beta > 0)
+    # skip_zero_advantage: the completions left out of the updates (gradient exactly 0); None when off.
+    # ``chunks`` then hold the trained rows only, ``micro`` every row (the loss normalizers count them all).
+    skipped: Tensor | None = None
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -157,18 +161,54 @@ class RolloutMixin:
         if cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~out.truncated).unsqueeze(1).long()
         micro = [index.to(self.device) for index in layout.local_micro()]
-        chunks = self._chunks(out, micro)
+        skipped, chunks = self.plan_passes(out, micro, advantages)
         # Later iterations see a moved policy; the first one's ratio is exactly 1, as in TRL.
         passes = [c for cs in chunks for c in cs]
-        old = self.logprobs(self.model, out, passes) if cfg.num_iterations > 1 else None
+        old = self._rows_logprobs(self.model, out, passes) if cfg.num_iterations > 1 else None
         ref = None
         if self.ref_model is not None:
-            ref = self.logprobs(self.ref_model, out, passes)
+            ref = self._rows_logprobs(self.ref_model, out, passes)
             sharding.release(self.ref_model)  # FSDP2: its embeddings and head, gathered, are not kept
         prompts = repeat_each([self.data.prompt(r) for r in rows], G)
         if group.active:
             prompts = [prompts[i] for i in layout.local.tolist()]
-        return StepBatch(rows, out, prompts, layout, rewards, advantages, loss_mask, micro, chunks, old, ref)
+        return StepBatch(
+            rows, out, prompts, layout, rewards, advantages, loss_mask, micro, chunks, old, ref, skipped
+        )
+
+    def plan_passes(
+        self, out: Rollout, micro: list[Tensor], advantages: Tensor
+    ) -> tuple[Tensor | None, list[list[Tensor]]]:
+        """(the completions skip_zero_advantage leaves out or None, each micro-batch's forward passes over
+        the rest)."""
+        skipped = self._zero_gradient_completions(advantages)
+        trained = micro if skipped is None else [index[~skipped[index]] for index in micro]
+        return skipped, self._chunks(out, trained)
+
+    def _zero_gradient_completions(self, advantages: Tensor) -> Tensor | None:
+        """skip_zero_advantage: [n] bool, this rank's completions whose every token's gradient is exactly 0
+        (advantage 0 under a loss config that leaves nothing else: none where it does, said once); None
+        when the option is off."""
+        if not self.cfg.skip_zero_advantage:
+            return None
+        blocker = zero_advantage_blocker(self.loss_config)
+        if blocker is None:
+            return advantages == 0
+        if "skip_zero_advantage" not in self._warned:
+            self._warned.add("skip_zero_advantage")
+            if self.group.is_main:
+                warnings.warn(f"skip_zero_advantage skips nothing with {blocker}", stacklevel=3)
+        return torch.zeros_like(advantages, dtype=torch.bool)
+
+    def _rows_logprobs(self, model: nn.Module, out: Rollout, passes: list[Tensor]) -> Tensor:
+        """:meth:`logprobs` as ``[N, L]`` for all N rows of ``out`` when ``passes`` cover some of them only
+        (the others' rows hold 0: skipped completions, never read)."""
+        logp = self.logprobs(model, out, passes)
+        num_rows = out.completion_ids.shape[0]
+        if logp.shape[0] == num_rows:
+            return logp
+        full = logp.new_zeros(num_rows, out.completion_ids.shape[1])
+        return full.index_copy_(0, torch.cat(passes), logp) if logp.shape[0] else full
 
     def _chunks(self, out: Rollout, micro: list[Tensor]) -> list[list[Tensor]]:
         """Each micro-batch's forward passes under ``max_tokens_per_microbatch`` (FSDP2: as many on every
@@ -278,6 +318,8 @@ class RolloutMixin:
         collectives and is dropped), packed with ``padding_free`` (0 at unattended positions)."""
         parts = []
         for index in passes:
+            if not len(index) and not self.sharded:  # only FSDP2's collectives need the empty forward
+                continue
             rows = out.rows(index if len(index) else torch.arange(1, device=index.device))
             length = rows.completion_ids.shape[1]
             if self.cfg.padding_free:
@@ -300,4 +342,6 @@ class RolloutMixin:
             )
             if len(index):
                 parts.append(packing.unpack(logp, length) if self.cfg.padding_free else logp)
+        if not parts:  # every row skipped
+            return torch.zeros(0, out.completion_ids.shape[1], device=out.completion_ids.device)
         return torch.cat(parts)

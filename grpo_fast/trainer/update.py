@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import grpo_fast as gf
-from grpo_fast.engine.objective import averaged_over_sequences
+from grpo_fast.engine.objective import averaged_over_sequences, metric_names
 
 from ..integrations.hf import lm_head, match_head_dtype
 from . import distributed, sharding
@@ -92,6 +92,7 @@ class MetricMeans:
         self.weights: dict[str, float] = {}
         self.weight = 0.0
         self.extremes: dict[str, float] = {}  # sign * value, max-reduced; -inf: none yet
+        self.declared: set[str] = set()
 
     def add(
         self,
@@ -114,8 +115,21 @@ class MetricMeans:
             self.weights[key] = self.weights.get(key, 0.0) + weight
         self.weight += weight
 
+    def declare(self, names: list[str]) -> None:
+        """Report ``names`` even when no pass adds them (NaN then): every rank reduces the same keys."""
+        self.declared.update(names)
+        for key in names:
+            if key in self.EXTREMES:
+                self.extremes.setdefault(key, float("-inf"))
+            else:
+                self.sums.setdefault(key, 0.0)
+                self.weights.setdefault(key, 0.0)
+
     def means(self) -> dict[str, float]:
         out = {self.RENAME.get(k, k): v / max(self.weights[k], 1e-12) for k, v in self.sums.items()}
+        for k in self.declared:  # no token measured them (on any process, once the weights are summed)
+            if k in self.weights and self.weights[k] == 0:
+                out[self.RENAME.get(k, k)] = float("nan")
         for k, v in self.extremes.items():
             out[k] = self.EXTREMES[k] * v if v != float("-inf") else float("nan")
         return out
@@ -241,9 +255,13 @@ class UpdateMixin:
                 passes.append((j, index, share, bonus, tokens, seq_weight))
 
         stats = UpdateStats()
+        if batch.skipped is not None:  # a rank may train on no row at all
+            stats.metrics.declare(metric_names(self.loss_config))
         for iteration in range(cfg.num_iterations):
-            total = 0.0
+            total, backward = 0.0, False
             for k, (j, index, share, bonus, tokens, seq_weight) in enumerate(passes):
+                if not len(index) and not group.active:  # every row skipped; no other process waits
+                    continue
                 last = k == len(passes) - 1
                 # DDP: all-reduce the gradients once, after the update's last backward (FSDP2
                 # reduce-scatters after each one: no unsharded gradients are kept).
@@ -266,6 +284,7 @@ class UpdateMixin:
                     # This pass's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
                     weight = share * group.world if len(index) else 0.0
                     ((loss * weight) / accumulate).backward()
+                backward = True
                 if not len(index):
                     continue
                 total += loss.item() * share / accumulate
@@ -276,9 +295,17 @@ class UpdateMixin:
                 if "policy_loss" in metrics:
                     weights["policy_loss"] = micro_tokens[j] * share
                 stats.metrics.add(metrics, tokens, weights, first_update=iteration == 0)
+            if not backward:  # every completion skipped: the update of an all-zero gradient, as unskipped
+                self._zero_grads()
             stats.grad_norms.append(self._optimizer_step())
             stats.losses.append(total)
         return stats
+
+    def _zero_grads(self) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     def _optimizer_step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
