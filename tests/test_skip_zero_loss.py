@@ -12,7 +12,7 @@ import grpo_fast as gf
 from grpo_fast import backends
 from grpo_fast.config import LOSS_TYPES
 from grpo_fast.engine import chunk_loop
-from grpo_fast.loss import plan_loss, run_loss_plan
+from grpo_fast.engine.plan import LossCall, plan_loss, run_loss_plan
 
 from .helpers import cast, grads, make_batch
 
@@ -167,8 +167,10 @@ def grad_rows(batch: dict, cfg: gf.GRPOConfig, **kw) -> tuple[int, int]:
     """(rows through the dlogits pass, unmasked tokens)."""
     args = {k: batch.get(k) for k in ("old_logp", "ref_logp", "bias")}
     h, w, b, plan = plan_loss(
-        batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
-        config=cfg, **args, backend="torch", **kw,
+        LossCall(
+            batch["hidden"], batch["weight"], batch["targets"], batch["mask"], batch["advantages"],
+            config=cfg, **args, backend="torch", **kw,
+        )
     )  # fmt: skip
     spy = RowCounter(plan.ops)
     loss, _ = run_loss_plan(h, w, b, dataclasses.replace(plan, ops=spy))

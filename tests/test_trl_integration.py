@@ -394,12 +394,12 @@ def test_trl_outside_the_verified_range_is_refused_then_allowed_with_one_warning
 ):
     import trl
 
-    from grpo_fast.integrations import trl as fast_trl
+    from grpo_fast.integrations import trl_version
 
     monkeypatch.setattr(trl, "__version__", "1.17.0")
     with pytest.raises(RuntimeError, match=r"verified with TRL .*1\.16.*grpo_fast_allow_untested_trl=True"):
         loss_step_trainer(model_dir, tmp_path / "refused")
-    monkeypatch.setattr(fast_trl, "_untested_trl_warned", False)
+    monkeypatch.setattr(trl_version, "_untested_trl_warned", False)
     allow = {"grpo_fast_allow_untested_trl": True}
     with pytest.warns(UserWarning, match="outside its verified range") as record:
         trainer = loss_step_trainer(model_dir, tmp_path / "allowed", fast_options=allow)
@@ -411,11 +411,11 @@ def test_trl_outside_the_verified_range_is_refused_then_allowed_with_one_warning
 
 
 def test_trl_without_the_overridden_methods_is_refused_by_name(monkeypatch):
-    from grpo_fast.integrations import trl as fast_trl
+    from grpo_fast.integrations import trl_version
 
-    fast_trl.check_trl_version(allow_untested=False, version="1.16.0")
+    trl_version.check_trl_version(allow_untested=False, version="1.16.0")
     monkeypatch.delattr(GRPOTrainer, "_get_per_token_logps_and_entropies")
     with pytest.raises(RuntimeError, match="GRPOTrainer._get_per_token_logps_and_entropies"):
-        fast_trl.check_trl_version(allow_untested=True, version="1.18.0")
+        trl_version.check_trl_version(allow_untested=True, version="1.18.0")
     with pytest.raises(TypeError, match="grpo_fast_allow_untested_trl must be a bool"):
         FastGRPOTrainer(model=None, grpo_fast_allow_untested_trl="yes")

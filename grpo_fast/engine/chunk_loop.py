@@ -49,27 +49,28 @@ def _chunks(n: int, chunk: int):
         yield start, min(start + chunk, n)
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, block: int | None = None) -> Tensor:
-    """The ``[C, V]`` logits tile of ``h``; with ``block``, computed as GEMMs of exactly ``block`` rows each
-    (the last one padded with zero rows, so the tile has a multiple of ``block`` rows).
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, invariant_rows: int | None = None) -> Tensor:
+    """The ``[C, V]`` logits tile of ``h``; with ``invariant_rows`` (batch_invariant=True), computed as GEMMs
+    of exactly that many rows each (the last one padded with zero rows, so the tile has a multiple of
+    ``invariant_rows`` rows).
 
     One GEMM shape whatever the tile is what makes a row's logits independent of the rows around it: GEMM
     libraries pick their blocking and reduction order by shape (batch invariance)."""
-    if block is None:
+    if invariant_rows is None:
         return F.linear(h, weight, bias)
     c = h.shape[0]
-    rows = -(-c // block) * block
+    rows = -(-c // invariant_rows) * invariant_rows
     if rows != c:
         padded = h.new_zeros(rows, h.shape[1])
         padded[:c] = h
         h = padded
     out = h.new_empty(rows, weight.shape[0])
     wt = weight.t()
-    for i in range(0, rows, block):
+    for i in range(0, rows, invariant_rows):
         if bias is None:
-            torch.mm(h[i : i + block], wt, out=out[i : i + block])
+            torch.mm(h[i : i + invariant_rows], wt, out=out[i : i + invariant_rows])
         else:
-            torch.addmm(bias, h[i : i + block], wt, out=out[i : i + block])
+            torch.addmm(bias, h[i : i + invariant_rows], wt, out=out[i : i + invariant_rows])
     return out
 
 
@@ -123,7 +124,7 @@ def logprob_pass(
     ops: ChunkOps,
     chunk: int,
     shard: VocabShard | None = None,
-    pad: int | None = None,
+    invariant_rows: int | None = None,
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """No-grad per-token logsumexp (fp64, see backends/base.py), log-prob and entropy (fp32), [n] each."""
@@ -131,7 +132,7 @@ def logprob_pass(
     lse = torch.empty(n, dtype=torch.float64, device=hidden.device)
     out = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
     for s, e in _chunks(n, chunk):
-        logits = _logits(hidden[s:e], weight, bias, pad)
+        logits = _logits(hidden[s:e], weight, bias, invariant_rows)
         _soft_cap_(logits, softcap)
         stats = _stats(
             ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
@@ -153,7 +154,7 @@ def grad_pass(
     ops: ChunkOps,
     chunk: int,
     grads: Grads,
-    pad: int | None = None,
+    invariant_rows: int | None = None,
     softcap: float | None = None,
 ) -> None:
     """Gradients for known per-row coefficients (recomputes each tile).
@@ -163,7 +164,7 @@ def grad_pass(
     (lse, entropy), (g, e) = stats, coefs
     for s, t in _chunks(hidden.shape[0], chunk):
         h = hidden[s:t]
-        logits = _logits(h, weight, bias, pad)
+        logits = _logits(h, weight, bias, invariant_rows)
         factor = _soft_cap_(logits, softcap)
         rows = logits.shape[0]
         ent = (_padded(e[s:t], rows), _padded(entropy[s:t], rows)) if e is not None else (None, None)
@@ -190,7 +191,7 @@ def nonzero_grad_pass(
     ops: ChunkOps,
     chunk: int,
     needs: tuple[bool, ...],
-    pad: int | None = None,
+    invariant_rows: int | None = None,
     softcap: float | None = None,
 ) -> Grads:
     """:func:`grad_pass` over the rows whose coefficients are not both exactly 0, into new gradients (the
@@ -199,13 +200,26 @@ def nonzero_grad_pass(
     zero = (g == 0) if e is None else (g == 0) & (e == 0)
     split = zero_split(zero)
     rows = None if split is None else split[0]
-    grads = Grads.allocate(hidden, weight, bias, needs, rows=rows, block=pad)
+    grads = Grads.allocate(hidden, weight, bias, needs, rows=rows, invariant_rows=invariant_rows)
     if rows is not None:
         pick = lambda x: x.index_select(0, rows) if x is not None else None  # noqa: E731
         hidden, targets = pick(hidden), pick(targets)
         stats, coefs = (pick(stats[0]), pick(stats[1])), (pick(g), pick(e))
     if hidden.shape[0]:
-        grad_pass(hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, grads, pad, softcap)
+        grad_pass(
+            hidden,
+            weight,
+            bias,
+            targets,
+            stats,
+            coefs,
+            temperature,
+            ops,
+            chunk,
+            grads,
+            invariant_rows,
+            softcap,
+        )
     return grads
 
 
@@ -217,7 +231,7 @@ class LossPlan:
     ops: ChunkOps
     chunk: int
     shard: VocabShard | None = None
-    pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
+    invariant_rows: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
     rows: Tensor | None = None  # rows of the [N, H] hidden the loss reads (masked dropped); None: all
     # The entropy quantile's pool: this process's entropies in, every process's out (None: this batch's).
     entropy_gather: Callable[[Tensor], Tensor] | None = None
@@ -240,24 +254,24 @@ def run_grpo(
     and walks them for their statistics only; the two-walk objective knows every zero coefficient before
     its gradient walk and leaves those rows out of it. One host read per call either way (the count).
     """
-    cfg, batch, ops, chunk, targets, shard, pad = (
+    cfg, batch, ops, chunk, targets, shard, invariant_rows = (
         plan.cfg,
         plan.batch,
         plan.ops,
         plan.chunk,
         plan.targets,
         plan.shard,
-        plan.pad,
+        plan.invariant_rows,
     )
     n, temperature, cap = hidden.shape[0], cfg.temperature, cfg.logit_softcap
     if not needs_whole_sequences(cfg):
         split = zero_split(zero_gradient_rows(batch, cfg))
         if split is None:
-            grads = Grads.allocate(hidden, weight, bias, needs, block=pad)
+            grads = Grads.allocate(hidden, weight, bias, needs, invariant_rows=invariant_rows)
             logp, entropy = _one_walk(hidden, weight, bias, targets, batch, plan, grads)
         else:
             live, dead = split
-            grads = Grads.allocate(hidden, weight, bias, needs, rows=live, block=pad)
+            grads = Grads.allocate(hidden, weight, bias, needs, rows=live, invariant_rows=invariant_rows)
             logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
             entropy = torch.empty_like(logp)
             if live.numel():
@@ -270,18 +284,29 @@ def run_grpo(
             # Statistics only (loss value, metrics): the same GEMM tiles, no dlogits, no gradient GEMMs.
             _, lp, ent = logprob_pass(
                 hidden.index_select(0, dead), weight, bias, targets.index_select(0, dead), temperature, ops,
-                chunk, shard, pad, softcap=cap,
+                chunk, shard, invariant_rows, softcap=cap,
             )  # fmt: skip
             logp.index_copy_(0, dead, lp)
             entropy.index_copy_(0, dead, ent)
     else:
         lse, logp, entropy = logprob_pass(
-            hidden, weight, bias, targets, temperature, ops, chunk, shard, pad, softcap=cap
+            hidden, weight, bias, targets, temperature, ops, chunk, shard, invariant_rows, softcap=cap
         )
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         coefs = coefficients(logp, entropy, batch, cfg)
         grads = nonzero_grad_pass(
-            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs, pad, cap
+            hidden,
+            weight,
+            bias,
+            targets,
+            (lse, entropy),
+            coefs,
+            temperature,
+            ops,
+            chunk,
+            needs,
+            invariant_rows,
+            cap,
         )
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
@@ -307,7 +332,7 @@ def _one_walk(
     entropy = torch.empty_like(logp)
     for s, e in _chunks(n, plan.chunk):
         h, c = hidden[s:e], e - s
-        logits = _logits(h, weight, bias, plan.pad)
+        logits = _logits(h, weight, bias, plan.invariant_rows)
         factor = _soft_cap_(logits, cfg.logit_softcap)
         t = _padded(targets[s:e], logits.shape[0])
         coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
@@ -373,7 +398,7 @@ class LogprobPlan:
     ops: ChunkOps
     chunk: int
     shard: VocabShard | None = None
-    pad: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
+    invariant_rows: int | None = None  # batch invariance: every logits GEMM has exactly this many rows
     softcap: float | None = None  # cap * tanh(logits / cap) before the temperature
 
 
@@ -384,8 +409,8 @@ class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LogprobPlan):
         lse, logp, entropy = logprob_pass(
-            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard, plan.pad,
-            softcap=plan.softcap,
+            hidden, weight, bias, plan.targets, plan.temperature, plan.ops, plan.chunk, plan.shard,
+            plan.invariant_rows, softcap=plan.softcap,
         )  # fmt: skip
         ctx.plan = plan
         # An output nothing differentiates gets None, not zeros: no entropy term (and no [N] zeros) then.
@@ -431,7 +456,7 @@ def logprob_grads(
         plan.ops,
         plan.chunk,
         needs,
-        plan.pad,
+        plan.invariant_rows,
         plan.softcap,
     )
     return grads.final(weight, bias, plan.shard)

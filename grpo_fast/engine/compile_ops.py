@@ -234,7 +234,7 @@ def _logprobs_op(
     else:
         lse, logp, entropy = logprob_pass(
             flat, head.weight, head.bias, plan.targets, plan.temperature, plan.ops, plan.chunk,
-            None, plan.pad, plan.softcap,
+            None, plan.invariant_rows, plan.softcap,
         )  # fmt: skip
     logprob_result_check(call, flat, head, logp, entropy)
     # Outputs may not alias each other: the pass returns rows of one buffer (O(N) copies).

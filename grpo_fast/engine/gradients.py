@@ -32,7 +32,7 @@ class Grads:
     # Rows of ``hidden`` that the pass's rows are (the pass runs on a selection; the others keep 0): None,
     # the pass's rows are hidden's own.
     rows: Tensor | None = None
-    block: int | None = None  # batch invariance: hidden-gradient GEMMs of exactly this many rows
+    invariant_rows: int | None = None  # batch invariance: hidden-gradient GEMMs of exactly this many rows
 
     @classmethod
     def allocate(
@@ -42,7 +42,7 @@ class Grads:
         bias: Tensor | None,
         needs: tuple[bool, ...],
         rows: Tensor | None = None,
-        block: int | None = None,
+        invariant_rows: int | None = None,
     ) -> Grads:
         acc = dict(dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
         gh = None
@@ -53,7 +53,7 @@ class Grads:
             weight=torch.empty(weight.shape, **acc) if needs[1] else None,
             bias=torch.zeros(weight.shape[0], **acc) if (bias is not None and needs[2]) else None,
             rows=rows,
-            block=block,
+            invariant_rows=invariant_rows,
         )
 
     def _accumulate_weight(self, dlogits: Tensor, h_chunk: Tensor) -> None:
@@ -78,17 +78,17 @@ class Grads:
     def _accumulate_hidden(self, dlogits: Tensor, weight: Tensor, start: int, end: int) -> None:
         """dL/dh of rows [start, end) of the pass from ``dlogits`` (the tile, padding rows included)."""
         c = end - start
-        if self.block is None:
+        if self.invariant_rows is None:
             if self.rows is None:
                 torch.mm(dlogits[:c], weight, out=self.hidden[start:end])
             else:
                 self.hidden.index_copy_(0, self.rows[start:end], torch.mm(dlogits[:c], weight))
             return
-        # One GEMM shape (block rows, the tile's padding rows included): a row's dL/dh does not depend on
-        # the rows it comes with, like its log-prob.
+        # One GEMM shape (invariant_rows rows, the tile's padding rows included): a row's dL/dh does not
+        # depend on the rows it comes with, like its log-prob.
         part = dlogits.new_empty(dlogits.shape[0], weight.shape[1])
-        for i in range(0, dlogits.shape[0], self.block):
-            torch.mm(dlogits[i : i + self.block], weight, out=part[i : i + self.block])
+        for i in range(0, dlogits.shape[0], self.invariant_rows):
+            torch.mm(dlogits[i : i + self.invariant_rows], weight, out=part[i : i + self.invariant_rows])
         if self.rows is None:
             self.hidden[start:end].copy_(part[:c])
         else:

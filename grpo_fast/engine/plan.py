@@ -247,7 +247,7 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
         is_ratio=pick(inputs.is_ratio) if inputs.is_ratio is not None else None,
     )
     h = pick(inputs.hidden)
-    _, ops, chunk, pad = head.plan(
+    _, ops, chunk, invariant_rows = head.plan(
         "grpo_loss",
         call.backend,
         h.shape[0],
@@ -260,7 +260,9 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     targets = head.local_targets(pick(inputs.targets))
     rows = keep if compact else None
     check = None if cfg.logit_softcap is not None else finite_result_check(h, weight)  # else: checked
-    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, pad, rows, call.entropy_gather, check)
+    plan = LossPlan(
+        targets, batch, cfg, ops, chunk, head.shard, invariant_rows, rows, call.entropy_gather, check
+    )
     return h, weight, bias, plan
 
 
@@ -300,13 +302,13 @@ def plan_logprobs(
     flat = hidden.reshape(-1, hidden.shape[-1])
     if call.fused_gemm:
         return flat, head, targets, None
-    _, ops, chunk, pad = head.plan(
+    _, ops, chunk, invariant_rows = head.plan(
         "selective_logprobs", call.backend, flat.shape[0], flat.dtype, flat.device, call.chunk_size,
         call.batch_invariant, softcap=call.logit_softcap is not None,
     )  # fmt: skip
     local = head.local_targets(targets.reshape(-1))
     cap = None if call.logit_softcap is None else float(call.logit_softcap)
-    plan = LogprobPlan(local, float(call.temperature), ops, chunk, head.shard, pad, cap)
+    plan = LogprobPlan(local, float(call.temperature), ops, chunk, head.shard, invariant_rows, cap)
     return flat, head, targets, plan
 
 
