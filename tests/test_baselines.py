@@ -14,7 +14,7 @@ from grpo_fast.benchmarking import baselines
 from grpo_fast.benchmarking.cases import BenchCase, make_inputs
 from grpo_fast.engine.plan import LossCall, plan_loss, run_loss_plan
 
-TENSOR_METHODS = ("stats", "partial_stats", "grad_", "tile_stats_", "tile_grad_")
+TENSOR_METHODS = ("stats", "stats_", "partial_stats", "grad_", "tile_stats_", "tile_grad_")
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_torch_compile_baseline_compiles_the_tile_pass(compiled_calls, monkeypat
 
 
 def test_torch_compile_ops_compile_the_two_pass_methods(compiled_calls):
-    """A sequence-level objective (two passes): stats, then grad_, each compiled."""
+    """A sequence-level objective (two passes): stats_ (the log-prob pass keeps no tile), then grad_, each
+    compiled."""
     case = BenchCase(N=32, H=16, V=97)
     inputs = make_inputs(case)
     cfg = gf.GRPOConfig(importance_sampling_level="sequence")
@@ -74,5 +75,5 @@ def test_torch_compile_ops_compile_the_two_pass_methods(compiled_calls):
     want, _ = gf.grpo_loss(**{k: inputs[k] for k in fields}, config=cfg, backend="torch")
     loss, _ = run_loss_plan(h, w, b, dataclasses.replace(plan, ops=baselines.CompiledTorchChunkOps()))
     loss.backward()
-    assert compiled_calls["stats"] > 1 and compiled_calls["grad_"] == compiled_calls["stats"]
+    assert compiled_calls["stats_"] > 1 and compiled_calls["grad_"] == compiled_calls["stats_"]
     torch.testing.assert_close(loss, want)

@@ -23,7 +23,7 @@ ROW_FIELDS |= {"chunk_rows", "predicted_ms"}
 TRUTH_FIELDS = {"loss_type", "backend", "dtype", "N", "H", "V", "max_rel_err", "ok"}
 
 
-ORDER = ["preamble", "truth", "table", "longctx", "trainstep", "tests", "report"]
+ORDER = ["preamble", "truth", "table", "longctx", "trainstep", "skipzero", "tests", "report"]
 
 
 def _kit(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

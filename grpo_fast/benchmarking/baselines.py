@@ -148,9 +148,9 @@ def _grpo_fast(backend: str, **options: object) -> Factory:
 
 class CompiledTorchChunkOps(TorchChunkOps):
     """The "torch" chunk pass with every tensor method the chunk loop reaches under torch.compile (compiled
-    once per process): ``stats``, ``partial_stats``, ``grad_``, and ``tile_pass_``'s two halves around the
-    objective's coefficients (``tile_stats_``, ``tile_grad_``; the coefficients are autograd on ``[C]``
-    vectors, eager as in every backend)."""
+    once per process): ``stats``, ``stats_``, ``partial_stats``, ``grad_``, and ``tile_pass_``'s two halves
+    around the objective's coefficients (``tile_stats_``, ``tile_grad_``; the coefficients are autograd on
+    ``[C]`` vectors, eager as in every backend)."""
 
     name = "torch-compile"
     _compiled: dict[str, Callable] = {}
@@ -168,6 +168,9 @@ class CompiledTorchChunkOps(TorchChunkOps):
 
     def stats(self, logits, targets, temperature):
         return self._fn("stats")(logits, targets, temperature)
+
+    def stats_(self, logits, targets, temperature):
+        return self._fn("stats_")(logits, targets, temperature)
 
     def partial_stats(self, logits, targets, temperature):
         return self._fn("partial_stats")(logits, targets, temperature)
