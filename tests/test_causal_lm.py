@@ -10,6 +10,8 @@ from torch import nn
 
 import grpo_fast as gf
 
+from .spawn import spawn
+
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(
@@ -185,6 +187,5 @@ def _fsdp2_worker(rank: int, world: int, init_file: str) -> None:
 
 def test_fsdp2_sharded_model(tmp_path):
     """An FSDP2 model (2 gloo processes): the sharded head gathered, the gradients reduce-scattered back."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    spawn(_fsdp2_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2)

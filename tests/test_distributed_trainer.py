@@ -32,6 +32,7 @@ from grpo_fast.trainer.distributed import Layout
 from grpo_fast.trainer.generation import Rollout
 from grpo_fast.trainer.reporting import read_metrics
 
+from .spawn import spawn
 from .test_trainer import one_thread  # noqa: F401 - autouse fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,9 +215,7 @@ def _spawn_two(root: Path, tmp_path: Path) -> None:
     gets one fresh try; a failed assertion (an exception in a worker) is never retried."""
     for attempt in (1, 2):
         try:
-            mp.spawn(
-                _worker, args=(2, str(tmp_path / f"rendezvous-{attempt}"), str(root)), nprocs=2, join=True
-            )
+            spawn(_worker, args=(2, str(tmp_path / f"rendezvous-{attempt}"), str(root)), nprocs=2)
             return
         except mp.ProcessExitedException as err:
             if attempt == 2 or err.signal_name != "SIGABRT":

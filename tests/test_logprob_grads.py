@@ -12,12 +12,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import grpo_fast as gf
 from grpo_fast.engine import chunk_loop
 
 from .helpers import assert_within, cast, make_batch
+from .spawn import spawn
 from .test_loss import cpu_backends
 from .test_vocab_parallel import _shard_rows
 
@@ -162,4 +162,4 @@ def _vocab_parallel_worker(rank: int, world: int, init_file: str) -> None:
 
 def test_vocab_parallel_weighted_grads_equal_single_process(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # two processes share this machine's cores
-    mp.spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2)

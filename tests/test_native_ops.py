@@ -15,7 +15,6 @@ import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import grpo_fast as gf
 from grpo_fast import backends
@@ -25,6 +24,7 @@ from grpo_fast.backends.torch_ops import TorchChunkOps
 
 from .chunk_cases import C, V, tile, truth_dlogits, truth_entropy_grad, truth_stats
 from .helpers import cast, make_batch
+from .spawn import spawn
 from .test_loss import check_against_truth, run_loss
 
 pytestmark = pytest.mark.skipif(
@@ -134,7 +134,7 @@ def test_vocab_parallel_native(tmp_path, monkeypatch):
     from .test_vocab_parallel import _worker
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ranks share this machine's cores
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), "native"), nprocs=2, join=True)
+    spawn(_worker, args=(2, str(tmp_path / "rendezvous"), "native"), nprocs=2)
 
 
 # ---------------------------------------------------------------- registration, errors, build

@@ -17,6 +17,7 @@ from grpo_fast.config import LOSS_TYPES
 from grpo_fast.trainer import Trainer
 from grpo_fast.trainer.reporting import read_metrics
 
+from .spawn import spawn
 from .test_trainer import one_thread, tiny  # noqa: F401 - autouse fixture
 
 TIMING = {"tokens_per_s", "step_time_s", "peak_mem_mb"}
@@ -199,12 +200,10 @@ RANK_CASE = dict(loss_type="grpo", beta=0.0, num_iterations=2)
 def test_a_rank_that_skips_everything_takes_part_in_every_collective(tmp_path):
     import os
 
-    import torch.multiprocessing as mp
-
     from .test_distributed_trainer import RowSeededTrainer, _assert_rows_close, _final_weights, config
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "two")), nprocs=2, join=True)
+    spawn(_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "two")), nprocs=2)
     single = type("S", (HalfEqualTrainer, RowSeededTrainer), {})(config(tmp_path / "one", **RANK_CASE))
     single.train()
     want = read_metrics(tmp_path / "one" / "metrics.jsonl")

@@ -17,10 +17,10 @@ pytest.importorskip("datasets")  # TRL's trainer needs it; the bare GPU image do
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from grpo_fast.trainer import demo  # noqa: E402
 
+from .spawn import spawn  # noqa: E402
 from .test_trl_integration import assert_same_logs, train  # noqa: E402
 
 WORLD = 2
@@ -71,12 +71,7 @@ def spawn_with_model(worker, tmp_path) -> None:
     """``worker(rank, rendezvous file, model dir, out dir)`` on WORLD processes (demo model saved)."""
     model_dir = tmp_path / "model"
     demo.save_pretrained(str(model_dir))
-    mp.spawn(
-        worker,
-        args=(str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "out")),
-        nprocs=WORLD,
-        join=True,
-    )
+    spawn(worker, args=(str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "out")), nprocs=WORLD)
 
 
 def test_fast_trainer_matches_trl_on_two_processes(tmp_path):

@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import grpo_fast as gf
 
 from .helpers import cast, make_batch
+from .spawn import spawn
 
 CASES = [
     dict(loss_type="dapo", importance_sampling_level="token", beta=0.04),
@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str) -> None:
 def test_vocab_parallel_equals_single_process(world, tmp_path):
     # One intra-op thread per rank: 2-3 processes share this machine's cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), "torch"), nprocs=world, join=True)
+    spawn(_worker, args=(world, str(tmp_path / "rendezvous"), "torch"), nprocs=world)
 
 
 def test_process_group_needs_initialized_distributed():
