@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -209,25 +208,10 @@ def test_layout_splits_each_micro_batch_across_ranks():
         Layout.build(8, 4, world=4, rank=0)
 
 
-def _spawn_two(root: Path, tmp_path: Path) -> None:
-    """The two gloo workers, writing their runs under ``root``. A worker killed by SIGABRT ("terminate
-    called without an active exception", raised in a gloo thread, seen rarely on the loaded 2-core machine)
-    gets one fresh try; a failed assertion (an exception in a worker) is never retried."""
-    for attempt in (1, 2):
-        try:
-            spawn(_worker, args=(2, str(tmp_path / f"rendezvous-{attempt}"), str(root)), nprocs=2)
-            return
-        except mp.ProcessExitedException as err:
-            if attempt == 2 or err.signal_name != "SIGABRT":
-                raise
-            warnings.warn(f"a gloo worker aborted ({err}); running the pair once more", stacklevel=1)
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     multi = tmp_path / "two"
-    _spawn_two(multi, tmp_path)
+    spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(multi)), nprocs=2)
     for name, options in CASES.items():
         single = TRAINERS.get(name, RowSeededTrainer)(config(tmp_path / "one" / name, **options))
         single.train()
