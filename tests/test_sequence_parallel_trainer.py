@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from grpo_fast.trainer import TrainConfig, Trainer
+from grpo_fast.trainer import TrainConfig, Trainer, demo
+from grpo_fast.trainer.distributed import Layout
 from grpo_fast.trainer.reporting import read_metrics
 from grpo_fast.trainer.sequence import SequenceSlice
 
@@ -94,6 +95,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, runs: list[tuple[s
             trainer.train()
         if world == 2:
             _resume(Path(root))
+        _refusals(Path(root), world)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -106,6 +108,22 @@ def _resume(root: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a resume that changes options may say so; not what this checks
         assert RaggedRowTrainer(config(root / "from_one", **options)).train(resume=True).steps == 3
+
+
+def _refusals(root: Path, world: int) -> None:
+    """What the processes refuse: a size that does not divide them, a model that cannot be split."""
+    with pytest.raises(ValueError, match=f"must divide the number of processes, {world}"):
+        Trainer(config(root / "refused", sequence_parallel_size=3))
+    tokenizer = demo.build_tokenizer()
+    model = demo.build_model(tokenizer)
+    if world == 2:
+        model.config.layer_types = ["full_attention", "sliding_attention"]
+        refused, match = 2, "sliding_attention"
+    else:
+        model.config.num_attention_heads, model.config.num_key_value_heads = 2, 1
+        refused, match = 4, "must divide the attention heads"
+    with pytest.raises(ValueError, match=match):
+        Trainer(config(root / "refused", sequence_parallel_size=refused), model=model, tokenizer=tokenizer)
 
 
 def _assert_rows_close(got: list[dict], want: list[dict], what: str) -> None:
@@ -200,3 +218,16 @@ def test_refusals(tmp_path):
         config(tmp_path, sequence_parallel_size=2, top_entropy_quantile=0.5)
     with pytest.raises(ValueError, match="must divide the number of processes, 1"):
         Trainer(config(tmp_path, sequence_parallel_size=2))
+
+
+def test_layout_refines_each_group_piece():
+    """2 data-parallel groups of 2: each group's piece of a micro-batch, split again between its ranks."""
+    layout = Layout.build(10, 2, world=2, rank=1)
+    assert [p.tolist() for p in layout.pieces[0]] == [[0, 1, 2], [3, 4]]
+    sampled = layout.refine(2, 1)
+    assert sampled.rank == 3 and sampled.world == 4
+    assert sampled.local.tolist() == [4, 9] and layout.local.tolist() == [3, 4, 8, 9]
+    assert sampled.counts() == [4, 2, 2, 2] and layout.refine(1, 0) is layout
+    assert Layout.build(8, 2, world=1, rank=0).refine(4, 0).local.tolist() == [0, 4]
+    with pytest.raises(ValueError, match="fewer than 4 completions"):
+        Layout.build(6, 2, world=1, rank=0).refine(4, 0)
