@@ -80,8 +80,10 @@ class SegmentLayout:
                 return same & (q >= k) if causal else same
 
             batch, size = self.positions.shape
+            device = self.positions.device
+            # Compiled, the mask is evaluated block by block instead of as one [S, S] tensor.
             self._built["block_mask"] = create_block_mask(
-                document, batch, None, size, size, device=self.positions.device
+                document, batch, None, size, size, device=device, _compile=device.type == "cuda"
             )
         return self._built["block_mask"]
 
@@ -158,7 +160,8 @@ def _sdpa(
 def _compiled_flex() -> object:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamism: the first new sequence length recompiles once with a dynamic length.
+    return torch.compile(flex_attention)
 
 
 def _flex(
