@@ -99,6 +99,9 @@ def _restored(group: dist.ProcessGroup) -> None:
     with pytest.raises(ValueError, match="position_ids"):
         with sequence_parallel_attention(model, group):
             model(input_ids=prompt[:, :2])
+    with pytest.raises(ValueError, match="attention_mask=None"):
+        with sequence_parallel_attention(model, group):
+            model(input_ids=prompt[:, :2], attention_mask=torch.ones(1, 2), position_ids=prompt[:, :2])
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(KeyError):
         with sequence_parallel_attention(model, group):

@@ -244,7 +244,13 @@ def _register() -> None:
         AttentionInterface.register(ATTENTION_NAME, ulysses_attention)
 
 
-def _require_position_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _check_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("attention_mask") is not None:
+        # The model builds no mask under this attention name: a padding mask would be dropped unseen.
+        raise ValueError(
+            f"{type(module).__name__} under sequence_parallel_attention takes attention_mask=None: segments "
+            "are told apart by their restarting position_ids"
+        )
     if kwargs.get("position_ids") is None:
         raise ValueError(
             f"{type(module).__name__} under sequence_parallel_attention needs position_ids= (this rank's "
@@ -278,7 +284,7 @@ def sequence_parallel_attention(
     from transformers import PreTrainedModel
 
     hooks = [
-        m.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+        m.register_forward_pre_hook(_check_forward, with_kwargs=True)
         for m in unwrap(model).modules()
         if isinstance(m, PreTrainedModel) and "position_ids" in inspect.signature(m.forward).parameters
     ]
