@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 import grpo_fast as gf
 from grpo_fast.config import LOSS_TYPES
+from grpo_fast.engine import compile_ops
+from grpo_fast.engine.plan import LossCall
 
 from .spawn import spawn
 
@@ -53,8 +55,8 @@ PADDED_CASES = [
 ]
 PADDED_CUTS = {2: (0, 5, 9), 4: (0, 2, 2, 7, 9)}  # columns of every row
 IS_RATIO = torch.linspace(0.7, 1.3, sum(LENGTHS)).float()
-# (dtype, backends, relative tolerance): fp64 hidden and head leave the fp32 per-token math
-TOLERANCES = ((torch.float64, ("torch",), 1e-6), (torch.float32, ("torch", "native"), 1e-5))
+# (dtype, backends, relative tolerance of loss, metrics and gradients)
+TOLERANCES = ((torch.float64, ("torch",), 1e-6), (torch.float32, ("torch", "native"), 1e-6))
 
 
 def _packed_batch(dtype: torch.dtype) -> dict:
@@ -169,6 +171,22 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             columns = (slice(None), slice(*PADDED_CUTS[world][rank : rank + 2]))
             for options in PADDED_CASES:
                 _check(padded, columns, gf.GRPOConfig(**options), "torch", rtol)
+        # GRPOLoss holds the group; a sequence_group that is not a ProcessGroup is named.
+        batch, cfg = (
+            _packed_batch(torch.float32),
+            gf.GRPOConfig(loss_type="grpo", importance_sampling_level="sequence"),
+        )
+        args = [batch[k][mine] for k in ("hidden", "weight", "targets", "mask")]
+        args[1] = batch["weight"]
+        kwargs = dict(old_logp=batch["old_logp"][mine], seq_ids=batch["seq_ids"][mine])
+        module = gf.GRPOLoss(cfg, sequence_group=dist.group.WORLD)
+        got = module(*args, batch["advantages"], **kwargs)[0]
+        want = gf.grpo_loss(
+            *args, batch["advantages"], config=cfg, sequence_group=dist.group.WORLD, **kwargs
+        )[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="sequence_group must be a torch.distributed ProcessGroup"):
+            gf.grpo_loss(*args, batch["advantages"], sequence_group="sp", **kwargs)
     finally:
         dist.destroy_process_group()
 
@@ -177,3 +195,15 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 def test_sequence_group_equals_one_process(world, tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # several processes share this machine's cores
     spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world)
+
+
+def test_sequence_group_refusals():
+    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    args = (hidden, weight, torch.zeros(3, dtype=torch.long), torch.ones(3), torch.ones(1))
+    seq_ids = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="sequence_group was given but torch.distributed is not initialized"):
+        gf.grpo_loss(*args, seq_ids=seq_ids, sequence_group=object())
+    with pytest.raises(ValueError, match="sequence_group .* with process_group .* is not supported"):
+        gf.grpo_loss(*args, seq_ids=seq_ids, sequence_group=object(), process_group=object())
+    with pytest.raises(ValueError, match="sequence_group .* is not supported under torch.compile"):
+        compile_ops.grpo_loss(LossCall(*args, seq_ids=seq_ids, sequence_group=object()))
