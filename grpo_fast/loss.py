@@ -55,11 +55,13 @@ def grpo_loss(
     tokens of sequence b) or packed ``[N_r, H]`` with ``seq_ids`` into the B sequences; a rank may hold
     no token of a sequence, or none at all, but every rank calls. The loss is this rank's share: the
     group's losses add up to the loss of the whole sequences, and the gradients (hidden's rows, and
-    weight/bias summed over the group) are that loss's. The metrics are the whole sequences' values,
-    the same on every rank of the group: a trainer counts them once per group (e.g. weighs each rank's
-    by its own unmasked tokens, whose sum over the group is the sequences'). ``num_items_in_batch``,
-    given, counts the whole sequences' tokens; ``entropy_gather``, given, must pool the group's ranks too
-    (default with a group: the group's entropies). Not with ``process_group`` or under ``torch.compile``.
+    weight/bias summed over the group) are that loss's: the group talks inside the call only (the
+    backward is local), so every rank of a group scales its loss alike. The metrics are the whole
+    sequences' values, the same on every rank of the group: a trainer counts them once per group (e.g.
+    weighs each rank's by its own unmasked tokens, whose sum over the group is the sequences').
+    ``num_items_in_batch``, given, counts the whole sequences' tokens; ``entropy_gather``, given, must
+    pool the group's ranks too (default with a group: the group's entropies). Not with ``process_group``
+    or under ``torch.compile``.
 
     TRL 1.16's other loss options: ``advantages`` may be per token, ``[B, T]`` (padded layout);
     ``config.top_entropy_quantile`` < 1 trains on the batch's highest-entropy tokens only (their threshold

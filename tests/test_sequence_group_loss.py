@@ -53,14 +53,18 @@ PADDED_CASES = [
     dict(loss_type="bnpo", top_entropy_quantile=0.6, entropy_coef=0.01),
     dict(loss_type="dapo"),
 ]
+SUBGROUP_CASES = [
+    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04),
+    dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.01, off_policy_mask_threshold=0.02),
+]
 PADDED_CUTS = {2: (0, 5, 9), 4: (0, 2, 2, 7, 9)}  # columns of every row
 IS_RATIO = torch.linspace(0.7, 1.3, sum(LENGTHS)).float()
 # (dtype, backends, relative tolerance of loss, metrics and gradients)
 TOLERANCES = ((torch.float64, ("torch",), 1e-6), (torch.float32, ("torch", "native"), 1e-6))
 
 
-def _packed_batch(dtype: torch.dtype) -> dict:
-    g = torch.Generator().manual_seed(0)
+def _packed_batch(dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
     n, b = sum(LENGTHS), len(LENGTHS)
     seq_ids = torch.repeat_interleave(torch.arange(b), torch.tensor(LENGTHS))
     mask = (torch.rand(n, generator=g) > 0.2).float()
@@ -110,13 +114,16 @@ def _loss(batch: dict, rows: object, cfg: gf.GRPOConfig, backend: str, group: ob
     return loss.detach(), metrics, (grads[0][rows], grads[1], grads[2])
 
 
-def _check(batch: dict, mine: object, cfg: gf.GRPOConfig, backend: str, rtol: float, **kwargs) -> None:
+def _check(
+    batch: dict, mine: object, cfg: gf.GRPOConfig, backend: str, rtol: float, group: object = None, **kwargs
+) -> None:
     """This rank's share against one process on the whole batch (collectives: every rank calls it)."""
     where = f"{backend} {batch['hidden'].dtype} {cfg}"
     want, want_m, want_g = _loss(batch, slice(None), cfg, backend, None, **kwargs)
-    got, got_m, got_g = _loss(batch, mine, cfg, backend, dist.group.WORLD, **kwargs)
+    group = dist.group.WORLD if group is None else group
+    got, got_m, got_g = _loss(batch, mine, cfg, backend, group, **kwargs)
     total = got.clone()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=group)
     torch.testing.assert_close(total, want, rtol=rtol, atol=1e-7, msg=lambda m: f"{where} loss: {m}")
     assert set(got_m) == set(want_m)
     for k in want_m:  # the whole sequences' metrics on every rank
@@ -127,7 +134,7 @@ def _check(batch: dict, mine: object, cfg: gf.GRPOConfig, backend: str, rtol: fl
         got_g[0], want_g[0][mine], rtol=rtol, atol=1e-7, msg=lambda m: f"{where} dh: {m}"
     )
     for name, got_w, want_w in zip(("dW", "db"), got_g[1:], want_g[1:], strict=True):
-        dist.all_reduce(got_w)
+        dist.all_reduce(got_w, group=group)
         torch.testing.assert_close(
             got_w, want_w, rtol=rtol, atol=1e-7, msg=lambda m, n=name: f"{where} {n}: {m}"
         )
@@ -187,6 +194,13 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         with pytest.raises(TypeError, match="sequence_group must be a torch.distributed ProcessGroup"):
             gf.grpo_loss(*args, batch["advantages"], sequence_group="sp", **kwargs)
+        if world == 4:  # 2 x 2: two sequence groups side by side, each on its own sequences
+            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            group, sp_rank = groups[rank // 2], rank % 2
+            mine = slice(*CUTS[2][sp_rank : sp_rank + 2])
+            batch = _packed_batch(torch.float32, seed=1 + rank // 2)
+            for options in SUBGROUP_CASES:
+                _check(batch, mine, gf.GRPOConfig(**options), "native", 1e-6, group=group)
     finally:
         dist.destroy_process_group()
 

@@ -48,7 +48,7 @@ class TokenBatch:
     ent_mask: Tensor | None = None  # [n] 1/0: in the top_entropy_quantile (set after the entropy pass)
     ent_count: Tensor | None = None  # 0-dim: tokens the entropy bonus averages over (default: all)
     # The ranks holding the other tokens of these sequences (sequence parallelism; None: all are here).
-    # Then seq_len and items count the whole sequences, and every loss or metric is this rank's share.
+    # Then seq_len and items count the whole sequences' tokens, and the loss is this rank's share.
     group: SequenceGroup | None = None
 
     @property
