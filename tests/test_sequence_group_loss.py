@@ -141,8 +141,7 @@ def _check(
 
 
 def _padded_batch(dtype: torch.dtype) -> dict:
-    """The packed batch's first 4 sequences as rows [4, 9] (the short ones masked at the end), with
-    per-token advantages."""
+    """The packed batch's first 36 tokens as 4 rows of 9, with per-token advantages (row 2 all 0)."""
     packed = _packed_batch(dtype)
     rows, length = 4, 9
     out = {}
