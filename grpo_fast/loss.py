@@ -33,6 +33,7 @@ def grpo_loss(
     process_group: object | None = None,
     vocab_start: int | None = None,
     batch_invariant: bool = False,
+    sequence_group: object | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss of TRL's GRPOTrainer and its metrics, with gradients to hidden, weight and bias.
 
@@ -47,6 +48,20 @@ def grpo_loss(
     ``[vocab_start, vocab_start + V_r)`` (default: shards in rank order); every other input is the same
     on all ranks. Loss, metrics and the hidden gradient come out identical on every rank, the weight
     gradient is the local shard's.
+
+    Sequence-parallel: with ``sequence_group`` (a ProcessGroup), the ranks of the group share the same B
+    sequences (the same ``advantages``, and the same config) and each passes its own tokens of them:
+    hidden/targets/mask/old_logp/ref_logp/... of those tokens, ``[B, T_r, H]`` (row b: this rank's
+    tokens of sequence b) or packed ``[N_r, H]`` with ``seq_ids`` into the B sequences; a rank may hold
+    no token of a sequence, or none at all, but every rank calls. The loss is this rank's share: the
+    group's losses add up to the loss of the whole sequences, and the gradients (hidden's rows, and
+    weight/bias summed over the group) are that loss's: the group talks inside the call only (the
+    backward is local), so every rank of a group scales its loss alike. The metrics are the whole
+    sequences' values, the same on every rank of the group: a trainer counts them once per group (e.g.
+    weighs each rank's by its own unmasked tokens, whose sum over the group is the sequences').
+    ``num_items_in_batch``, given, counts the whole sequences' tokens; ``entropy_gather``, given, must
+    pool the group's ranks too (default with a group: the group's entropies). Not with ``process_group``
+    or under ``torch.compile``.
 
     TRL 1.16's other loss options: ``advantages`` may be per token, ``[B, T]`` (padded layout);
     ``config.top_entropy_quantile`` < 1 trains on the batch's highest-entropy tokens only (their threshold
@@ -66,7 +81,7 @@ def grpo_loss(
     call = LossCall(
         hidden, weight, targets, mask, advantages, old_logp, ref_logp, bias, config, num_items_in_batch,
         seq_ids, sampling_logp, importance_sampling_ratio, entropy_gather, backend, chunk_size,
-        process_group, vocab_start, batch_invariant,
+        process_group, vocab_start, batch_invariant, sequence_group,
     )  # fmt: skip
     if torch.compiler.is_compiling():  # one opaque op in the graph: see engine/compile_ops.py
         return compile_ops.grpo_loss(call)
@@ -84,6 +99,7 @@ class GRPOLoss(nn.Module):
         chunk_size: int | None = None,
         process_group: object | None = None,
         batch_invariant: bool = False,
+        sequence_group: object | None = None,
     ):
         super().__init__()
         self.config = config if config is not None else GRPOConfig()
@@ -91,6 +107,7 @@ class GRPOLoss(nn.Module):
         self.chunk_size = chunk_size
         self.process_group = process_group
         self.batch_invariant = batch_invariant
+        self.sequence_group = sequence_group
 
     def forward(
         self,
@@ -127,6 +144,7 @@ class GRPOLoss(nn.Module):
             chunk_size=self.chunk_size,
             process_group=self.process_group,
             batch_invariant=self.batch_invariant,
+            sequence_group=self.sequence_group,
         )
 
     def extra_repr(self) -> str:

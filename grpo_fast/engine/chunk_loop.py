@@ -26,6 +26,7 @@ from .objective import (
     metric_names,
     needs_whole_sequences,
     with_entropy_mask,
+    with_group_totals,
     zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
@@ -293,6 +294,7 @@ def run_grpo(
             hidden, weight, bias, targets, temperature, ops, chunk, shard, invariant_rows, softcap=cap
         )
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
+        batch = with_group_totals(logp, batch, cfg)  # sequence parallel: the sums over the group's tokens
         coefs = coefficients(logp, entropy, batch, cfg)
         grads = nonzero_grad_pass(
             hidden,

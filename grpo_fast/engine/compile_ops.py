@@ -180,6 +180,11 @@ torch.library.register_autograd(f"{_NS}::grpo_loss", _loss_backward, setup_conte
 def grpo_loss(call: LossCall) -> tuple[Tensor, dict[str, Tensor]]:
     """``gf.grpo_loss`` as one traced op (what the public function calls under ``torch.compile``)."""
     _no_process_group(call.process_group, call.vocab_start)
+    if call.sequence_group is not None:
+        raise ValueError(
+            "sequence_group (sequence parallelism) is not supported under torch.compile: call grpo_fast "
+            "outside the compiled region (torch.compiler.disable) for it"
+        )
     if call.entropy_gather is not None:
         raise ValueError(
             "entropy_gather (a cross-process entropy quantile) is not supported under torch.compile: call "

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import CLIPPED_LOSS_TYPES, GRPOConfig
+from .sequence_group import SequenceGroup
 
 _TOKEN_LOCAL_FIELDS = (
     "seq_ids", "mask", "adv", "old_logp", "ref_logp", "sampling_logp", "is_ratio", "ent_mask"
@@ -46,6 +47,9 @@ class TokenBatch:
     is_ratio: Tensor | None = None  # [n] vLLM importance-sampling ratio (a sequence's value on its tokens)
     ent_mask: Tensor | None = None  # [n] 1/0: in the top_entropy_quantile (set after the entropy pass)
     ent_count: Tensor | None = None  # 0-dim: tokens the entropy bonus averages over (default: all)
+    # The ranks holding the other tokens of these sequences (sequence parallelism; None: all are here).
+    # Then seq_len and items count the whole sequences' tokens, and the loss is this rank's share.
+    group: SequenceGroup | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -170,10 +174,67 @@ def _old(logp: Tensor, batch: TokenBatch) -> Tensor:
     return logp.detach() if batch.old_logp is None else batch.old_logp
 
 
+def _log_ratio_sums(logp: Tensor, batch: TokenBatch) -> Tensor:
+    return segment_sum((logp - _old(logp, batch)) * batch.mask, batch.seq_ids, batch.num_seqs)
+
+
+def _vespo_log_w_sums(logp: Tensor, batch: TokenBatch) -> Tensor:
+    log_ratio = torch.clamp(logp - _old(logp, batch), -20.0, 20.0)
+    log_w = segment_sum(log_ratio * batch.mask, batch.seq_ids, batch.num_seqs)
+    if batch.is_ratio is not None:
+        log_is = torch.clamp(torch.log(batch.is_ratio), math.log(1e-8), 20.0)
+        log_w = log_w + segment_sum(log_is, batch.seq_ids, batch.num_seqs)
+    return log_w
+
+
+def _sampler_kl_sums(logp: Tensor, batch: TokenBatch) -> Tensor:
+    sampling = batch.sampling_logp if batch.sampling_logp is not None else _old(logp, batch)
+    kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+    return segment_sum(kl * batch.mask, batch.seq_ids, batch.num_seqs)
+
+
+# The per-sequence sums of per-token terms that couple a sequence's tokens, [B] each: in a sequence group,
+# the sums over every rank's tokens (:func:`with_group_totals`).
+_SEQUENCE_SUMS = {
+    "log_ratio": _log_ratio_sums,
+    "vespo_log_w": _vespo_log_w_sums,
+    "sampler_kl": _sampler_kl_sums,
+}
+
+
+def _sequence_sum_keys(cfg: GRPOConfig) -> tuple[str, ...]:
+    keys = ("log_ratio",) if cfg.importance_sampling_level == "sequence" else ()
+    keys += ("vespo_log_w",) if cfg.loss_type == "vespo" else ()
+    return keys + (("sampler_kl",) if cfg.off_policy_mask_threshold is not None else ())
+
+
+def _sequence_sum(key: str, logp: Tensor, batch: TokenBatch) -> Tensor:
+    local = _SEQUENCE_SUMS[key](logp, batch)
+    return local if batch.group is None else batch.group.total(key, local)
+
+
+def with_group_totals(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> TokenBatch:
+    """In a sequence group, ``batch`` with the per-sequence sums its objective couples tokens through (and
+    the entropy bonus's token count) summed over the group's ranks: one all-reduce, between the log-prob
+    pass and the coefficients. ``batch`` itself without a group."""
+    if batch.group is None:
+        return batch
+    keys = _sequence_sum_keys(cfg)
+    with torch.no_grad():
+        parts = [_SEQUENCE_SUMS[k](logp, batch) for k in keys]
+        if batch.ent_count is not None:
+            parts.append(batch.ent_count.reshape(1))
+        if not parts:
+            return batch
+        flat = batch.group.all_reduce_(torch.cat(parts))
+    totals = flat[: len(keys) * batch.num_seqs].view(len(keys), batch.num_seqs)
+    ent_count = flat[-1] if batch.ent_count is not None else None
+    return replace(batch, group=batch.group.with_totals(keys, totals), ent_count=ent_count)
+
+
 def sequence_log_ratio(logp: Tensor, batch: TokenBatch) -> Tensor:
     """GSPO's per-sequence mean log-ratio, [B]."""
-    summed = segment_sum((logp - _old(logp, batch)) * batch.mask, batch.seq_ids, batch.num_seqs)
-    return summed / batch.seq_len.clamp(min=1.0)
+    return _sequence_sum("log_ratio", logp, batch) / batch.seq_len.clamp(min=1.0)
 
 
 def vespo_weights(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor:
@@ -185,13 +246,7 @@ def vespo_weights(logp: Tensor, batch: TokenBatch, cfg: GRPOConfig) -> Tensor:
     clamped to [log 1e-8, 20]); k and lambda by the sign of the advantage (>= 0: the "pos" pair).
     """
     with torch.no_grad():
-        lower = math.log(1e-8)
-        log_ratio = torch.clamp(logp - _old(logp, batch), -20.0, 20.0)
-        log_w = segment_sum(log_ratio * batch.mask, batch.seq_ids, batch.num_seqs)
-        if batch.is_ratio is not None:
-            log_is = torch.clamp(torch.log(batch.is_ratio), lower, 20.0)
-            log_w = log_w + segment_sum(log_is, batch.seq_ids, batch.num_seqs)
-        log_w = torch.clamp(log_w, lower, 20.0)
+        log_w = torch.clamp(_sequence_sum("vespo_log_w", logp, batch), math.log(1e-8), 20.0)
         if batch.token_adv:
             log_w = log_w[batch.seq_ids]
         nonneg = (batch.adv if batch.token_adv else batch.seq_adv) >= 0
@@ -272,9 +327,7 @@ def off_policy_mask(logp: Tensor, batch: TokenBatch, threshold: float) -> Tensor
     ``threshold``. The sampler's log-probs default to the old ones (then to logp: KL 0); a NaN sampler
     log-prob (vLLM could not score it) adds 0."""
     with torch.no_grad():
-        sampling = batch.sampling_logp if batch.sampling_logp is not None else _old(logp, batch)
-        kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
-        seq_kl = segment_sum(kl * batch.mask, batch.seq_ids, batch.num_seqs) / batch.seq_len.clamp(min=1.0)
+        seq_kl = _sequence_sum("sampler_kl", logp, batch) / batch.seq_len.clamp(min=1.0)
         return ((batch.adv >= 0) | (seq_kl[batch.seq_ids] <= threshold)).float()
 
 
@@ -330,14 +383,18 @@ def averaged_over_sequences(name: str, cfg: GRPOConfig) -> bool:
 def loss_and_metrics(
     logp: Tensor, entropy: Tensor, batch: TokenBatch, cfg: GRPOConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss value and TRL's metrics from the per-token log-probs and entropies (no grad)."""
+    """The loss value and TRL's metrics from the per-token log-probs and entropies (no grad).
+
+    In a sequence group the loss is this rank's share (the group's losses add up to the loss of the whole
+    sequences) and the metrics are the whole sequences' values, the same on every rank of the group."""
     with torch.no_grad():
         loss_t, kl, coef = per_token_objective(logp, entropy, batch, cfg)
         policy = reduce_loss(loss_t, batch, cfg)
         bonus = entropy_bonus(entropy, batch, cfg)
         loss = policy if bonus is None else policy + bonus
-        mask = batch.mask
-        denom = mask.sum().clamp(min=1.0)
+        mask, group = batch.mask, batch.group
+        # In a group, token means are this rank's share of the group's (summed at the end).
+        denom = (mask.sum() if group is None else batch.seq_len.sum()).clamp(min=1.0)
         token_mean = lambda x: (x * mask).sum() / denom  # noqa: E731
         seq_mean = lambda x: x.sum() / max(batch.num_seqs, 1)  # noqa: E731
         zero = loss.new_zeros(())
@@ -360,17 +417,21 @@ def loss_and_metrics(
             coef = coef[batch.seq_ids]  # the sequence ratio on each token (VESPO: phi is per token already)
         adv = batch.seq_adv if per_seq else batch.adv
         mean = seq_mean if per_seq else token_mean
+        # Means over sequences of per-sequence values: the same on every rank of a group, not summed.
+        group_wide = {"vespo/phi_seq_mean"} if not batch.token_adv else set()
+        if per_seq:
+            group_wide |= {"clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "cispo_clip_ratio"}
+        seq_clips: list[Tensor] = []  # per-sequence sums of the token clip flags, [B] each
         if cfg.loss_type in CLIPPED_LOSS_TYPES:
             low = ((coef < 1 - cfg.epsilon_low) & (adv < 0)).float()
             high = ((coef > 1 + cfg.epsilon_high) & (adv > 0)).float()
             metrics["clip_ratio_low"] = mean(low)
             metrics["clip_ratio_high"] = mean(high)
             metrics["clip_ratio_region"] = mean(torch.maximum(low, high))
-            if not per_seq:  # TRL's masked_seq_mean: NaN for a sequence without tokens
-                low = segment_sum(low * mask, batch.seq_ids, batch.num_seqs) / batch.seq_len
-                high = segment_sum(high * mask, batch.seq_ids, batch.num_seqs) / batch.seq_len
-            metrics["clip_ratio_low_min"] = _nan_extreme(low, torch.amin)
-            metrics["clip_ratio_high_max"] = _nan_extreme(high, torch.amax)
+            if not per_seq:
+                seq_clips = [segment_sum(x * mask, batch.seq_ids, batch.num_seqs) for x in (low, high)]
+            else:
+                seq_clips = [low, high]
         elif cfg.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = mean(((coef > cfg.epsilon_high) & (adv > 0)).float())
         elif cfg.loss_type == "vespo":  # phi: one value per sequence, or per token (per-token advantages)
@@ -380,7 +441,17 @@ def loss_and_metrics(
         if cfg.top_entropy_quantile < 1.0:
             kept = mask * batch.ent_mask
             metrics["entropy_mask/tokens"] = kept.sum()
-            metrics["entropy_mask/entropy"] = (entropy * kept).sum() / kept.sum().clamp(min=1.0)
+            kept_count = kept.sum() if group is None else batch.ent_count  # the group's count
+            metrics["entropy_mask/entropy"] = (entropy * kept).sum() / kept_count.clamp(min=1.0)
+        if group is not None:  # one all-reduce: the shares, and the token-level clip sums of each sequence
+            metrics, summed = group.sum_metrics(metrics, group_wide, [] if per_seq else seq_clips)
+            seq_clips = seq_clips if per_seq else summed
+        if seq_clips:
+            low, high = seq_clips
+            if not per_seq:  # TRL's masked_seq_mean: NaN for a sequence without tokens
+                low, high = low / batch.seq_len, high / batch.seq_len
+            metrics["clip_ratio_low_min"] = _nan_extreme(low, torch.amin)
+            metrics["clip_ratio_high_max"] = _nan_extreme(high, torch.amax)
     return loss, metrics
 
 

@@ -28,6 +28,7 @@ from ..config import GRPOConfig
 from .chunk_loop import FusedGRPOLoss, FusedLogprobs, LogprobPlan, LossPlan
 from .objective import TokenBatch, metric_names, segment_sum
 from .parallel import VocabShard, make_shard, shared_chunk_size
+from .sequence_group import open_sequence_group
 from .tile_size import resolve_chunk_size
 from .validation import (
     ValueChecks,
@@ -81,8 +82,14 @@ class LossCall:
     process_group: object | None = None
     vocab_start: int | None = None
     batch_invariant: bool = False
+    sequence_group: object | None = None
 
     def __post_init__(self) -> None:
+        if self.sequence_group is not None and self.process_group is not None:
+            raise ValueError(
+                "sequence_group (sequence parallelism) with process_group (a vocab-parallel head) is not "
+                "supported: give one of them"
+            )
         config = self.config if self.config is not None else GRPOConfig()
         if not isinstance(config, GRPOConfig):
             raise TypeError(f"config must be a grpo_fast.GRPOConfig, got {type(config).__name__}")
@@ -207,6 +214,7 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     """Validate once, then shard, resolve the backend and the tile size: (hidden rows the loss reads,
     weight, bias, the plan) for :func:`run_loss_plan`."""
     cfg = call.config
+    group = None if call.sequence_group is None else open_sequence_group(call.sequence_group)
     head = open_head(call.hidden, call.weight, call.bias, call.process_group, call.vocab_start)
     inputs, weight, bias = validate_loss_inputs(
         call.hidden,
@@ -226,6 +234,8 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     )
     num_seqs = inputs.advantages.shape[0]
     seq_len = segment_sum(inputs.mask, inputs.seq_ids, num_seqs)
+    if group is not None:  # the whole sequences' token counts: every denominator of the loss
+        group.all_reduce_(seq_len)
 
     # Masked tokens never reach the loss: drop them before the GEMMs (their hidden grad stays 0).
     keep = (inputs.mask != 0).nonzero().squeeze(1)
@@ -245,6 +255,7 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
         token_adv=token_adv is not None,
         sampling_logp=pick(inputs.sampling_logp) if inputs.sampling_logp is not None else None,
         is_ratio=pick(inputs.is_ratio) if inputs.is_ratio is not None else None,
+        group=group,
     )
     h = pick(inputs.hidden)
     _, ops, chunk, invariant_rows = head.plan(
@@ -260,9 +271,10 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     targets = head.local_targets(pick(inputs.targets))
     rows = keep if compact else None
     check = None if cfg.logit_softcap is not None else finite_result_check(h, weight)  # else: checked
-    plan = LossPlan(
-        targets, batch, cfg, ops, chunk, head.shard, invariant_rows, rows, call.entropy_gather, check
-    )
+    gather = call.entropy_gather
+    if gather is None and group is not None:  # the quantile over the whole sequences' tokens
+        gather = group.gather
+    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, invariant_rows, rows, gather, check)
     return h, weight, bias, plan
 
 
