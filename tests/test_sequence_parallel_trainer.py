@@ -152,7 +152,10 @@ def _compare(root: Path, layouts: list[str]) -> None:
             weights, ref = _final_weights(run_dir), _final_weights(one)
             assert weights.keys() == ref.keys(), what
             for key in ref:
-                torch.testing.assert_close(weights[key], ref[key], rtol=1e-4, atol=2e-5, msg=f"{what}: {key}")
+                # A key bias's exact gradient is 0 (a softmax ignores a shift shared by all keys): Adam
+                # divides its rounding noise by its own size, so its steps are noise up to the learning rate.
+                atol = 1e-3 if key.endswith("k_proj.bias") else 2e-5
+                torch.testing.assert_close(weights[key], ref[key], rtol=1e-4, atol=atol, msg=f"{what}: {key}")
 
 
 def test_two_processes_match_one_and_resume_across_sizes(tmp_path):
