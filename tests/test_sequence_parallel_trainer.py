@@ -52,7 +52,8 @@ def _cases() -> dict[str, dict]:
     cases = {}
     for i, loss_type in enumerate(LOSS_TYPES):
         for level in ("token", "sequence"):
-            options = dict(loss_type=loss_type, importance_sampling_level=level)
+            # beta 0 (not the demo's 0.04) unless a reference is wanted: skip_zero_advantage then skips.
+            options = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.0)
             if i % 2 == 0:
                 options.update(num_iterations=2, beta=0.04)
             if i % 4 == 1:
@@ -60,15 +61,17 @@ def _cases() -> dict[str, dict]:
             if i % 4 == 3:
                 options.update(max_tokens_per_microbatch=10)
             cases[f"{loss_type}-{level}"] = options
+    # The entropy threshold: a quantile over the micro-batch's tokens, which the group's ranks hold in parts.
+    cases["entropy-quantile"] = dict(top_entropy_quantile=0.5, gradient_accumulation_steps=2)
     return cases
 
 
 CASES = _cases()
-NAMES = list(CASES)
+NAMES = [f"{t}-{level}" for t in LOSS_TYPES for level in ("token", "sequence")]
 # Runs per layout, (sequence_parallel_size, processes, case names): every loss type in each layout, each
 # importance-sampling level of it in one of them at least; one run replicates the model with DDP.
 LAYOUTS = {
-    "sp2": (2, 2, NAMES[0::2]),
+    "sp2": (2, 2, NAMES[0::2] + ["entropy-quantile"]),  # one data-parallel group: the quantile is exact
     "sp4": (4, 4, NAMES[1::2]),
     "dp2xsp2": (2, 4, [n for i, n in enumerate(NAMES) if i % 4 in (0, 3)]),
     "sp2-ddp": (2, 2, ["grpo-sequence"]),
@@ -217,8 +220,6 @@ def test_refusals(tmp_path):
         config(tmp_path, padding_free=False, sequence_parallel_size=2)
     with pytest.raises(ValueError, match="sequence_parallel_size must be >= 1"):
         config(tmp_path, sequence_parallel_size=0)
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        config(tmp_path, sequence_parallel_size=2, top_entropy_quantile=0.5)
     with pytest.raises(ValueError, match="must divide the number of processes, 1"):
         Trainer(config(tmp_path, sequence_parallel_size=2))
 

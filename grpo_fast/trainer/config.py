@@ -292,11 +292,6 @@ class TrainConfig:
                 f"sequence_parallel_size {size} needs padding_free: true: each process forwards a slice "
                 "of the packed rows, whose segments the attention isolates by position_ids"
             )
-        if self.top_entropy_quantile < 1.0:
-            raise ValueError(
-                f"sequence_parallel_size {size} cannot be combined with top_entropy_quantile < 1: the "
-                "entropy threshold is a quantile over tokens that the processes of a group hold in parts"
-            )
 
     def loss_config(self) -> GRPOConfig:
         """The grpo_fast.GRPOConfig of these options."""
