@@ -24,26 +24,35 @@ def _shape(x: Tensor) -> str:
 
 
 class ValueChecks:
-    """Checks of tensor values, evaluated together: one device-to-host transfer for all of them, so CUDA
-    inputs cost one synchronization however many checks there are (the shape and dtype checks need none)."""
+    """Checks of tensor values and the counts a call needs, read together: one device-to-host transfer for
+    all of them, so CUDA inputs cost one synchronization however many there are (the shape and dtype
+    checks need none)."""
 
     def __init__(self) -> None:
         self._items: list[tuple[Tensor, tuple[Tensor, ...], Callable[..., str]]] = []
+        self._counts: list[Tensor] = []
 
     def add(self, bad: Tensor, message: Callable[..., str], *values: Tensor) -> None:
         """``bad``: a 0-dim bool tensor; ``message(*values)`` (as floats) is the error when it is true."""
         self._items.append((bad, values, message))
 
-    def run(self) -> None:
-        if not self._items:
-            return
+    def count(self, value: Tensor) -> int:
+        """Read a 0-dim integer tensor with the checks: its index in :meth:`run`'s list."""
+        self._counts.append(value)
+        return len(self._counts) - 1
+
+    def run(self) -> list[int]:
+        """Raise the first failed check's error, else return the counts (as ints, in :meth:`count` order)."""
+        if not self._items and not self._counts:
+            return []
         flat = [x.reshape(()).double() for bad, values, _ in self._items for x in (bad, *values)]
-        host = torch.stack(flat).tolist()  # the one transfer
+        host = torch.stack(flat + [c.reshape(()).double() for c in self._counts]).tolist()  # the one read
         i = 0
         for _, values, message in self._items:
             if host[i]:
                 raise ValueError(message(*host[i + 1 : i + 1 + len(values)]))
             i += 1 + len(values)
+        return [int(c) for c in host[i:]]
 
 
 def device_type(name: str) -> str | None:
@@ -129,25 +138,41 @@ def add_bias_value_check(checks: ValueChecks, bias: Tensor | None) -> None:
         checks.add(~torch.isfinite(bias).all(), lambda: "bias must be finite")
 
 
-def finite_result_check(hidden: Tensor, weight: Tensor) -> Callable[..., None]:
+@dataclass(frozen=True)
+class FiniteResultCheck:
     """The finiteness check of ``hidden`` (the rows the pass reads) and ``weight``, from the pass's own
     per-row results instead of a read of both on every call.
 
     A NaN or inf in a row of hidden makes that row's logits, hence its log-prob or entropy, non-finite; one
-    anywhere in weight does so for the rows that meet it (an inf times a hidden value of either sign). The
-    returned function takes those ``[N]`` results: all finite costs one small reduction and one transfer;
-    otherwise it searches the inputs and raises :func:`add_head_value_checks`'s error naming the bad one.
-    Finite inputs whose logits overflow find nothing: the result is returned as computed."""
+    anywhere in weight does so for the rows that meet it (an inf times a hidden value of either sign).
+    :meth:`bad` is a device flag from those ``[N]`` results (one small reduction, no read); only when it is
+    set, :meth:`name_input` searches the inputs and raises :func:`add_head_value_checks`'s error naming the
+    bad one. Finite inputs whose logits overflow find nothing: the result is returned as computed."""
 
-    def check(*results: Tensor) -> None:
+    hidden: Tensor
+    weight: Tensor
+
+    def bad(self, *results: Tensor) -> Tensor | None:
+        """0-dim bool on the results' device, True when one of them is not finite; None without results."""
         present = [r for r in results if r.numel()]
-        if not present or bool(torch.stack([torch.isfinite(r).all() for r in present]).all()):
-            return
+        if not present:
+            return None
+        return ~torch.stack([torch.isfinite(r).all() for r in present]).all()
+
+    def name_input(self) -> None:
         checks = ValueChecks()
-        add_head_value_checks(checks, hidden, weight, None)
+        add_head_value_checks(checks, self.hidden, self.weight, None)
         checks.run()
 
-    return check
+    def __call__(self, *results: Tensor) -> None:
+        """Check now (one read of the flag)."""
+        bad = self.bad(*results)
+        if bad is not None and bool(bad):
+            self.name_input()
+
+
+def finite_result_check(hidden: Tensor, weight: Tensor) -> FiniteResultCheck:
+    return FiniteResultCheck(hidden, weight)
 
 
 def check_targets(
@@ -251,10 +276,12 @@ def validate_loss_inputs(
     vocab: int | None = None,
     sampling_logp: object = None,
     importance_sampling_ratio: object = None,
+    checks: ValueChecks | None = None,
 ) -> tuple[LossInputs, Tensor, Tensor | None]:
     """``vocab``: the global vocabulary when ``weight`` is one shard of a vocab-parallel head. The
     non-tensor arguments (``cfg``, the type of ``num_items_in_batch``) were checked by the call record
-    (:mod:`.plan`)."""
+    (:mod:`.plan`). ``checks``: the value checks go there, for the caller to run with its counts (nothing
+    here reads the device then; the inputs are safe to index before they run); default: run here."""
     hidden = check_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape {_shape(hidden)}")
@@ -273,7 +300,8 @@ def validate_loss_inputs(
         mask_f = mask.float()
     else:
         raise TypeError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
-    checks = ValueChecks()  # every value check of the inputs, run at the end in one transfer
+    own_checks = checks is None
+    checks = ValueChecks() if own_checks else checks  # every value check, run in one transfer
     if mask_f.numel():
         checks.add(
             ~torch.isfinite(mask_f).all() | (mask_f < 0).any(),
@@ -318,12 +346,13 @@ def validate_loss_inputs(
                 f"{seq_ids_t.dtype} {_shape(seq_ids_t)}"
             )
         num_seqs = advantages.shape[0]
+        in_range = f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)"
+        if seq_ids_t.numel() and num_seqs == 0:
+            raise ValueError(in_range)
         if seq_ids_t.numel():
-            checks.add(
-                (seq_ids_t.min() < 0) | (seq_ids_t.max() >= num_seqs),
-                lambda: f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)",
-            )
-        seq_ids_t = seq_ids_t.long()
+            checks.add((seq_ids_t.min() < 0) | (seq_ids_t.max() >= num_seqs), lambda: in_range)
+        # Indexable before the checks are read (an identity once they pass): no out-of-range gather then.
+        seq_ids_t = seq_ids_t.long().clamp(0, max(num_seqs - 1, 0))
     checks.add(
         ~torch.isfinite(advantages if token_adv is None else token_adv).all(),
         lambda: "advantages must be finite (group_advantages maps unscorable completions to 0)",
@@ -370,7 +399,8 @@ def validate_loss_inputs(
         seq_ids=seq_ids_t,
     )
     num_items = _check_num_items(num_items_in_batch, device, checks)
-    checks.run()
+    if own_checks:
+        checks.run()
 
     flat_mask = mask_f.reshape(-1)
     inputs = LossInputs(
@@ -384,7 +414,7 @@ def validate_loss_inputs(
         num_items=num_items,
         token_advantages=token_adv,
         sampling_logp=sampling.reshape(-1) if sampling is not None else None,
-        # a per-sequence ratio on its tokens (after the checks: seq_ids are in range now)
+        # a per-sequence ratio on its tokens (seq_ids clamped into range above)
         is_ratio=is_ratio[seq_ids_t.reshape(-1)] if ratio_per_seq else is_ratio,
     )
     return inputs, weight, bias
