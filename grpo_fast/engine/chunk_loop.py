@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..backends.base import ChunkOps, Coefficients
 from ..config import GRPOConfig
+from .finite_check import FiniteResultCheck, PendingFiniteCheck, settle
 from .gradients import Grads
 from .objective import (
     TokenBatch,
@@ -30,7 +31,7 @@ from .objective import (
     zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
-from .validation import FiniteResultCheck, ValueChecks
+from .validation import ValueChecks
 
 
 def zero_split(zero: Tensor | None, live: int | None = None) -> tuple[Tensor, Tensor] | None:
@@ -215,19 +216,9 @@ def nonzero_grad_pass(
         stats, coefs = (pick(stats[0]), pick(stats[1])), (pick(coefs[0]), pick(coefs[1]))
     if hidden.shape[0]:
         grad_pass(
-            hidden,
-            weight,
-            bias,
-            targets,
-            stats,
-            coefs,
-            temperature,
-            ops,
-            chunk,
-            grads,
-            invariant_rows,
+            hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, grads, invariant_rows,
             softcap,
-        )
+        )  # fmt: skip
     return grads
 
 
@@ -249,7 +240,7 @@ class LossPlan:
     rows: Tensor | None = None  # rows of the [N, H] hidden the loss reads (masked dropped); None: all
     # The entropy quantile's pool: this process's entropies in, every process's out (None: this batch's).
     entropy_gather: Callable[[Tensor], Tensor] | None = None
-    # From the rows' (logp, entropy): names a non-finite input (validation.FiniteResultCheck); None: the
+    # From the rows' (logp, entropy): names a non-finite input (finite_check.FiniteResultCheck); None: the
     # inputs were checked up front.
     check_result: FiniteResultCheck | None = None
     # Rows of a token-local objective with a gradient (the rest have g = e = 0), read with the plan's
@@ -259,8 +250,9 @@ class LossPlan:
 
 def run_grpo(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan, needs: tuple[bool, ...]
-) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...]]:
-    """Loss, metrics and the gradients w.r.t. hidden, weight, bias.
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...], PendingFiniteCheck | None]:
+    """Loss, metrics, the gradients w.r.t. hidden, weight, bias, and the finiteness check still to come
+    (None: done, or none to do).
 
     Per tile: GEMM, row statistics (combined across vocab shards), the per-row coefficients of the
     objective, dlogits in place, the gradient GEMMs. A token-local objective does it in one walk over the
@@ -272,9 +264,11 @@ def run_grpo(
     objective knows every zero coefficient before its gradient walk and leaves those rows out of it.
 
     Host reads: none here for a token-local objective (the plan's one read has the counts); the two-walk
-    objective reads the number of rows its gradient walk keeps, and the results' finiteness with it. A
-    non-finite result is otherwise looked for only where it is on the host already (CPU): on CUDA, a
-    token-local objective returns a NaN loss as computed rather than synchronize to name the input.
+    objective reads the number of rows its gradient walk keeps, and the results' finiteness with it. On
+    the CPU a token-local objective reads its results' finiteness at once (free there). On CUDA it does
+    not synchronize for it: the check is deferred (:class:`PendingFiniteCheck`) and its error, naming the
+    bad input, lands with the call's backward when the flag has reached the host by then, at the latest
+    with the next ``grpo_loss`` or ``selective_logprobs`` call. The loss and metrics are NaN until then.
     """
     cfg, batch, ops, chunk, targets, shard, invariant_rows = (
         plan.cfg,
@@ -287,6 +281,7 @@ def run_grpo(
     )
     n, temperature, cap = hidden.shape[0], cfg.temperature, cfg.logit_softcap
     bad = None  # whether a result is not finite, when that is known on the host
+    pending = None
     if not needs_whole_sequences(cfg):
         split = zero_split(zero_gradient_rows(batch, cfg), plan.live_rows)
         if split is None:
@@ -325,29 +320,20 @@ def run_grpo(
         counts = reads.run()
         bad = bool(counts[bad_at]) if bad_at is not None else False
         grads = nonzero_grad_pass(
-            hidden,
-            weight,
-            bias,
-            targets,
-            (lse, entropy),
-            coefs,
-            temperature,
-            ops,
-            chunk,
-            needs,
-            invariant_rows,
-            cap,
-            counts[live_at],
-        )
+            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
+            invariant_rows, cap, counts[live_at],
+        )  # fmt: skip
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
     if plan.check_result is not None:  # after final()'s collective: every rank gets through it
         if bad is None and on_host(logp):  # reading it costs nothing there
             flag = plan.check_result.bad(logp, entropy)
             bad = flag is not None and bool(flag)
+        elif bad is None:  # a read would stall the device: checked later, at no synchronization
+            pending = plan.check_result.defer(logp, entropy)
         if bad:
             plan.check_result.name_input()
-    return loss, metrics, out
+    return loss, metrics, out, pending
 
 
 def _one_walk(
@@ -406,7 +392,7 @@ class FusedGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan):
-        loss, metrics, grads = run_grpo(hidden, weight, bias, plan, ctx.needs_input_grad[:3])
+        loss, metrics, grads, ctx.pending = run_grpo(hidden, weight, bias, plan, ctx.needs_input_grad[:3])
         ctx.grads = grads
         metric_vec = torch.stack([metrics[k] for k in metric_names(plan.cfg)])
         ctx.mark_non_differentiable(metric_vec)
@@ -419,6 +405,10 @@ class FusedGRPOLoss(torch.autograd.Function):
                 "grpo_fast's fused loss keeps its gradients for a single backward; run forward again"
             )
         grads, ctx.grads = ctx.grads, None
+        # The forward's deferred finiteness check, when its flag is on the host already (no wait).
+        if ctx.pending is not None and ctx.pending.ready():
+            pending, ctx.pending = ctx.pending, None
+            settle(pending, later=False)
         # loss.backward() passes 1: skip the scaling then. Asking costs a synchronization on CUDA, where
         # the scaling is the cheaper of the two (one pass over the gradients, no stall).
         is_one = grad_loss.device.type == "cpu" and bool(grad_loss == 1)

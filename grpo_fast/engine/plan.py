@@ -8,7 +8,7 @@ names, checks the non-tensor ones once, and is what every entry point passes on 
 Order: the LM head is checked and (vocab-parallel) the shard layout agreed first, because the other inputs'
 checks need the global vocabulary; then the inputs are validated; then :meth:`Head.plan` resolves the
 backend and the tile size. Nothing runs a kernel before all checks have passed, but one: NaN and inf in
-hidden and the LM head are found from the pass's per-row results (``validation.finite_result_check``),
+hidden and the LM head are found from the pass's per-row results (:mod:`.finite_check`),
 which then names the bad input with the same error; a full read of W per call is what that saves.
 """
 
@@ -26,6 +26,7 @@ from .. import backends
 from ..backends.base import ChunkOps
 from ..config import GRPOConfig
 from .chunk_loop import FusedGRPOLoss, FusedLogprobs, LogprobPlan, LossPlan
+from .finite_check import finite_result_check, settle_ready
 from .objective import TokenBatch, metric_names, needs_whole_sequences, segment_sum, zero_gradient_rows
 from .parallel import VocabShard, make_shard, shared_chunk_size
 from .sequence_group import open_sequence_group
@@ -38,7 +39,6 @@ from .validation import (
     check_same_device,
     check_targets,
     check_tensor,
-    finite_result_check,
     validate_loss_inputs,
 )
 
@@ -263,6 +263,7 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     zero = None if needs_whole_sequences(cfg) else zero_gradient_rows(full, cfg)
     live_at = reads.count((unmasked & ~zero).sum()) if zero is not None else None
     counts = reads.run()  # the call's one host read: raises on bad input before any kernel on the head
+    settle_ready()  # earlier calls' deferred finiteness checks: their flags are on the host after the read
     kept = counts[kept_at]
 
     # Masked tokens never reach the loss: drop them before the GEMMs (their hidden grad stays 0).
@@ -283,7 +284,7 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
         softcap=cfg.logit_softcap is not None,
     )
     targets = head.local_targets(targets)
-    check = None if cfg.logit_softcap is not None else finite_result_check(h, weight)  # else: checked
+    check = None if cfg.logit_softcap is not None else finite_result_check(h, weight, call.hidden, keep)
     gather = call.entropy_gather
     if gather is None and group is not None:  # the quantile over the whole sequences' tokens
         gather = group.gather
@@ -325,6 +326,7 @@ def plan_logprobs(
         add_bias_value_check(checks, head.bias)
     if value_checks:
         checks.run()
+    settle_ready()  # earlier grpo_loss calls' deferred finiteness checks, at no synchronization
     flat = hidden.reshape(-1, hidden.shape[-1])
     if call.fused_gemm:
         return flat, head, targets, None

@@ -1,6 +1,6 @@
 """Input checks of the public API: each names the argument and what was expected, before any kernel runs;
 except NaN and inf in ``hidden`` and the LM head ``weight``, which the pass's per-row results reveal at no
-cost: those are looked for only when a result is not finite (:func:`finite_result_check`)."""
+cost: those are looked for only when a result is not finite (:mod:`.finite_check`)."""
 
 from __future__ import annotations
 
@@ -115,18 +115,22 @@ def check_lm_head(hidden: Tensor, weight: object, bias: object) -> tuple[Tensor,
 
 
 def add_head_value_checks(
-    checks: ValueChecks, hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None = None
+    checks: ValueChecks,
+    hidden: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rows: Tensor | None = None,
 ) -> None:
-    """hidden (at the ``rows`` that count, default all), weight and bias must be finite: a NaN there
-    would only show as a NaN loss. One read of each, in the checks' single transfer.
+    """hidden (at the ``rows`` that count, default all), weight and bias must be finite (None: not
+    checked): a NaN there would only show as a NaN loss. One read of each, in the checks' single transfer.
 
     The calls run this up front only where the result cannot tell (a soft cap turns an inf logit into a
-    finite one); otherwise :func:`finite_result_check` runs it when a result is not finite."""
-    if hidden.numel():
+    finite one); otherwise :mod:`.finite_check` runs it when a result is not finite."""
+    if hidden is not None and hidden.numel():
         finite_rows = torch.isfinite(hidden).all(-1)
         bad = ~finite_rows if rows is None else ~finite_rows & rows.reshape(finite_rows.shape)
         checks.add(bad.any(), lambda: "hidden must be finite (NaN or inf found at a position that counts)")
-    if weight.numel():
+    if weight is not None and weight.numel():
         checks.add(~torch.isfinite(weight).all(), lambda: "weight (the LM head) must be finite")
     add_bias_value_check(checks, bias)
 
@@ -136,43 +140,6 @@ def add_bias_value_check(checks: ValueChecks, bias: Tensor | None) -> None:
     (a banned token) leaves every row's statistics finite."""
     if bias is not None and bias.numel():
         checks.add(~torch.isfinite(bias).all(), lambda: "bias must be finite")
-
-
-@dataclass(frozen=True)
-class FiniteResultCheck:
-    """The finiteness check of ``hidden`` (the rows the pass reads) and ``weight``, from the pass's own
-    per-row results instead of a read of both on every call.
-
-    A NaN or inf in a row of hidden makes that row's logits, hence its log-prob or entropy, non-finite; one
-    anywhere in weight does so for the rows that meet it (an inf times a hidden value of either sign).
-    :meth:`bad` is a device flag from those ``[N]`` results (one small reduction, no read); only when it is
-    set, :meth:`name_input` searches the inputs and raises :func:`add_head_value_checks`'s error naming the
-    bad one. Finite inputs whose logits overflow find nothing: the result is returned as computed."""
-
-    hidden: Tensor
-    weight: Tensor
-
-    def bad(self, *results: Tensor) -> Tensor | None:
-        """0-dim bool on the results' device, True when one of them is not finite; None without results."""
-        present = [r for r in results if r.numel()]
-        if not present:
-            return None
-        return ~torch.stack([torch.isfinite(r).all() for r in present]).all()
-
-    def name_input(self) -> None:
-        checks = ValueChecks()
-        add_head_value_checks(checks, self.hidden, self.weight, None)
-        checks.run()
-
-    def __call__(self, *results: Tensor) -> None:
-        """Check now (one read of the flag)."""
-        bad = self.bad(*results)
-        if bad is not None and bool(bad):
-            self.name_input()
-
-
-def finite_result_check(hidden: Tensor, weight: Tensor) -> FiniteResultCheck:
-    return FiniteResultCheck(hidden, weight)
 
 
 def check_targets(
@@ -310,7 +277,7 @@ def validate_loss_inputs(
     targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0, checks=checks)
     if cfg.logit_softcap is not None:  # the cap hides an inf from the result: check up front
         add_head_value_checks(checks, hidden, weight, bias, rows=mask_f != 0)
-    else:  # hidden and weight from the result (finite_result_check), bias now
+    else:  # hidden and weight from the result (finite_check), bias now
         add_bias_value_check(checks, bias)
 
     advantages = check_tensor("advantages", advantages)
