@@ -55,6 +55,7 @@ RESUME_FREE = frozenset(
         "device",
         "num_threads",
         "parallelism",
+        "sequence_parallel_size",
         "gradient_checkpointing",
         "offload_activations",
         "max_tokens_per_microbatch",
@@ -134,6 +135,12 @@ class TrainConfig:
         "ddp",
         "several processes (torchrun): 'ddp' keeps a replica per rank; 'fsdp' shards parameters, "
         "gradients and optimizer state (FSDP2). Checkpoints are the same either way",
+    )
+    sequence_parallel_size: int = _opt(
+        1,
+        "processes that share each packed row, each forwarding a contiguous 1/P of it (Ulysses attention): "
+        "about P times less activation memory per process; needs padding_free, a world size divisible by "
+        "P and a model whose attention heads P divides (docs/trainer.md#sequence-parallelism)",
     )
 
     # Sampling (temperature and max_completion_length are among the loss options below).
@@ -216,6 +223,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "save_total_limit",
             "max_reward_failures",
+            "sequence_parallel_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -269,6 +277,12 @@ class TrainConfig:
                     "max_tokens_per_microbatch cannot be combined with top_entropy_quantile < 1: the entropy "
                     "threshold is a quantile over the whole micro-batch, which a split pass never sees"
                 )
+        if self.sequence_parallel_size > 1 and not self.padding_free:
+            raise ValueError(
+                f"sequence_parallel_size {self.sequence_parallel_size} needs padding_free: true: each "
+                "process forwards a slice of the packed rows, whose segments the attention isolates by "
+                "position_ids"
+            )
         if self.device != "auto" and device_type(self.device) is None:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.loss_config()  # GRPOConfig checks the loss options and names the bad one

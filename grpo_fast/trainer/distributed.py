@@ -9,6 +9,11 @@ A prompt's G completions may so live on several ranks; rewards are all-gathered 
 normalised over whole groups. Each rank's loss is rescaled so that the sum over ranks is the
 single-process loss of that micro-batch, times ``world_size`` because DDP averages gradients: the
 update equals the single-process update on the same global batch.
+
+Sequence parallelism (``sequence_parallel_size`` P > 1) groups P consecutive ranks: the data-parallel
+layout above runs over the ``world_size / P`` groups (a group's rows are shared by its P ranks), and
+:meth:`Layout.refine` splits each group's piece of a micro-batch again into P pieces, the rows each of
+its ranks samples and scores before the group exchanges them.
 """
 
 from __future__ import annotations
@@ -125,14 +130,42 @@ class Layout:
     def rank_rows(self, rank: int) -> Tensor:
         return torch.cat([p[rank] for p in self.pieces])
 
+    def refine(self, parts: int, part: int) -> Layout:
+        """Each rank's piece of every micro-batch split again into ``parts`` contiguous pieces: the layout
+        over ``world * parts`` ranks in which this one is piece ``part`` of its piece."""
+        if parts == 1:
+            return self
+        if min(len(p) for pieces in self.pieces for p in pieces) < parts:
+            raise ValueError(
+                f"a micro-batch gives some group of {parts} sequence-parallel processes fewer than {parts} "
+                "completions to sample: every process samples at least one. Raise prompts_per_step or "
+                "lower gradient_accumulation_steps."
+            )
+        pieces = tuple(tuple(q for p in ps for q in p.tensor_split(parts)) for ps in self.pieces)
+        return Layout(self.micro, pieces, self.rank * parts + part)
+
+
+def sequence_groups(size: int) -> Any:
+    """The process group of this rank's ``size`` consecutive ranks (``size`` divides the world size):
+    ``dist.new_group`` runs on every rank for every group, in the same order, as it requires."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine
+
 
 class Group:
-    """The trainer's view of the process group; every method is a no-op for a single process."""
+    """The trainer's view of a process group (the default one unless ``process_group``); every method is
+    a no-op for a single process."""
 
-    def __init__(self, device: torch.device):
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.world = dist.get_world_size() if self.active else 1
-        self.rank = dist.get_rank() if self.active else 0
+    def __init__(self, device: torch.device, process_group: Any = None):
+        self.pg = process_group
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.pg) > 1
+        self.world = dist.get_world_size(self.pg) if self.active else 1
+        self.rank = dist.get_rank(self.pg) if self.active else 0
         # NCCL talks through CUDA tensors, gloo through CPU ones.
         self.device = device if self.active and dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -142,21 +175,21 @@ class Group:
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            dist.barrier(group=self.pg)
 
     def sum(self, values: Tensor) -> Tensor:
         """All-reduced sum of a float64 vector (returned on the CPU)."""
         if not self.active:
             return values
         x = values.to(self.device, torch.float64)
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=self.pg)
         return x.cpu()
 
     def max(self, values: Tensor) -> Tensor:
         if not self.active:
             return values
         x = values.to(self.device, torch.float64)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.pg)
         return x.cpu()
 
     def any(self, flag: bool) -> bool:
@@ -169,30 +202,41 @@ class Group:
         if not self.active:
             return x
         counts = layout.counts()
-        width = max(counts)
-        padded = x.new_zeros((width, *x.shape[1:])).to(self.device)
+        out = x.new_empty((sum(counts), *x.shape[1:]))
+        for r, part in enumerate(self.gather_parts(x, counts)):
+            out[layout.rank_rows(r)] = part
+        return out
+
+    def gather_parts(self, x: Tensor, counts: list[int]) -> list[Tensor]:
+        """Every rank's ``x`` (rank r's has ``counts[r]`` rows; the other dimensions agree), on x's device."""
+        padded = x.new_zeros((max(counts), *x.shape[1:])).to(self.device)
         padded[: x.shape[0]] = x.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        out = x.new_empty((sum(counts), *x.shape[1:]))
-        for r, part in enumerate(parts):
-            out[layout.rank_rows(r)] = part[: counts[r]].to(out.device)
-        return out
+        dist.all_gather(parts, padded, group=self.pg)
+        return [part[:n].to(x.device) for part, n in zip(parts, counts, strict=True)]
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, group_src=0, group=self.pg)
         return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.pg)
         return out
 
 
-__all__ = ["Group", "Layout", "ProcessGroupFromEnv", "destroy", "init_from_env", "launched_by_torchrun"]
+__all__ = [
+    "Group",
+    "Layout",
+    "ProcessGroupFromEnv",
+    "destroy",
+    "init_from_env",
+    "launched_by_torchrun",
+    "sequence_groups",
+]

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..integrations.hf import add_hidden_forward, head_transform, lm_head, unsupported_head
 from ..integrations.packing import check_packable
 from . import checkpoint as ckpt
-from . import distributed, sharding
+from . import distributed, sequence, sharding
 from .config import RESUME_FREE, TrainConfig
 from .data import PromptDataset, PromptSampler, load_prompts
 from .demo import DEMO
@@ -90,6 +90,7 @@ class Trainer(RolloutMixin, UpdateMixin):
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed + self.group.rank)
+        self.sp = self._sequence_group()
         # Cheap checks first: a typo in a reward name or an unwritable directory should not wait for a model.
         self._setup_rewards(reward_funcs)
         self.run_dir = Path(cfg.output_dir)
@@ -98,12 +99,13 @@ class Trainer(RolloutMixin, UpdateMixin):
         self._setup_model(model, tokenizer)
         self._setup_data(dataset)
         # Several processes: every micro-batch must give each of them a completion (fails now, not later).
+        size = cfg.sequence_parallel_size
         distributed.Layout.build(
             cfg.prompts_per_step * cfg.num_generations,
             cfg.gradient_accumulation_steps,
-            self.group.world,
-            self.group.rank,
-        )
+            self.group.world // size,
+            self.group.rank // size,
+        ).refine(size, self.group.rank % size)
         # A scaled or soft-capped LM head (Gemma 2, Granite, ...): folded into the loss's temperature and
         # logit_softcap, so the loss and the old/ref log-probs see the model's own logits.
         loss_config = cfg.loss_config()
@@ -124,6 +126,18 @@ class Trainer(RolloutMixin, UpdateMixin):
         self._warned: set[str] = set()
 
     # ----- set-up -------------------------------------------------------------------------------------
+    def _sequence_group(self) -> distributed.Group | None:
+        """The group of ``sequence_parallel_size`` consecutive ranks that shares this rank's rows."""
+        size = self.cfg.sequence_parallel_size
+        if size == 1:
+            return None
+        if self.group.world % size:
+            raise ValueError(
+                f"sequence_parallel_size {size} must divide the number of processes, {self.group.world} "
+                "(launch with torchrun --nproc-per-node a multiple of it)"
+            )
+        return distributed.Group(self.device, distributed.sequence_groups(size))
+
     def _setup_rewards(self, reward_funcs: Sequence[RewardFn] | None) -> None:
         cfg = self.cfg
         self.reward_funcs = (
@@ -158,6 +172,8 @@ class Trainer(RolloutMixin, UpdateMixin):
             raise ValueError(f"grpo_fast cannot train this model: {reason}")
         if cfg.padding_free:
             check_packable(model)
+        if self.sp is not None:
+            sequence.check_model(model, self.sp.world)
         self.model, self.tokenizer = model.to(self.device).train(), tokenizer
         disable_dropout(self.model)
         if cfg.freeze_lm_head:
@@ -228,6 +244,7 @@ class Trainer(RolloutMixin, UpdateMixin):
             self.device,
             start,
             lr=self.scheduler.get_last_lr()[0],
+            copies=self.cfg.sequence_parallel_size,
         )
         totals = weighted_sum(batch.rewards, self.reward_weights)
         totals = totals[batch.layout.local] if self.group.active else totals
@@ -256,6 +273,7 @@ class Trainer(RolloutMixin, UpdateMixin):
                     "sampler": self.sampler.state_dict(),
                     "config": self.cfg.to_dict(),
                     "world_size": self.group.world,
+                    "sequence_parallel_size": self.cfg.sequence_parallel_size,
                 },
             )
         self.group.barrier()

@@ -69,8 +69,10 @@ def step_metrics(
     device: torch.device,
     start: float,
     lr: float,
+    copies: int = 1,
 ) -> dict[str, Any]:
-    """The metrics.jsonl row of a step, over all ranks; ``start`` is the step's ``time.perf_counter()``."""
+    """The metrics.jsonl row of a step, over all ranks; ``start`` is the step's ``time.perf_counter()``;
+    ``copies``: ranks holding each row (sequence parallelism), whose counts add up to one."""
     rewards, out = batch.rewards, batch.out
     G = len(rewards) // len(batch.rows)
     reward_total = weighted_sum(rewards, reward_weights)
@@ -102,7 +104,8 @@ def step_metrics(
         at = len(losses)
         loss_metrics.sums = dict(zip(keys, packed[at : at + len(keys)], strict=True))
         loss_metrics.weights = dict(zip(keys, packed[at + len(keys) : at + 2 * len(keys)], strict=True))
-        loss_metrics.weight, len_sum, len_count, truncated, skipped = packed[at + 2 * len(keys) :]
+        loss_metrics.weight = packed[at + 2 * len(keys)]  # the metrics: added by one rank of a group
+        len_sum, len_count, truncated, skipped = (x / copies for x in packed[at + 2 * len(keys) + 1 :])
         extreme_keys = sorted(loss_metrics.extremes)
         if extreme_keys:  # min / max metrics: a max over ranks of sign * value
             values = [loss_metrics.extremes[k] for k in extreme_keys]

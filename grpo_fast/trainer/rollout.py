@@ -20,7 +20,7 @@ import grpo_fast as gf
 from ..engine.objective import zero_advantage_blocker
 from ..integrations.hf import HIDDEN_KWARG, backbone, completion_hidden, lm_head, match_head_dtype
 from ..integrations.packing import VARLEN_ATTENTION, Packing, attention_implementation
-from . import distributed, sharding
+from . import distributed, sequence, sharding
 from .config import TrainConfig
 from .data import Prompt, PromptDataset, PromptSampler, repeat_each
 from .generation import Rollout, context_length, encode_prompts, prompt_text, sample
@@ -76,8 +76,19 @@ def pack(model: nn.Module, rows: Rollout) -> Packing:
     )
 
 
-def packed_states(model: nn.Module, packing: Packing, bf16: bool, through: nn.Module | None = None) -> Tensor:
-    """``[n, H]`` hidden states predicting the packed completion tokens (``packing.seq_ids``/``cols``)."""
+def pack_pass(
+    model: nn.Module, rows: Rollout, sp: distributed.Group | None
+) -> Packing | sequence.SequenceSlice:
+    """The rows packed for a padding-free forward; with sequence parallelism, this rank's slice of them."""
+    packing = pack(model, rows)
+    return packing if sp is None else sequence.SequenceSlice.of(packing, sp.world, sp.rank)
+
+
+def packed_states(
+    model: nn.Module, packing: Packing | sequence.SequenceSlice, bf16: bool, through: nn.Module | None = None
+) -> Tensor:
+    """``[n, H]`` hidden states predicting the packed completion tokens (``packing.seq_ids``/``cols``); a
+    sequence slice's forward runs inside ``sequence.attention``."""
     with autocast(packing.input_ids.device, bf16):
         if through is None and not sharding.is_sharded(model):
             out = backbone(model)(**packing.forward_kwargs(), use_cache=False)
@@ -138,24 +149,29 @@ class RolloutMixin:
     reward_funcs: list[RewardFn]
     reward_weights: Tensor
     reward_names: list[str]
+    sp: distributed.Group | None  # this rank's sequence-parallel group (None: sequence_parallel_size 1)
     step: int
     _warned: set[str]
 
     def build_batch(self) -> StepBatch:
         """The next prompts, sampled, scored and ready for the loss; raises RewardError on a failure."""
-        cfg, G, group = self.cfg, self.cfg.num_generations, self.group
+        cfg, G, group, size = self.cfg, self.cfg.num_generations, self.group, self.cfg.sequence_parallel_size
         indices = self.sampler.next_batch()
+        # Rows per data-parallel rank (a sequence-parallel group), then the share each of its ranks samples.
         layout = distributed.Layout.build(
-            len(indices) * G, cfg.gradient_accumulation_steps, group.world, group.rank
+            len(indices) * G, cfg.gradient_accumulation_steps, group.world // size, group.rank // size
         )
+        sampled = layout.refine(size, group.rank % size)
         if group.active:  # each rank samples differently, reproducibly from any checkpoint
             torch.manual_seed(distributed.step_seed(cfg.seed, self.step, group.rank))
-        rows, out = self.rollout(indices, layout.local if group.active else None)
-        rewards = self._all_rewards(rows, out, layout)  # all N completions: groups are normalised whole
+        rows, out = self.rollout(indices, sampled.local if group.active else None)
+        rewards = self._all_rewards(rows, out, sampled)  # all N completions: groups are normalised whole
         advantages = gf.group_advantages(rewards, G, cfg.scale_rewards, reward_weights=self.reward_weights)
         if group.active:
             advantages = advantages[layout.local]
         advantages = advantages.to(self.device)
+        if self.sp is not None:  # every rank of the group trains on all of the group's rows
+            out = sequence.share_rollout(out, self.sp, sampled, layout, self.tokenizer.pad_token_id)
 
         loss_mask = out.completion_mask
         if cfg.mask_truncated_completions:
@@ -323,23 +339,27 @@ class RolloutMixin:
             rows = out.rows(index if len(index) else torch.arange(1, device=index.device))
             length = rows.completion_ids.shape[1]
             if self.cfg.padding_free:
-                packing = pack(model, rows)
-                hidden = packed_states(model, packing, self.bf16)
+                packing = pack_pass(model, rows, self.sp)
+                with sequence.attention(model, self.sp):
+                    hidden = packed_states(model, packing, self.bf16)
                 targets = packing.take(rows.completion_ids)
             else:
                 hidden, targets = completion_states(model, rows, self.bf16), rows.completion_ids
             weight, bias = match_head_dtype(hidden, *lm_head(model))
-            logp = gf.selective_logprobs(
-                hidden,
-                weight,
-                targets,
-                bias,
-                self.loss_config.temperature,  # the head's scale folded in (loop.py)
-                backend=self.cfg.backend,
-                chunk_size=self.cfg.chunk_size,
-                batch_invariant=self.cfg.batch_invariant,
-                logit_softcap=self.loss_config.logit_softcap,
-            )
+            if not targets.numel():  # a sequence slice may hold no completion token's state
+                logp = hidden.new_zeros(0, dtype=torch.float32)
+            else:
+                logp = gf.selective_logprobs(
+                    hidden,
+                    weight,
+                    targets,
+                    bias,
+                    self.loss_config.temperature,  # the head's scale folded in (loop.py)
+                    backend=self.cfg.backend,
+                    chunk_size=self.cfg.chunk_size,
+                    batch_invariant=self.cfg.batch_invariant,
+                    logit_softcap=self.loss_config.logit_softcap,
+                )
             if len(index):
                 parts.append(packing.unpack(logp, length) if self.cfg.padding_free else logp)
         if not parts:  # every row skipped

@@ -21,10 +21,10 @@ import grpo_fast as gf
 from grpo_fast.engine.objective import averaged_over_sequences, metric_names
 
 from ..integrations.hf import lm_head, match_head_dtype
-from . import distributed, sharding
+from . import distributed, sequence, sharding
 from .config import TrainConfig
 from .generation import Rollout
-from .rollout import StepBatch, completion_states, pack, packed_states
+from .rollout import StepBatch, completion_states, pack_pass, packed_states
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float):
@@ -153,6 +153,7 @@ class UpdateMixin:
     model: nn.Module
     ddp: DistributedDataParallel | None
     sharded: bool
+    sp: distributed.Group | None
     bf16: bool
     loss_config: gf.GRPOConfig
     optimizer: torch.optim.Optimizer
@@ -170,7 +171,8 @@ class UpdateMixin:
         bonus_scale: float = 1.0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """grpo_loss of one micro-batch (one of ``num_micro`` in the update), or of one pass of it with
-        ``bonus_scale`` (see :meth:`_micro_config`)."""
+        ``bonus_scale`` (see :meth:`_micro_config`). With sequence parallelism, called inside
+        :func:`sequence.attention <grpo_fast.trainer.sequence.attention>`."""
         # --offload-activations: what autograd saves for the backbone's backward waits in host memory
         # (pinned on CUDA) instead of on the device; the loss keeps no activations of its own.
         offload = (
@@ -181,7 +183,7 @@ class UpdateMixin:
         targets, seq_ids = rows.completion_ids, None
         with offload:
             if self.cfg.padding_free:  # the rows' real tokens only, the loss's inputs packed to match
-                packing = pack(self.model, rows)
+                packing = pack_pass(self.model, rows, self.sp)  # or this rank's slice of them
                 hidden = packed_states(self.model, packing, self.bf16, through=self.ddp)
                 targets, loss_mask, seq_ids = packing.take(targets), packing.take(loss_mask), packing.seq_ids
                 old = packing.take(old) if old is not None else None
@@ -190,6 +192,8 @@ class UpdateMixin:
                 hidden = completion_states(self.model, rows, self.bf16, through=self.ddp)
         # Under FSDP2 the root's forward has just gathered the head: this is the full weight.
         weight, bias = match_head_dtype(hidden, *lm_head(self.model))
+        # Sequence parallelism: this rank's tokens of the rows the group shares; the loss is its share.
+        group = {} if self.sp is None else {"sequence_group": self.sp.pg}
         return gf.grpo_loss(
             hidden,
             weight,
@@ -205,6 +209,7 @@ class UpdateMixin:
             backend=self.cfg.backend,
             chunk_size=self.cfg.chunk_size,
             batch_invariant=self.cfg.batch_invariant,
+            **group,
         )
 
     def _micro_config(self, num_micro: int, bonus_scale: float = 1.0) -> gf.GRPOConfig:
@@ -236,7 +241,9 @@ class UpdateMixin:
         )
         loss_cfg = cfg.loss_config()
         local_tokens = [float(loss_mask[index].sum()) for index in batch.micro]
-        micro_tokens = group.sum(torch.tensor(local_tokens, dtype=torch.float64)).tolist()
+        # The ranks of a sequence-parallel group hold the same rows: counted once.
+        size = cfg.sequence_parallel_size
+        micro_tokens = (group.sum(torch.tensor(local_tokens, dtype=torch.float64)) / size).tolist()
         num_items = (
             torch.tensor(sum(micro_tokens), dtype=torch.float32, device=self.device)
             if group.active
@@ -270,7 +277,12 @@ class UpdateMixin:
                     sharding.keep_head_gathered(self.model, not last)
                 # An empty pass (FSDP2: another rank needs this forward) runs one row at weight 0.
                 rows = index if len(index) else batch.micro[j][:1]
-                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                # Sequence parallelism: Ulysses attention until the backward is done (gradient checkpointing
+                # runs the forwards again there).
+                with (
+                    contextlib.nullcontext() if sync else self.ddp.no_sync(),
+                    sequence.attention(self.model, self.sp),
+                ):
                     loss, metrics = self.policy_loss(
                         out.rows(rows),
                         loss_mask[rows],
@@ -281,7 +293,8 @@ class UpdateMixin:
                         len(batch.micro),
                         bonus,
                     )
-                    # This pass's part of the micro-batch's loss; DDP/FSDP average over ranks: * world.
+                    # This pass's part of the micro-batch's loss; DDP/FSDP average over ranks: * world (with
+                    # sequence parallelism the loss is the rank's share of the pass's: the group's add up).
                     weight = share * group.world if len(index) else 0.0
                     ((loss * weight) / accumulate).backward()
                 backward = True
@@ -291,6 +304,9 @@ class UpdateMixin:
                 # Metrics are token means of each pass, but some (sequence-level ratios, VESPO's phi) are
                 # averaged over sequences (weight: the pass's share of them, times the tokens), and the
                 # policy loss is, like the loss, the sum of the passes' shares of it.
+                if self.sp is not None and self.sp.rank > 0:  # the group's metrics, counted by its first rank
+                    stats.metrics.declare(list(metrics))
+                    continue
                 weights = {k: seq_weight for k in metrics if averaged_over_sequences(k, self.loss_config)}
                 if "policy_loss" in metrics:
                     weights["policy_loss"] = micro_tokens[j] * share
