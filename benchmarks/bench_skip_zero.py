@@ -126,7 +126,7 @@ def loss_alone(args, backend: str) -> list[dict]:
     real_split = chunk_loop.zero_split
 
     def run(frac: float, skip: bool) -> tuple[tuple[float, float], dict]:
-        chunk_loop.zero_split = real_split if skip else (lambda zero: None)
+        chunk_loop.zero_split = real_split if skip else (lambda zero, live=None: None)
         hd, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -58,6 +58,8 @@ def _cases() -> dict[str, dict]:
                 options.update(num_iterations=2, beta=0.04)
             if i % 4 == 1:
                 options.update(gradient_accumulation_steps=2, entropy_coef=0.05)
+            if i % 4 == 2:  # backward recomputes the forwards: Ulysses attention must still be on
+                options.update(gradient_checkpointing=True)
             if i % 4 == 3:
                 options.update(max_tokens_per_microbatch=10)
             cases[f"{loss_type}-{level}"] = options

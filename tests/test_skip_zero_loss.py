@@ -49,7 +49,7 @@ def run(batch: dict, cfg: gf.GRPOConfig, skip: bool, monkeypatch, **kw):
     """(loss, metrics, grads) with the skip, or with every row walked (``skip=False``)."""
     with monkeypatch.context() as m:
         if not skip:
-            m.setattr(chunk_loop, "zero_split", lambda zero: None)
+            m.setattr(chunk_loop, "zero_split", lambda zero, live=None: None)
         batch = cast(batch, torch.float32)
         args = {k: batch.get(k) for k in ("old_logp", "ref_logp", "bias")}
         loss, metrics = gf.grpo_loss(
@@ -221,7 +221,7 @@ def test_selective_logprobs_backward_skips_zero_rows(backend, monkeypatch):
     def grads_of(skip: bool):
         with monkeypatch.context() as m:
             if not skip:
-                m.setattr(chunk_loop, "zero_split", lambda zero: None)
+                m.setattr(chunk_loop, "zero_split", lambda zero, live=None: None)
             b = cast(batch, torch.float32)
             logp = gf.selective_logprobs(b["hidden"], b["weight"], b["targets"], b["bias"], backend=backend)
             return grads((logp * upstream).sum(), b)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..backends.base import ChunkOps, Coefficients
 from ..config import GRPOConfig
+from .finite_check import FiniteResultCheck, PendingFiniteCheck, settle
 from .gradients import Grads
 from .objective import (
     TokenBatch,
@@ -30,19 +31,26 @@ from .objective import (
     zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
+from .validation import ValueChecks
 
 
-def zero_split(zero: Tensor | None) -> tuple[Tensor, Tensor] | None:
+def zero_split(zero: Tensor | None, live: int | None = None) -> tuple[Tensor, Tensor] | None:
     """(rows with a gradient, rows without), each in order, from ``zero`` ([n] bool, True: no gradient);
-    None when every row has one. One host read (the count), no boolean indexing."""
+    None when every row has one. ``live``: the number of rows with a gradient, when the caller read it
+    with its other values; else one host read here (the count). No boolean indexing."""
     if zero is None:
         return None
-    num_zero = int(zero.sum())
-    if num_zero == 0:
+    if live is None:
+        live = zero.numel() - int(zero.sum())
+    if live == zero.numel():
         return None
     order = torch.argsort(zero.to(torch.int8), stable=True)
-    live = zero.numel() - num_zero
     return order[:live], order[live:]
+
+
+def on_host(x: Tensor) -> bool:
+    """Whether reading ``x`` back costs no synchronization (CPU tensors)."""
+    return x.device.type == "cpu"
 
 
 def _chunks(n: int, chunk: int):
@@ -194,34 +202,30 @@ def nonzero_grad_pass(
     needs: tuple[bool, ...],
     invariant_rows: int | None = None,
     softcap: float | None = None,
+    live: int | None = None,
 ) -> Grads:
     """:func:`grad_pass` over the rows whose coefficients are not both exactly 0, into new gradients (the
-    other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). One host read (the count)."""
-    g, e = coefs
-    zero = (g == 0) if e is None else (g == 0) & (e == 0)
-    split = zero_split(zero)
+    other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). ``live``: their number, when the
+    caller read it (:func:`zero_coefficients`); else one host read here."""
+    split = zero_split(zero_coefficients(coefs), live)
     rows = None if split is None else split[0]
     grads = Grads.allocate(hidden, weight, bias, needs, rows=rows, invariant_rows=invariant_rows)
     if rows is not None:
         pick = lambda x: x.index_select(0, rows) if x is not None else None  # noqa: E731
         hidden, targets = pick(hidden), pick(targets)
-        stats, coefs = (pick(stats[0]), pick(stats[1])), (pick(g), pick(e))
+        stats, coefs = (pick(stats[0]), pick(stats[1])), (pick(coefs[0]), pick(coefs[1]))
     if hidden.shape[0]:
         grad_pass(
-            hidden,
-            weight,
-            bias,
-            targets,
-            stats,
-            coefs,
-            temperature,
-            ops,
-            chunk,
-            grads,
-            invariant_rows,
+            hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, grads, invariant_rows,
             softcap,
-        )
+        )  # fmt: skip
     return grads
+
+
+def zero_coefficients(coefs: tuple[Tensor, Tensor | None]) -> Tensor:
+    """[n] bool: the rows whose (g, e) are both exactly 0."""
+    g, e = coefs
+    return (g == 0) if e is None else (g == 0) & (e == 0)
 
 
 @dataclass(frozen=True)
@@ -236,24 +240,35 @@ class LossPlan:
     rows: Tensor | None = None  # rows of the [N, H] hidden the loss reads (masked dropped); None: all
     # The entropy quantile's pool: this process's entropies in, every process's out (None: this batch's).
     entropy_gather: Callable[[Tensor], Tensor] | None = None
-    # Called with the rows' (logp, entropy): raises naming a non-finite input (validation's
-    # finite_result_check); None: the inputs were checked up front.
-    check_result: Callable[..., None] | None = None
+    # From the rows' (logp, entropy): names a non-finite input (finite_check.FiniteResultCheck); None: the
+    # inputs were checked up front.
+    check_result: FiniteResultCheck | None = None
+    # Rows of a token-local objective with a gradient (the rest have g = e = 0), read with the plan's
+    # checks; None: not known before the pass.
+    live_rows: int | None = None
 
 
 def run_grpo(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan, needs: tuple[bool, ...]
-) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...]]:
-    """Loss, metrics and the gradients w.r.t. hidden, weight, bias.
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor | None, ...], PendingFiniteCheck | None]:
+    """Loss, metrics, the gradients w.r.t. hidden, weight, bias, and the finiteness check still to come
+    (None: done, or none to do).
 
     Per tile: GEMM, row statistics (combined across vocab shards), the per-row coefficients of the
     objective, dlogits in place, the gradient GEMMs. A token-local objective does it in one walk over the
     tokens; one that couples the tokens of a sequence first walks them for the log-probs (no grad).
 
     Rows whose coefficients are exactly 0 take no part in dlogits and the gradient GEMMs (their dL/dh is
-    0): a token-local objective knows them from the batch before the walk (:func:`zero_gradient_rows`)
-    and walks them for their statistics only; the two-walk objective knows every zero coefficient before
-    its gradient walk and leaves those rows out of it. One host read per call either way (the count).
+    0): a token-local objective knows them from the batch before the walk (:func:`zero_gradient_rows`,
+    their number read with the plan's checks) and walks them for their statistics only; the two-walk
+    objective knows every zero coefficient before its gradient walk and leaves those rows out of it.
+
+    Host reads: none here for a token-local objective (the plan's one read has the counts); the two-walk
+    objective reads the number of rows its gradient walk keeps, and the results' finiteness with it. On
+    the CPU a token-local objective reads its results' finiteness at once (free there). On CUDA it does
+    not synchronize for it: the check is deferred (:class:`PendingFiniteCheck`) and its error, naming the
+    bad input, lands with the call's backward when the flag has reached the host by then, at the latest
+    with the next ``grpo_loss`` or ``selective_logprobs`` call. The loss and metrics are NaN until then.
     """
     cfg, batch, ops, chunk, targets, shard, invariant_rows = (
         plan.cfg,
@@ -265,8 +280,10 @@ def run_grpo(
         plan.invariant_rows,
     )
     n, temperature, cap = hidden.shape[0], cfg.temperature, cfg.logit_softcap
+    bad = None  # whether a result is not finite, when that is known on the host
+    pending = None
     if not needs_whole_sequences(cfg):
-        split = zero_split(zero_gradient_rows(batch, cfg))
+        split = zero_split(zero_gradient_rows(batch, cfg), plan.live_rows)
         if split is None:
             grads = Grads.allocate(hidden, weight, bias, needs, invariant_rows=invariant_rows)
             logp, entropy = _one_walk(hidden, weight, bias, targets, batch, plan, grads)
@@ -296,25 +313,27 @@ def run_grpo(
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         batch = with_group_totals(logp, batch, cfg)  # sequence parallel: the sums over the group's tokens
         coefs = coefficients(logp, entropy, batch, cfg)
+        reads = ValueChecks()  # the gradient walk's row count, and the results' finiteness with it
+        live_at = reads.count((~zero_coefficients(coefs)).sum())
+        flag = plan.check_result.bad(logp, entropy) if plan.check_result is not None else None
+        bad_at = reads.count(flag) if flag is not None else None
+        counts = reads.run()
+        bad = bool(counts[bad_at]) if bad_at is not None else False
         grads = nonzero_grad_pass(
-            hidden,
-            weight,
-            bias,
-            targets,
-            (lse, entropy),
-            coefs,
-            temperature,
-            ops,
-            chunk,
-            needs,
-            invariant_rows,
-            cap,
-        )
+            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
+            invariant_rows, cap, counts[live_at],
+        )  # fmt: skip
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
     if plan.check_result is not None:  # after final()'s collective: every rank gets through it
-        plan.check_result(logp, entropy)
-    return loss, metrics, out
+        if bad is None and on_host(logp):  # reading it costs nothing there
+            flag = plan.check_result.bad(logp, entropy)
+            bad = flag is not None and bool(flag)
+        elif bad is None:  # a read would stall the device: checked later, at no synchronization
+            pending = plan.check_result.defer(logp, entropy)
+        if bad:
+            plan.check_result.name_input()
+    return loss, metrics, out, pending
 
 
 def _one_walk(
@@ -373,7 +392,7 @@ class FusedGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: LossPlan):
-        loss, metrics, grads = run_grpo(hidden, weight, bias, plan, ctx.needs_input_grad[:3])
+        loss, metrics, grads, ctx.pending = run_grpo(hidden, weight, bias, plan, ctx.needs_input_grad[:3])
         ctx.grads = grads
         metric_vec = torch.stack([metrics[k] for k in metric_names(plan.cfg)])
         ctx.mark_non_differentiable(metric_vec)
@@ -386,6 +405,10 @@ class FusedGRPOLoss(torch.autograd.Function):
                 "grpo_fast's fused loss keeps its gradients for a single backward; run forward again"
             )
         grads, ctx.grads = ctx.grads, None
+        # The forward's deferred finiteness check, when its flag is on the host already (no wait).
+        if ctx.pending is not None and ctx.pending.ready():
+            pending, ctx.pending = ctx.pending, None
+            settle(pending, later=False)
         # loss.backward() passes 1: skip the scaling then. Asking costs a synchronization on CUDA, where
         # the scaling is the cheaper of the two (one pass over the gradients, no stall).
         is_one = grad_loss.device.type == "cpu" and bool(grad_loss == 1)

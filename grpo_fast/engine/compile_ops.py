@@ -137,7 +137,7 @@ def _loss_op(
             batch_invariant=batch_invariant,
         )  # fmt: skip
         h, w, b, plan = plan_loss(call)
-        loss, metrics, (gh, gw, gb) = run_grpo(h, w, b, plan, tuple(needs))
+        loss, metrics, (gh, gw, gb), _ = run_grpo(h, w, b, plan, tuple(needs))  # checked by the next call
     if gh is not None:  # back to hidden's shape: masked rows were dropped, their gradient is 0
         if plan.rows is not None:
             gh = gh.new_zeros(hidden.numel() // hidden.shape[-1], hidden.shape[-1]).index_copy_(

@@ -8,7 +8,7 @@ names, checks the non-tensor ones once, and is what every entry point passes on 
 Order: the LM head is checked and (vocab-parallel) the shard layout agreed first, because the other inputs'
 checks need the global vocabulary; then the inputs are validated; then :meth:`Head.plan` resolves the
 backend and the tile size. Nothing runs a kernel before all checks have passed, but one: NaN and inf in
-hidden and the LM head are found from the pass's per-row results (``validation.finite_result_check``),
+hidden and the LM head are found from the pass's per-row results (:mod:`.finite_check`),
 which then names the bad input with the same error; a full read of W per call is what that saves.
 """
 
@@ -26,7 +26,8 @@ from .. import backends
 from ..backends.base import ChunkOps
 from ..config import GRPOConfig
 from .chunk_loop import FusedGRPOLoss, FusedLogprobs, LogprobPlan, LossPlan
-from .objective import TokenBatch, metric_names, segment_sum
+from .finite_check import finite_result_check, settle_ready
+from .objective import TokenBatch, metric_names, needs_whole_sequences, segment_sum, zero_gradient_rows
 from .parallel import VocabShard, make_shard, shared_chunk_size
 from .sequence_group import open_sequence_group
 from .tile_size import resolve_chunk_size
@@ -38,7 +39,6 @@ from .validation import (
     check_same_device,
     check_targets,
     check_tensor,
-    finite_result_check,
     validate_loss_inputs,
 )
 
@@ -212,10 +212,15 @@ def open_head(
 
 def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     """Validate once, then shard, resolve the backend and the tile size: (hidden rows the loss reads,
-    weight, bias, the plan) for :func:`run_loss_plan`."""
+    weight, bias, the plan) for :func:`run_loss_plan`.
+
+    One host read for the whole set-up: the input value checks, the number of unmasked tokens (dropped
+    before the GEMMs) and, for a token-local objective, of tokens with a gradient (the others get their
+    statistics only), all in one transfer."""
     cfg = call.config
     group = None if call.sequence_group is None else open_sequence_group(call.sequence_group)
     head = open_head(call.hidden, call.weight, call.bias, call.process_group, call.vocab_start)
+    reads = ValueChecks()
     inputs, weight, bias = validate_loss_inputs(
         call.hidden,
         head.weight,
@@ -231,33 +236,43 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
         vocab=head.vocab,
         sampling_logp=call.sampling_logp,
         importance_sampling_ratio=call.importance_sampling_ratio,
+        checks=reads,
     )
     num_seqs = inputs.advantages.shape[0]
     seq_len = segment_sum(inputs.mask, inputs.seq_ids, num_seqs)
     if group is not None:  # the whole sequences' token counts: every denominator of the loss
         group.all_reduce_(seq_len)
-
-    # Masked tokens never reach the loss: drop them before the GEMMs (their hidden grad stays 0).
-    keep = (inputs.mask != 0).nonzero().squeeze(1)
-    compact = keep.numel() < inputs.mask.numel()
-    pick = (lambda x: x.index_select(0, keep)) if compact else (lambda x: x)  # noqa: E731
-    seq_ids, mask = pick(inputs.seq_ids), pick(inputs.mask)
     token_adv = inputs.token_advantages
-    batch = TokenBatch(
-        seq_ids=seq_ids,
-        mask=mask,
-        adv=inputs.advantages[seq_ids] if token_adv is None else pick(token_adv),
-        old_logp=pick(inputs.old_logp) if inputs.old_logp is not None else None,
-        ref_logp=pick(inputs.ref_logp) if inputs.ref_logp is not None else None,
+    full = TokenBatch(
+        seq_ids=inputs.seq_ids,
+        mask=inputs.mask,
+        adv=inputs.advantages[inputs.seq_ids] if token_adv is None else token_adv,
+        old_logp=inputs.old_logp,
+        ref_logp=inputs.ref_logp,
         seq_adv=inputs.advantages,
         seq_len=seq_len,
         items=seq_len.sum() if inputs.num_items is None else inputs.num_items.to(seq_len),
         token_adv=token_adv is not None,
-        sampling_logp=pick(inputs.sampling_logp) if inputs.sampling_logp is not None else None,
-        is_ratio=pick(inputs.is_ratio) if inputs.is_ratio is not None else None,
+        sampling_logp=inputs.sampling_logp,
+        is_ratio=inputs.is_ratio,
         group=group,
     )
-    h = pick(inputs.hidden)
+    unmasked = inputs.mask != 0
+    kept_at = reads.count(unmasked.sum())
+    # Rows a token-local objective knows have no gradient (the two-pass ones learn theirs between passes).
+    zero = None if needs_whole_sequences(cfg) else zero_gradient_rows(full, cfg)
+    live_at = reads.count((unmasked & ~zero).sum()) if zero is not None else None
+    counts = reads.run()  # the call's one host read: raises on bad input before any kernel on the head
+    settle_ready()  # earlier calls' deferred finiteness checks: their flags are on the host after the read
+    kept = counts[kept_at]
+
+    # Masked tokens never reach the loss: drop them before the GEMMs (their hidden grad stays 0).
+    n = inputs.mask.shape[0]
+    compact = kept < n
+    keep = torch.argsort((~unmasked).to(torch.int8), stable=True)[:kept] if compact else None
+    batch = full.select(keep) if compact else full
+    h = inputs.hidden.index_select(0, keep) if compact else inputs.hidden
+    targets = inputs.targets.index_select(0, keep) if compact else inputs.targets
     _, ops, chunk, invariant_rows = head.plan(
         "grpo_loss",
         call.backend,
@@ -268,13 +283,13 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
         call.batch_invariant,
         softcap=cfg.logit_softcap is not None,
     )
-    targets = head.local_targets(pick(inputs.targets))
-    rows = keep if compact else None
-    check = None if cfg.logit_softcap is not None else finite_result_check(h, weight)  # else: checked
+    targets = head.local_targets(targets)
+    check = None if cfg.logit_softcap is not None else finite_result_check(h, weight, call.hidden, keep)
     gather = call.entropy_gather
     if gather is None and group is not None:  # the quantile over the whole sequences' tokens
         gather = group.gather
-    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, invariant_rows, rows, gather, check)
+    live = counts[live_at] if live_at is not None else None
+    plan = LossPlan(targets, batch, cfg, ops, chunk, head.shard, invariant_rows, keep, gather, check, live)
     return h, weight, bias, plan
 
 
@@ -311,6 +326,7 @@ def plan_logprobs(
         add_bias_value_check(checks, head.bias)
     if value_checks:
         checks.run()
+    settle_ready()  # earlier grpo_loss calls' deferred finiteness checks, at no synchronization
     flat = hidden.reshape(-1, hidden.shape[-1])
     if call.fused_gemm:
         return flat, head, targets, None

@@ -1,6 +1,6 @@
 """Input checks of the public API: each names the argument and what was expected, before any kernel runs;
 except NaN and inf in ``hidden`` and the LM head ``weight``, which the pass's per-row results reveal at no
-cost: those are looked for only when a result is not finite (:func:`finite_result_check`)."""
+cost: those are looked for only when a result is not finite (:mod:`.finite_check`)."""
 
 from __future__ import annotations
 
@@ -24,26 +24,35 @@ def _shape(x: Tensor) -> str:
 
 
 class ValueChecks:
-    """Checks of tensor values, evaluated together: one device-to-host transfer for all of them, so CUDA
-    inputs cost one synchronization however many checks there are (the shape and dtype checks need none)."""
+    """Checks of tensor values and the counts a call needs, read together: one device-to-host transfer for
+    all of them, so CUDA inputs cost one synchronization however many there are (the shape and dtype
+    checks need none)."""
 
     def __init__(self) -> None:
         self._items: list[tuple[Tensor, tuple[Tensor, ...], Callable[..., str]]] = []
+        self._counts: list[Tensor] = []
 
     def add(self, bad: Tensor, message: Callable[..., str], *values: Tensor) -> None:
         """``bad``: a 0-dim bool tensor; ``message(*values)`` (as floats) is the error when it is true."""
         self._items.append((bad, values, message))
 
-    def run(self) -> None:
-        if not self._items:
-            return
+    def count(self, value: Tensor) -> int:
+        """Read a 0-dim integer tensor with the checks: its index in :meth:`run`'s list."""
+        self._counts.append(value)
+        return len(self._counts) - 1
+
+    def run(self) -> list[int]:
+        """Raise the first failed check's error, else return the counts (as ints, in :meth:`count` order)."""
+        if not self._items and not self._counts:
+            return []
         flat = [x.reshape(()).double() for bad, values, _ in self._items for x in (bad, *values)]
-        host = torch.stack(flat).tolist()  # the one transfer
+        host = torch.stack(flat + [c.reshape(()).double() for c in self._counts]).tolist()  # the one read
         i = 0
         for _, values, message in self._items:
             if host[i]:
                 raise ValueError(message(*host[i + 1 : i + 1 + len(values)]))
             i += 1 + len(values)
+        return [int(c) for c in host[i:]]
 
 
 def device_type(name: str) -> str | None:
@@ -106,18 +115,22 @@ def check_lm_head(hidden: Tensor, weight: object, bias: object) -> tuple[Tensor,
 
 
 def add_head_value_checks(
-    checks: ValueChecks, hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None = None
+    checks: ValueChecks,
+    hidden: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rows: Tensor | None = None,
 ) -> None:
-    """hidden (at the ``rows`` that count, default all), weight and bias must be finite: a NaN there
-    would only show as a NaN loss. One read of each, in the checks' single transfer.
+    """hidden (at the ``rows`` that count, default all), weight and bias must be finite (None: not
+    checked): a NaN there would only show as a NaN loss. One read of each, in the checks' single transfer.
 
     The calls run this up front only where the result cannot tell (a soft cap turns an inf logit into a
-    finite one); otherwise :func:`finite_result_check` runs it when a result is not finite."""
-    if hidden.numel():
+    finite one); otherwise :mod:`.finite_check` runs it when a result is not finite."""
+    if hidden is not None and hidden.numel():
         finite_rows = torch.isfinite(hidden).all(-1)
         bad = ~finite_rows if rows is None else ~finite_rows & rows.reshape(finite_rows.shape)
         checks.add(bad.any(), lambda: "hidden must be finite (NaN or inf found at a position that counts)")
-    if weight.numel():
+    if weight is not None and weight.numel():
         checks.add(~torch.isfinite(weight).all(), lambda: "weight (the LM head) must be finite")
     add_bias_value_check(checks, bias)
 
@@ -127,27 +140,6 @@ def add_bias_value_check(checks: ValueChecks, bias: Tensor | None) -> None:
     (a banned token) leaves every row's statistics finite."""
     if bias is not None and bias.numel():
         checks.add(~torch.isfinite(bias).all(), lambda: "bias must be finite")
-
-
-def finite_result_check(hidden: Tensor, weight: Tensor) -> Callable[..., None]:
-    """The finiteness check of ``hidden`` (the rows the pass reads) and ``weight``, from the pass's own
-    per-row results instead of a read of both on every call.
-
-    A NaN or inf in a row of hidden makes that row's logits, hence its log-prob or entropy, non-finite; one
-    anywhere in weight does so for the rows that meet it (an inf times a hidden value of either sign). The
-    returned function takes those ``[N]`` results: all finite costs one small reduction and one transfer;
-    otherwise it searches the inputs and raises :func:`add_head_value_checks`'s error naming the bad one.
-    Finite inputs whose logits overflow find nothing: the result is returned as computed."""
-
-    def check(*results: Tensor) -> None:
-        present = [r for r in results if r.numel()]
-        if not present or bool(torch.stack([torch.isfinite(r).all() for r in present]).all()):
-            return
-        checks = ValueChecks()
-        add_head_value_checks(checks, hidden, weight, None)
-        checks.run()
-
-    return check
 
 
 def check_targets(
@@ -251,10 +243,12 @@ def validate_loss_inputs(
     vocab: int | None = None,
     sampling_logp: object = None,
     importance_sampling_ratio: object = None,
+    checks: ValueChecks | None = None,
 ) -> tuple[LossInputs, Tensor, Tensor | None]:
     """``vocab``: the global vocabulary when ``weight`` is one shard of a vocab-parallel head. The
     non-tensor arguments (``cfg``, the type of ``num_items_in_batch``) were checked by the call record
-    (:mod:`.plan`)."""
+    (:mod:`.plan`). ``checks``: the value checks go there, for the caller to run with its counts (nothing
+    here reads the device then; the inputs are safe to index before they run); default: run here."""
     hidden = check_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape {_shape(hidden)}")
@@ -273,7 +267,8 @@ def validate_loss_inputs(
         mask_f = mask.float()
     else:
         raise TypeError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
-    checks = ValueChecks()  # every value check of the inputs, run at the end in one transfer
+    own_checks = checks is None
+    checks = ValueChecks() if own_checks else checks  # every value check, run in one transfer
     if mask_f.numel():
         checks.add(
             ~torch.isfinite(mask_f).all() | (mask_f < 0).any(),
@@ -282,7 +277,7 @@ def validate_loss_inputs(
     targets = check_targets(targets, token_shape, vocab, valid=mask_f != 0, checks=checks)
     if cfg.logit_softcap is not None:  # the cap hides an inf from the result: check up front
         add_head_value_checks(checks, hidden, weight, bias, rows=mask_f != 0)
-    else:  # hidden and weight from the result (finite_result_check), bias now
+    else:  # hidden and weight from the result (finite_check), bias now
         add_bias_value_check(checks, bias)
 
     advantages = check_tensor("advantages", advantages)
@@ -318,12 +313,13 @@ def validate_loss_inputs(
                 f"{seq_ids_t.dtype} {_shape(seq_ids_t)}"
             )
         num_seqs = advantages.shape[0]
+        in_range = f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)"
+        if seq_ids_t.numel() and num_seqs == 0:
+            raise ValueError(in_range)
         if seq_ids_t.numel():
-            checks.add(
-                (seq_ids_t.min() < 0) | (seq_ids_t.max() >= num_seqs),
-                lambda: f"seq_ids must lie in [0, B={num_seqs}) where B = len(advantages)",
-            )
-        seq_ids_t = seq_ids_t.long()
+            checks.add((seq_ids_t.min() < 0) | (seq_ids_t.max() >= num_seqs), lambda: in_range)
+        # Indexable before the checks are read (an identity once they pass): no out-of-range gather then.
+        seq_ids_t = seq_ids_t.long().clamp(0, max(num_seqs - 1, 0))
     checks.add(
         ~torch.isfinite(advantages if token_adv is None else token_adv).all(),
         lambda: "advantages must be finite (group_advantages maps unscorable completions to 0)",
@@ -370,7 +366,8 @@ def validate_loss_inputs(
         seq_ids=seq_ids_t,
     )
     num_items = _check_num_items(num_items_in_batch, device, checks)
-    checks.run()
+    if own_checks:
+        checks.run()
 
     flat_mask = mask_f.reshape(-1)
     inputs = LossInputs(
@@ -384,7 +381,7 @@ def validate_loss_inputs(
         num_items=num_items,
         token_advantages=token_adv,
         sampling_logp=sampling.reshape(-1) if sampling is not None else None,
-        # a per-sequence ratio on its tokens (after the checks: seq_ids are in range now)
+        # a per-sequence ratio on its tokens (seq_ids clamped into range above)
         is_ratio=is_ratio[seq_ids_t.reshape(-1)] if ratio_per_seq else is_ratio,
     )
     return inputs, weight, bias

@@ -277,21 +277,15 @@ class TrainConfig:
                     "max_tokens_per_microbatch cannot be combined with top_entropy_quantile < 1: the entropy "
                     "threshold is a quantile over the whole micro-batch, which a split pass never sees"
                 )
-        if self.sequence_parallel_size > 1:
-            self._check_sequence_parallel()
+        if self.sequence_parallel_size > 1 and not self.padding_free:
+            raise ValueError(
+                f"sequence_parallel_size {self.sequence_parallel_size} needs padding_free: true: each "
+                "process forwards a slice of the packed rows, whose segments the attention isolates by "
+                "position_ids"
+            )
         if self.device != "auto" and device_type(self.device) is None:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.loss_config()  # GRPOConfig checks the loss options and names the bad one
-
-    def _check_sequence_parallel(self) -> None:
-        """What sequence parallelism needs of the other options (the world size and the model are checked
-        when the trainer starts)."""
-        size = self.sequence_parallel_size
-        if not self.padding_free:
-            raise ValueError(
-                f"sequence_parallel_size {size} needs padding_free: true: each process forwards a slice "
-                "of the packed rows, whose segments the attention isolates by position_ids"
-            )
 
     def loss_config(self) -> GRPOConfig:
         """The grpo_fast.GRPOConfig of these options."""

@@ -229,7 +229,7 @@ class Trainer(RolloutMixin, UpdateMixin):
     # ----- one step -----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """Sample, score, update; raises RewardError (before any update) if a reward function fails."""
-        start, cfg = time.perf_counter(), self.cfg
+        start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batch = self.build_batch()
@@ -244,7 +244,7 @@ class Trainer(RolloutMixin, UpdateMixin):
             self.device,
             start,
             lr=self.scheduler.get_last_lr()[0],
-            copies=cfg.sequence_parallel_size,
+            copies=self.cfg.sequence_parallel_size,
         )
         totals = weighted_sum(batch.rewards, self.reward_weights)
         totals = totals[batch.layout.local] if self.group.active else totals

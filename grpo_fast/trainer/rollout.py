@@ -85,15 +85,11 @@ def pack_pass(
 
 
 def packed_states(
-    model: nn.Module,
-    packing: Packing | sequence.SequenceSlice,
-    bf16: bool,
-    through: nn.Module | None = None,
-    sp: distributed.Group | None = None,
+    model: nn.Module, packing: Packing | sequence.SequenceSlice, bf16: bool, through: nn.Module | None = None
 ) -> Tensor:
-    """``[n, H]`` hidden states predicting the packed completion tokens (``packing.seq_ids``/``cols``);
-    a sequence slice's forward runs under Ulysses attention over ``sp``."""
-    with autocast(packing.input_ids.device, bf16), sequence.attention(model, sp):
+    """``[n, H]`` hidden states predicting the packed completion tokens (``packing.seq_ids``/``cols``); a
+    sequence slice's forward runs inside ``sequence.attention``."""
+    with autocast(packing.input_ids.device, bf16):
         if through is None and not sharding.is_sharded(model):
             out = backbone(model)(**packing.forward_kwargs(), use_cache=False)
         else:
@@ -344,7 +340,8 @@ class RolloutMixin:
             length = rows.completion_ids.shape[1]
             if self.cfg.padding_free:
                 packing = pack_pass(model, rows, self.sp)
-                hidden = packed_states(model, packing, self.bf16, sp=self.sp)
+                with sequence.attention(model, self.sp):
+                    hidden = packed_states(model, packing, self.bf16)
                 targets = packing.take(rows.completion_ids)
             else:
                 hidden, targets = completion_states(model, rows, self.bf16), rows.completion_ids

@@ -97,7 +97,7 @@ def share_rollout(out: Rollout, group: Group, sampled: Layout, layout: Layout, p
     (``sampled.local``; ``sampled`` is ``layout`` refined by the group's size)."""
     first = sampled.rank - group.rank  # the group's first rank in the sampled layout
     members = [sampled.rank_rows(first + r) for r in range(group.world)]
-    where = torch.empty(int(layout.micro[-1][-1]) + 1, dtype=torch.long)
+    where = torch.empty(sum(len(m) for m in layout.micro), dtype=torch.long)  # a row's place in the group's
     where[layout.local] = torch.arange(len(layout.local))
     places = [where[rows].to(out.prompt_ids.device) for rows in members]
     counts = [len(rows) for rows in members]

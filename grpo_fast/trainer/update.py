@@ -21,7 +21,7 @@ import grpo_fast as gf
 from grpo_fast.engine.objective import averaged_over_sequences, metric_names
 
 from ..integrations.hf import lm_head, match_head_dtype
-from . import distributed, sharding
+from . import distributed, sequence, sharding
 from .config import TrainConfig
 from .generation import Rollout
 from .rollout import StepBatch, completion_states, pack_pass, packed_states
@@ -171,7 +171,8 @@ class UpdateMixin:
         bonus_scale: float = 1.0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """grpo_loss of one micro-batch (one of ``num_micro`` in the update), or of one pass of it with
-        ``bonus_scale`` (see :meth:`_micro_config`)."""
+        ``bonus_scale`` (see :meth:`_micro_config`). With sequence parallelism, called inside
+        :func:`sequence.attention <grpo_fast.trainer.sequence.attention>`."""
         # --offload-activations: what autograd saves for the backbone's backward waits in host memory
         # (pinned on CUDA) instead of on the device; the loss keeps no activations of its own.
         offload = (
@@ -183,7 +184,7 @@ class UpdateMixin:
         with offload:
             if self.cfg.padding_free:  # the rows' real tokens only, the loss's inputs packed to match
                 packing = pack_pass(self.model, rows, self.sp)  # or this rank's slice of them
-                hidden = packed_states(self.model, packing, self.bf16, through=self.ddp, sp=self.sp)
+                hidden = packed_states(self.model, packing, self.bf16, through=self.ddp)
                 targets, loss_mask, seq_ids = packing.take(targets), packing.take(loss_mask), packing.seq_ids
                 old = packing.take(old) if old is not None else None
                 ref = packing.take(ref) if ref is not None else None
@@ -276,7 +277,12 @@ class UpdateMixin:
                     sharding.keep_head_gathered(self.model, not last)
                 # An empty pass (FSDP2: another rank needs this forward) runs one row at weight 0.
                 rows = index if len(index) else batch.micro[j][:1]
-                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                # Sequence parallelism: Ulysses attention until the backward is done (gradient checkpointing
+                # runs the forwards again there).
+                with (
+                    contextlib.nullcontext() if sync else self.ddp.no_sync(),
+                    sequence.attention(self.model, self.sp),
+                ):
                     loss, metrics = self.policy_loss(
                         out.rows(rows),
                         loss_mask[rows],
