@@ -96,7 +96,9 @@ def _trl_step(impl: str, args, tokens: int, device: str):
     return trl_loss_step(cls, _model(args, tokens, device), inputs, tokens, device, args.bf16, **extra)
 
 
-def _thin_step(impl: str, args, tokens: int, device: str):
+def _thin_step(impl: str, args, tokens: int, device: str, **options):
+    """The thin trainer's update on the batch, optimizer step left out; ``options``: more TrainConfig
+    fields (bench_sequence_parallel.py's ``sequence_parallel_size`` and ``parallelism``)."""
     import torch
 
     from grpo_fast.trainer import TrainConfig, Trainer, demo
@@ -124,6 +126,7 @@ def _thin_step(impl: str, args, tokens: int, device: str):
                 print_completions_every=0,
                 num_threads=torch.get_num_threads(),
                 skip_zero_advantage=getattr(args, "skip_zero", False),
+                **options,
             )  # fmt: skip
         )
         trainer = Trainer(cfg, model=_model(args, tokens, device), tokenizer=tokenizer)

@@ -42,6 +42,7 @@ PHASE_MODULES: dict[str, tuple[str, ...]] = {
         "matplotlib",
     ),  # fmt: skip
     "skipzero": ("torch", "transformers", "trl", "accelerate", "datasets", "matplotlib"),
+    "seqpar": ("torch", "transformers", "matplotlib"),
     "tests": ("pytest", "hypothesis", "triton"),
     "report": ("matplotlib",),
     "vocab_parallel": ("torch",),

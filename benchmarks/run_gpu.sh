@@ -13,6 +13,10 @@
 #         skipzero   benchmarks/bench_skip_zero.py: grpo_loss alone and a loss step of FastGRPOTrainer and
 #                    the thin trainer with 0/25/50/75% of the completions at advantage 0, skip off and on,
 #                    into skip-zero-gpu-<date>.json and .png
+#         seqpar     benchmarks/gpu_seqpar.py: the Ulysses attention's CUDA kernels (flex, flash varlen when
+#                    installed) against sdpa with the block-diagonal mask, fp32 and bf16, forward and
+#                    backward, into ulysses-kernels-gpu-<date>.json; then bench_sequence_parallel.py (P > 1
+#                    only with P GPUs, else recorded as skipped) into sequence-parallel-gpu-<date>.json
 #         tests      the GPU tests, then the Triton tests natively, with the time that is left
 #         report     the Markdown table and the PNG chart from the record
 #       vocab_parallel (the NCCL overhead of the vocab-parallel path) runs only when named.
@@ -57,7 +61,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR" benchmarks/results
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth table longctx trainstep skipzero tests report)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(preamble truth table longctx trainstep skipzero seqpar tests report)
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the phases cd around
 
@@ -65,6 +69,7 @@ box() {  # a phase's time box in seconds: KIT_BOX_<phase>, or its default (x3 in
     local var="KIT_BOX_$1" b
     case $1 in
         preamble) b=30 ;; truth) b=60 ;; table) b=240 ;; longctx) b=45 ;; trainstep) b=60 ;; skipzero) b=60 ;;
+        seqpar) b=45 ;;
         tests) b=100000 ;; report) b=20 ;; vocab_parallel) b=90 ;; *) b=60 ;;
     esac
     [ $DRY -eq 1 ] && [ "$1" != tests ] && b=$((b * 3))
@@ -182,6 +187,17 @@ for i in "${!PHASES[@]}"; do
             run_boxed skipzero "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/bench_skip_zero.py "${SZ_ARGS[@]}" \
                 --time-limit $(( limit * 2 / 3 )) --out "$SZ_OUT"
             ;;
+        seqpar)
+            if [ $DRY -eq 1 ]; then
+                SP_OUT="$LOGDIR/sequence-parallel-cpu-dry.json"
+                SP_KERNELS="$LOGDIR/ulysses-kernels-cpu-dry.json"
+            else
+                SP_OUT="$LOGDIR/sequence-parallel-gpu-$(date +%Y%m%d).json"
+                SP_KERNELS="$LOGDIR/ulysses-kernels-gpu-$(date +%Y%m%d).json"
+            fi
+            run_boxed seqpar "$limit" "$LOGDIR/bench.log" "$PY" benchmarks/gpu_seqpar.py "${DRY_ARGS[@]}" \
+                --time-limit $(( limit * 2 / 3 )) --out "$SP_KERNELS" --bench-out "$SP_OUT"
+            ;;
         vocab_parallel)
             if [ $DRY -eq 1 ]; then
                 mark vocab_parallel skipped 0 "$limit" "needs CUDA and NCCL: not in the dry run"
@@ -191,7 +207,7 @@ for i in "${!PHASES[@]}"; do
                 --out "${RESULTS%.json}-vocab-parallel.json"
             ;;
         *)
-            echo "unknown phase $phase (preamble, truth, table, longctx, trainstep, skipzero, tests, report, vocab_parallel)"
+            echo "unknown phase $phase (preamble, truth, table, longctx, trainstep, skipzero, seqpar, tests, report, vocab_parallel)"
             failed=1
             ;;
     esac
@@ -200,7 +216,9 @@ done
 if [ $DRY -eq 0 ] && [ "$(dirname "$RESULTS")" != benchmarks/results ]; then
     for f in "$RESULTS" "${RESULTS%.json}.png" "${RESULTS%.json}.md" "${RESULTS%.json}-vocab-parallel.json" \
              "$LOGDIR"/longctx-gpu-*.json "$LOGDIR"/longctx-gpu-*.png \
-             "$LOGDIR"/skip-zero-gpu-*.json "$LOGDIR"/skip-zero-gpu-*.png; do
+             "$LOGDIR"/skip-zero-gpu-*.json "$LOGDIR"/skip-zero-gpu-*.png \
+             "$LOGDIR"/sequence-parallel-gpu-*.json "$LOGDIR"/sequence-parallel-gpu-*.png \
+             "$LOGDIR"/ulysses-kernels-gpu-*.json; do
         [ -f "$f" ] && cp "$f" benchmarks/results/
     done
 fi

@@ -23,7 +23,7 @@ ROW_FIELDS |= {"chunk_rows", "predicted_ms"}
 TRUTH_FIELDS = {"loss_type", "backend", "dtype", "N", "H", "V", "max_rel_err", "ok"}
 
 
-ORDER = ["preamble", "truth", "table", "longctx", "trainstep", "skipzero", "tests", "report"]
+ORDER = ["preamble", "truth", "table", "longctx", "trainstep", "skipzero", "seqpar", "tests", "report"]
 
 
 def _kit(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -116,6 +116,13 @@ def test_dry_run_passes_and_writes_every_phase(dry_run):
     assert steps == {(i, f, s) for i in ("fast", "thin") for f in (0.0, 0.5) for s in (False, True)}
     assert {(r["zero_frac"], r["skip"]) for r in skip["rows"] if r["case"] == "grpo_loss"} >= {(0.5, True)}
     assert (out / "skip-zero-cpu-dry.png").stat().st_size > 1000
+    # sequence parallelism: the Ulysses inner kernel against sdpa with the mask, then the benchmark's P = 1, 2
+    kernels = json.loads((out / "ulysses-kernels-cpu-dry.json").read_text())
+    assert [(r["kernel"], r["dtype"], r["ok"]) for r in kernels["rows"]] == [("flex", "float32", True)]
+    assert all(r["fwd_ms"] > 0 and r["sdpa_fwd_ms"] > 0 for r in kernels["rows"])
+    seqpar = json.loads((out / "sequence-parallel-cpu-dry.json").read_text())
+    assert seqpar["dry_run"] is True and [r["P"] for r in seqpar["rows"]] == [1, 2]
+    assert all(r["peak_mb"] > 0 and r["step_s"] > 0 for r in seqpar["rows"]), seqpar["rows"]
 
 
 def test_an_overrunning_phase_is_cut_and_recorded(tmp_path):
