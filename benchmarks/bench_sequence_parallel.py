@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             heads=4,
             kv_heads=2,
             attention="sdpa",
-            ulysses_kernel="sdpa (explicit block-diagonal mask)" if args.device == "cpu" else "auto",
+            ulysses_kernel="segments (sdpa per packed segment, causal)" if args.device == "cpu" else "auto",
         ),
         parallelism="fsdp",
         padding_free=True,

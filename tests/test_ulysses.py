@@ -121,6 +121,7 @@ def _worker(rank: int, world: int, init: str) -> None:
     if world == 2:
         _check(group, 4, 1, torch.float32)  # one KV head repeated for both ranks
         _check(group, 4, 2, torch.float32, kernel="flex")
+        _check(group, 4, 2, torch.float32, kernel="sdpa")  # one masked sdpa over the whole row
         _restored(group)
     else:
         _check(group, 12, 3, torch.float32)  # 3 KV heads, repeated to 12 so 4 ranks get whole heads
@@ -173,4 +174,6 @@ def test_segment_masks_and_kernels_agree():
     q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     sdpa = attend("sdpa", q, k, v, SegmentLayout(positions), 0.3, 0.0, None)
     flex = attend("flex", q, k, v, SegmentLayout(positions), 0.3, 0.0, None)
-    assert sdpa.shape == (2, 6, 4, 8) and _rel(flex, sdpa) < 1e-6
+    segments = attend("segments", q, k, v, SegmentLayout(positions), 0.3, 0.0, None)
+    assert sdpa.shape == (2, 6, 4, 8) and _rel(flex, sdpa) < 1e-6 and _rel(segments, sdpa) < 1e-6
+    assert SegmentLayout(positions).spans() == [[(0, 3), (3, 5), (5, 6)], [(0, 4), (4, 6)]]

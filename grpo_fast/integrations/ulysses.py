@@ -268,7 +268,7 @@ def sequence_parallel_attention(
     the model's own attention implementation is back. A group of one rank changes nothing.
 
     ``kernel``: the attention on the whole sequence, ``auto`` (see ``ulysses_kernels.choose_kernel``),
-    ``sdpa``, ``flex`` or ``flash``."""
+    ``segments``, ``sdpa``, ``flex`` or ``flash``."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     size = group_size(group)

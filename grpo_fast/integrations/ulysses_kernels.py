@@ -6,7 +6,10 @@ of its own segment only. A segment starts wherever the position does not follow 
 attention on the whole row. ``SegmentLayout`` turns the gathered global positions into what each kernel
 needs, once per forward (every layer reuses it):
 
-- ``sdpa``: an explicit block-diagonal causal mask ``[B, 1, S, S]`` (bool); any device, O(S^2) memory.
+- ``segments``: sdpa on each segment alone (``is_causal``, no mask): any device, memory and work of the
+  segments' own lengths; one read of the segment boundaries per forward.
+- ``sdpa``: one sdpa over the whole row with an explicit block-diagonal causal mask ``[B, 1, S, S]``; any
+  device, O(S^2) memory (torch's CPU sdpa keeps a float copy of the mask per call for its backward).
 - ``flex``: a flex-attention ``BlockMask`` with a document mask; compiled on CUDA, eager elsewhere.
 - ``flash``: FlashAttention 2's varlen kernel over ``cu_seqlens`` (CUDA, fp16/bf16, ``flash_attn``).
 
@@ -25,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Kernel = Literal["auto", "sdpa", "flex", "flash"]
-KERNELS = ("auto", "sdpa", "flex", "flash")
+Kernel = Literal["auto", "segments", "sdpa", "flex", "flash"]
+KERNELS = ("auto", "segments", "sdpa", "flex", "flash")
 
 
 def segment_starts(positions: Tensor) -> Tensor:
@@ -87,6 +90,17 @@ class SegmentLayout:
             )
         return self._built["block_mask"]
 
+    def spans(self) -> list[list[tuple[int, int]]]:
+        """Each row's segments as ``(start, end)`` columns, read to the host once."""
+        if "spans" not in self._built:
+            size = self.positions.shape[-1]
+            spans = []
+            for row in segment_starts(self.positions).cpu():
+                starts = row.nonzero().flatten().tolist()
+                spans.append(list(zip(starts, starts[1:] + [size], strict=True)))
+            self._built["spans"] = spans
+        return self._built["spans"]  # type: ignore[return-value]
+
     def varlen(self) -> tuple[Tensor, int]:
         if "varlen" not in self._built:
             self._built["varlen"] = cu_seqlens(self.positions)
@@ -102,8 +116,8 @@ def flex_available() -> bool:
 
 
 def choose_kernel(kernel: Kernel, query: Tensor) -> str:
-    """``auto``: on CUDA, FlashAttention varlen for fp16/bf16 when installed, else flex attention; sdpa with
-    the explicit mask elsewhere (the CPU)."""
+    """``auto``: on CUDA, FlashAttention varlen for fp16/bf16 when installed, else flex attention; sdpa per
+    segment elsewhere (the CPU)."""
     if kernel != "auto":
         return kernel
     if query.is_cuda:
@@ -111,7 +125,7 @@ def choose_kernel(kernel: Kernel, query: Tensor) -> str:
             return "flash"
         if flex_available():
             return "flex"
-    return "sdpa"
+    return "segments"
 
 
 def attend(
@@ -125,6 +139,8 @@ def attend(
     softcap: float | None,
 ) -> Tensor:
     """Attention within segments: query ``[B, Hq, S, D]``, key/value ``[B, Hk, S, D]`` -> ``[B, S, Hq, D]``"""
+    if kernel == "segments":
+        return _segments(query, key, value, layout, scaling, dropout, softcap)
     if kernel == "sdpa":
         return _sdpa(query, key, value, layout, scaling, dropout, softcap)
     if kernel == "flex":
@@ -132,6 +148,44 @@ def attend(
     if kernel == "flash":
         return _flash(query, key, value, layout, scaling, dropout, softcap)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _repeat_kv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value
+    # Repeated heads, as transformers' sdpa path does under a mask: the same sums as the model's own.
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
+def _segments(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: SegmentLayout,
+    scaling: float | None,
+    dropout: float,
+    softcap: float | None,
+) -> Tensor:
+    if softcap is not None:
+        raise ValueError("the segments kernel has no logit soft-capping; use kernel='flex' or 'flash'")
+    key, value = _repeat_kv(query, key, value)
+    rows = []
+    for b, spans in enumerate(layout.spans()):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, start:end],
+                key[b : b + 1, :, start:end],
+                value[b : b + 1, :, start:end],
+                dropout_p=dropout,
+                is_causal=layout.causal,
+                scale=scaling,
+            )
+            for start, end in spans
+        ]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2)
 
 
 def _sdpa(
@@ -145,11 +199,7 @@ def _sdpa(
 ) -> Tensor:
     if softcap is not None:
         raise ValueError("the sdpa kernel has no logit soft-capping; use kernel='flex' or 'flash'")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        # Repeated heads, as transformers' sdpa path does under a mask: the same sums as the model's own.
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = _repeat_kv(query, key, value)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=layout.mask(), dropout_p=dropout, scale=scaling
     )
