@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends.base import ChunkOps, Coefficients
@@ -31,6 +30,7 @@ from .objective import (
     zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
+from .tiles import chunks, logits_tile, padded, soft_cap_, uncap_
 from .validation import ValueChecks
 
 
@@ -51,60 +51,6 @@ def zero_split(zero: Tensor | None, live: int | None = None) -> tuple[Tensor, Te
 def on_host(x: Tensor) -> bool:
     """Whether reading ``x`` back costs no synchronization (CPU tensors)."""
     return x.device.type == "cpu"
-
-
-def _chunks(n: int, chunk: int):
-    for start in range(0, n, chunk):
-        yield start, min(start + chunk, n)
-
-
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, invariant_rows: int | None = None) -> Tensor:
-    """The ``[C, V]`` logits tile of ``h``; with ``invariant_rows`` (batch_invariant=True), computed as GEMMs
-    of exactly that many rows each (the last one padded with zero rows, so the tile has a multiple of
-    ``invariant_rows`` rows).
-
-    One GEMM shape whatever the tile is what makes a row's logits independent of the rows around it: GEMM
-    libraries pick their blocking and reduction order by shape (batch invariance)."""
-    if invariant_rows is None:
-        return F.linear(h, weight, bias)
-    c = h.shape[0]
-    rows = -(-c // invariant_rows) * invariant_rows
-    if rows != c:
-        padded = h.new_zeros(rows, h.shape[1])
-        padded[:c] = h
-        h = padded
-    out = h.new_empty(rows, weight.shape[0])
-    wt = weight.t()
-    for i in range(0, rows, invariant_rows):
-        if bias is None:
-            torch.mm(h[i : i + invariant_rows], wt, out=out[i : i + invariant_rows])
-        else:
-            torch.addmm(bias, h[i : i + invariant_rows], wt, out=out[i : i + invariant_rows])
-    return out
-
-
-def _soft_cap_(logits: Tensor, cap: float | None) -> Tensor | None:
-    """``logits = cap * tanh(logits / cap)`` in place (the kernels then see the capped logits, whatever the
-    backend); returns ``d capped / d logits = 1 - tanh^2`` (fp32, one more [C, V] buffer) to chain into
-    dlogits, None without a cap."""
-    if cap is None:
-        return None
-    th = logits.div_(cap).tanh_()
-    factor = 1.0 - th.float().square()
-    th.mul_(cap)
-    return factor
-
-
-def _uncap_(dlogits: Tensor, factor: Tensor | None) -> Tensor:
-    """dL/dlogits from dL/dcapped (in place)."""
-    return dlogits if factor is None else dlogits.mul_(factor)
-
-
-def _padded(x: Tensor | None, rows: int) -> Tensor | None:
-    """A per-row vector extended with zeros to ``rows`` (padding rows: target 0, no gradient)."""
-    if x is None or x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros(rows - x.shape[0])])
 
 
 def _stats(
@@ -140,11 +86,11 @@ def logprob_pass(
     n = hidden.shape[0]
     lse = torch.empty(n, dtype=torch.float64, device=hidden.device)
     out = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
-    for s, e in _chunks(n, chunk):
-        logits = _logits(hidden[s:e], weight, bias, invariant_rows)
-        _soft_cap_(logits, softcap)
+    for s, e in chunks(n, chunk):
+        logits = logits_tile(hidden[s:e], weight, bias, invariant_rows)
+        soft_cap_(logits, softcap)
         stats = _stats(
-            ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
+            ops, logits, padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
         )
         lse[s:e] = stats[0][: e - s]
         out[0, s:e], out[1, s:e] = stats[1][: e - s], stats[2][: e - s]
@@ -171,21 +117,21 @@ def grad_pass(
     ``stats``: (lse, entropy) of every row, ``coefs``: (g, e) with ``e`` None when the loss ignores H.
     """
     (lse, entropy), (g, e) = stats, coefs
-    for s, t in _chunks(hidden.shape[0], chunk):
+    for s, t in chunks(hidden.shape[0], chunk):
         h = hidden[s:t]
-        logits = _logits(h, weight, bias, invariant_rows)
-        factor = _soft_cap_(logits, softcap)
+        logits = logits_tile(h, weight, bias, invariant_rows)
+        factor = soft_cap_(logits, softcap)
         rows = logits.shape[0]
-        ent = (_padded(e[s:t], rows), _padded(entropy[s:t], rows)) if e is not None else (None, None)
+        ent = (padded(e[s:t], rows), padded(entropy[s:t], rows)) if e is not None else (None, None)
         dl = ops.grad_(
             logits,
-            _padded(targets[s:t], rows),
-            _padded(lse[s:t], rows),
-            _padded(g[s:t], rows),
+            padded(targets[s:t], rows),
+            padded(lse[s:t], rows),
+            padded(g[s:t], rows),
             temperature,
             *ent,
         )
-        grads.accumulate(_uncap_(dl, factor), h, weight, s, t)
+        grads.accumulate(uncap_(dl, factor), h, weight, s, t)
         del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
 
 
@@ -351,11 +297,11 @@ def _one_walk(
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp)
-    for s, e in _chunks(n, plan.chunk):
+    for s, e in chunks(n, plan.chunk):
         h, c = hidden[s:e], e - s
-        logits = _logits(h, weight, bias, plan.invariant_rows)
-        factor = _soft_cap_(logits, cfg.logit_softcap)
-        t = _padded(targets[s:e], logits.shape[0])
+        logits = logits_tile(h, weight, bias, plan.invariant_rows)
+        factor = soft_cap_(logits, cfg.logit_softcap)
+        t = padded(targets[s:e], logits.shape[0])
         coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
         if shard is None:
             _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
@@ -364,7 +310,7 @@ def _one_walk(
             g, ec = coefs(lp, ent)
             dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
         logp[s:e], entropy[s:e] = lp[:c], ent[:c]
-        grads.accumulate(_uncap_(dl, factor), h, weight, s, e)
+        grads.accumulate(uncap_(dl, factor), h, weight, s, e)
         del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
     return logp, entropy
 
@@ -375,7 +321,7 @@ def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coeffici
 
     def coefs(lp: Tensor, ent: Tensor) -> tuple[Tensor, Tensor | None]:
         g, e = coefficients(lp[:real], ent[:real], rows, cfg)
-        return _padded(g, lp.shape[0]), _padded(e, lp.shape[0])
+        return padded(g, lp.shape[0]), padded(e, lp.shape[0])
 
     return coefs
 
