@@ -154,7 +154,29 @@ def nonzero_grad_pass(
     other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). ``live``: their number, when the
     caller read it (:func:`zero_coefficients`); else one host read here."""
     split = zero_split(zero_coefficients(coefs), live)
-    rows = None if split is None else split[0]
+    return rows_grad_pass(
+        hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, needs,
+        None if split is None else split[0], invariant_rows, softcap,
+    )  # fmt: skip
+
+
+def rows_grad_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    stats: tuple[Tensor, Tensor | None],
+    coefs: tuple[Tensor, Tensor | None],
+    temperature: float,
+    ops: ChunkOps,
+    chunk: int,
+    needs: tuple[bool, ...],
+    rows: Tensor | None,
+    invariant_rows: int | None = None,
+    softcap: float | None = None,
+) -> Grads:
+    """:func:`grad_pass` over ``rows`` of ``hidden`` (in that order; None: all), into new gradients (the
+    other rows' dL/dh is 0)."""
     grads = Grads.allocate(hidden, weight, bias, needs, rows=rows, invariant_rows=invariant_rows)
     if rows is not None:
         pick = lambda x: x.index_select(0, rows) if x is not None else None  # noqa: E731
@@ -189,8 +211,8 @@ class LossPlan:
     # From the rows' (logp, entropy): names a non-finite input (finite_check.FiniteResultCheck); None: the
     # inputs were checked up front.
     check_result: FiniteResultCheck | None = None
-    # Rows of a token-local objective with a gradient (the rest have g = e = 0), read with the plan's
-    # checks; None: not known before the pass.
+    # Rows the advantages leave a gradient (zero_gradient_rows: the rest have g = e = 0), read with the
+    # plan's checks; None: not counted (every row has one).
     live_rows: int | None = None
 
 
@@ -205,16 +227,19 @@ def run_grpo(
     tokens; one that couples the tokens of a sequence first walks them for the log-probs (no grad).
 
     Rows whose coefficients are exactly 0 take no part in dlogits and the gradient GEMMs (their dL/dh is
-    0): a token-local objective knows them from the batch before the walk (:func:`zero_gradient_rows`,
-    their number read with the plan's checks) and walks them for their statistics only; the two-walk
-    objective knows every zero coefficient before its gradient walk and leaves those rows out of it.
+    0). Those the advantages zero (:func:`zero_gradient_rows`) are known from the batch before the walk,
+    their number read with the plan's checks: a token-local objective walks them for their statistics
+    only, a two-walk one leaves them out of its gradient walk. A two-walk objective's clipped sequences
+    are known only after its log-prob walk, and counting them needs a host read: where that is free (the
+    CPU) they are left out of the gradient walk too; on CUDA they stay in it with their coefficients as
+    computed (exact zeros, so the same gradients) rather than stall the device.
 
-    Host reads: none here for a token-local objective (the plan's one read has the counts); the two-walk
-    objective reads the number of rows its gradient walk keeps, and the results' finiteness with it. On
-    the CPU a token-local objective reads its results' finiteness at once (free there). On CUDA it does
-    not synchronize for it: the check is deferred (:class:`PendingFiniteCheck`) and its error, naming the
-    bad input, lands with the call's backward when the flag has reached the host by then, at the latest
-    with the next ``grpo_loss`` or ``selective_logprobs`` call. The loss and metrics are NaN until then.
+    Host reads: none here on CUDA, for every objective (the plan's one read has the counts). On the CPU
+    the results' finiteness is read at once (free there), and a two-walk objective reads the number of
+    rows its gradient walk keeps with it. On CUDA the finiteness check is deferred
+    (:class:`PendingFiniteCheck`) and its error, naming the bad input, lands with the call's backward when
+    the flag has reached the host by then, at the latest with the next ``grpo_loss`` or
+    ``selective_logprobs`` call. The loss and metrics are NaN until then.
     """
     cfg, batch, ops, chunk, targets, shard, invariant_rows = (
         plan.cfg,
@@ -259,16 +284,23 @@ def run_grpo(
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         batch = with_group_totals(logp, batch, cfg)  # sequence parallel: the sums over the group's tokens
         coefs = coefficients(logp, entropy, batch, cfg)
-        reads = ValueChecks()  # the gradient walk's row count, and the results' finiteness with it
-        live_at = reads.count((~zero_coefficients(coefs)).sum())
-        flag = plan.check_result.bad(logp, entropy) if plan.check_result is not None else None
-        bad_at = reads.count(flag) if flag is not None else None
-        counts = reads.run()
-        bad = bool(counts[bad_at]) if bad_at is not None else False
-        grads = nonzero_grad_pass(
-            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
-            invariant_rows, cap, counts[live_at],
-        )  # fmt: skip
+        if on_host(logp):  # reads are free here: leave the clipped sequences out too, check at once
+            reads = ValueChecks()  # the gradient walk's row count, and the results' finiteness with it
+            live_at = reads.count((~zero_coefficients(coefs)).sum())
+            flag = plan.check_result.bad(logp, entropy) if plan.check_result is not None else None
+            bad_at = reads.count(flag) if flag is not None else None
+            counts = reads.run()
+            bad = bool(counts[bad_at]) if bad_at is not None else False
+            grads = nonzero_grad_pass(
+                hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
+                invariant_rows, cap, counts[live_at],
+            )  # fmt: skip
+        else:  # no read: the rows the advantages leave live (counted by the plan), clipped ones at g = e = 0
+            split = zero_split(zero_gradient_rows(batch, cfg), plan.live_rows)
+            grads = rows_grad_pass(
+                hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
+                None if split is None else split[0], invariant_rows, cap,
+            )  # fmt: skip
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
     if plan.check_result is not None:  # after final()'s collective: every rank gets through it
