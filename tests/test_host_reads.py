@@ -1,9 +1,10 @@
 """On CUDA a grpo_loss call reads the device once (the input checks and the counts it needs), none per
-tile; objectives whose two walks over the head have the rows of the second depend on the first read once
-more, between them. Counted without a GPU by spying on every way a tensor reaches the host.
+tile, whatever the objective: the two-walk ones (sequence-level ratios, VESPO, the off-policy mask, the
+entropy quantile) keep their clipped sequences in the gradient walk at zero coefficients rather than read
+their number. Counted without a GPU by spying on every way a tensor reaches the host.
 
-A token-local call's finiteness check (NaN or inf in hidden or the LM head, named from the results) costs
-no read of its own there: it lands with the call's backward, or at the latest with the next call."""
+The finiteness check (NaN or inf in hidden or the LM head, named from the results) costs no read of its
+own there: it lands with the call's backward, or at the latest with the next call."""
 
 from __future__ import annotations
 
@@ -85,13 +86,105 @@ def test_token_local_objective_reads_once(monkeypatch, backend, options, batch_i
     assert reads == ["tolist"], reads
 
 
-def test_two_walk_objective_reads_twice(monkeypatch):
-    """Sequence-level ratios: the gradient walk's rows (clipped sequences left out) are read with the
-    results' finiteness, after the log-prob walk."""
+# Objectives with two walks over the head; the last ones leave no row without a gradient up front.
+TWO_WALKS = {
+    "sequence": dict(importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
+    "off_policy_mask": dict(off_policy_mask_threshold=0.5),
+    "entropy_quantile": dict(top_entropy_quantile=0.5),
+    "sequence_beta": dict(importance_sampling_level="sequence", beta=0.04),
+    "quantile_bonus": dict(top_entropy_quantile=0.5, entropy_coef=0.01),
+}
+
+
+def token_advantages(b: dict) -> dict:
+    """``b`` with [B, T] advantages: row 0 at 0 but for one masked token (the sequence has no gradient)."""
+    adv = b["advantages"][:, None].repeat(1, b["mask"].shape[1])
+    masked = int((b["mask"][0] == 0).nonzero()[0])
+    adv[0] = 0.0
+    adv[0, masked] = 1.0
+    return dict(b, advantages=adv)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("options", TWO_WALKS.values(), ids=TWO_WALKS)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_two_walk_objective_reads_once(monkeypatch, backend, options, batch_invariant):
+    """The gradient walk's rows come from the plan's read: none between the walks."""
     b = batch()
+    kw = dict(backend=backend, chunk_size=8, batch_invariant=batch_invariant)
+    reads = count_reads(monkeypatch, lambda: call(b, gf.GRPOConfig(**options), **kw))
+    assert reads == ["tolist"], reads
+
+
+def test_sequence_level_token_advantages_read_once(monkeypatch):
+    b = token_advantages(batch())
     cfg = gf.GRPOConfig(importance_sampling_level="sequence")
     reads = count_reads(monkeypatch, lambda: call(b, cfg, backend="torch", chunk_size=8))
-    assert reads == ["tolist", "tolist"], reads
+    assert reads == ["tolist"], reads
+
+
+def clipping_batch(token_adv: bool = False) -> dict:
+    """Rows 1 and 3 at advantage 0, row 0 clipped at sequence level (ratio above 1 + eps, advantage > 0),
+    row 4 clipped (ratio below 1 - eps, advantage < 0) and off-policy (mean KL 1)."""
+    b = batch()
+    adv = b["advantages"].abs()
+    adv[4] = -adv[4]
+    old = b["old_logp"].clone()
+    old[0] -= 1.0
+    old[4] += 1.0
+    b = dict(b, advantages=adv, old_logp=old)
+    return token_advantages(b) if token_adv else b
+
+
+def grad_walk(b: dict, cfg: gf.GRPOConfig, cuda: bool, monkeypatch, **kw):
+    """(loss, metrics, gradients, rows through the gradient walk), with CUDA emulated or not."""
+    b = cast(b, torch.float32)
+    rows = []
+    with monkeypatch.context() as m:
+        if cuda:
+            m.setattr(chunk_loop, "on_host", lambda x: False)
+        inner = chunk_loop.grad_pass
+        m.setattr(chunk_loop, "grad_pass", lambda *a, **k: rows.append(a[0].shape[0]) or inner(*a, **k))
+        loss, metrics = call(b, cfg, **kw)
+        loss.backward()
+    grads = {k: b[k].grad for k in ("hidden", "weight", "bias")}
+    return loss, metrics, grads, sum(rows)
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a, b) or bool(a.isnan().all() and b.isnan().all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("case", [*TWO_WALKS, "sequence_token_adv"])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_two_walk_gradients_on_cuda_are_the_cpus(monkeypatch, backend, case, batch_invariant):
+    """On CUDA the clipped sequences stay in the gradient walk (at exact zero coefficients), on the CPU
+    they are left out: the same loss and metrics (bitwise), the same gradients (dL/dh bitwise with
+    batch_invariant, where a row's GEMMs have one shape whatever rows come with it)."""
+    token_adv = case == "sequence_token_adv"
+    cfg = gf.GRPOConfig(**TWO_WALKS["sequence" if token_adv else case])
+    kw = dict(backend=backend, chunk_size=8, batch_invariant=batch_invariant)
+    b = clipping_batch(token_adv)
+    loss, metrics, got, cuda_rows = grad_walk(b, cfg, True, monkeypatch, **kw)
+    loss0, metrics0, want, cpu_rows = grad_walk(b, cfg, False, monkeypatch, **kw)
+    assert same(loss, loss0) and all(same(metrics[k], metrics0[k]) for k in metrics0)
+    for k in want:
+        assert rel(got[k], want[k]) <= 1e-5, (k, rel(got[k], want[k]))
+    if batch_invariant:
+        assert torch.equal(got["hidden"], want["hidden"])
+    unmasked = b["mask"] != 0
+    zero_rows = [1, 3] + ([0] if token_adv else [])  # row 0's only non-zero advantage is masked
+    if cfg.beta == 0 and cfg.entropy_coef == 0:
+        unmasked[zero_rows] = False
+    assert cuda_rows == int(unmasked.sum()), (cuda_rows, int(unmasked.sum()))
+    if case in ("sequence", "sequence_token_adv", "off_policy_mask", "entropy_quantile"):
+        assert cpu_rows < cuda_rows  # the CPU leaves the clipped ones out
 
 
 def test_all_masked_and_all_zero_read_once(monkeypatch):
@@ -102,15 +195,17 @@ def test_all_masked_and_all_zero_read_once(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_call_synchronizes_once():
+@pytest.mark.parametrize("options", [{}, *TWO_WALKS.values()], ids=["token_local", *TWO_WALKS])
+def test_cuda_call_synchronizes_once(options):
     b = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch().items()}
-    call(b, gf.GRPOConfig(), backend="torch", chunk_size=8)  # warm-up: lazy initialisation may sync
+    cfg = gf.GRPOConfig(**options)
+    call(b, cfg, backend="torch", chunk_size=8)  # warm-up: lazy initialisation may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            call(b, gf.GRPOConfig(), backend="torch", chunk_size=8)
+            call(b, cfg, backend="torch", chunk_size=8)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -131,16 +226,21 @@ def spoiled(b: dict, name: str = "hidden", value: float = float("nan")) -> dict:
     return dict(b, **{name: x.requires_grad_()})
 
 
-def forward(b: dict, **kw):
-    return call(b, gf.GRPOConfig(), backend="torch", chunk_size=8, **kw)
+def forward(b: dict, cfg: gf.GRPOConfig | None = None, **kw):
+    return call(b, cfg or gf.GRPOConfig(), backend="torch", chunk_size=8, **kw)
 
 
-def test_nan_hidden_is_named_at_backward(monkeypatch):
+# A token-local objective and two-walk ones: the same deferred check.
+OBJECTIVES = {"token_local": {}, "sequence": TWO_WALKS["sequence"], "vespo": TWO_WALKS["vespo"]}
+
+
+@pytest.mark.parametrize("options", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_nan_hidden_is_named_at_backward(monkeypatch, options):
     """Emulated CUDA: the call reads once and raises nothing; its backward names the input (the flag
     reached the host by then)."""
     bad = spoiled(batch())
     out = []
-    reads = count_reads(monkeypatch, lambda: out.append(forward(bad)))
+    reads = count_reads(monkeypatch, lambda: out.append(forward(bad, gf.GRPOConfig(**options))))
     assert reads == ["tolist"], reads
     loss, _ = out[0]
     assert torch.isnan(loss) and len(pending_checks()) == 1
@@ -153,12 +253,13 @@ def test_nan_hidden_is_named_at_backward(monkeypatch):
 
 @pytest.mark.parametrize("name", ["hidden", "weight"])
 @pytest.mark.parametrize("next_call", ["grpo_loss", "selective_logprobs"])
-def test_a_check_not_ready_at_backward_lands_with_the_next_call(monkeypatch, name, next_call):
+@pytest.mark.parametrize("options", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_a_check_not_ready_at_backward_lands_with_the_next_call(monkeypatch, name, next_call, options):
     b = batch()
     bad = spoiled(b, name, float("inf") if name == "weight" else float("nan"))
     with monkeypatch.context() as m:
         m.setattr(chunk_loop, "on_host", lambda x: False)
-        loss, _ = forward(bad)
+        loss, _ = forward(bad, gf.GRPOConfig(**options))
         m.setattr(PendingFiniteCheck, "ready", lambda self: False)
         loss.backward()  # the flag is still on its way: nothing to say yet
     assert len(pending_checks()) == 1
@@ -221,9 +322,10 @@ def test_overflowing_logits_of_finite_inputs_are_returned_as_computed(monkeypatc
     assert not torch.isfinite(loss) and pending_checks() == ()
 
 
-def test_on_the_cpu_the_check_is_immediate():
+@pytest.mark.parametrize("options", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_on_the_cpu_the_check_is_immediate(options):
     with pytest.raises(ValueError, match="^" + HIDDEN_NAMED):
-        forward(spoiled(batch()))
+        forward(spoiled(batch()), gf.GRPOConfig(**options))
     assert pending_checks() == ()
 
 

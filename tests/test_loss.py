@@ -292,11 +292,11 @@ def test_auto_chunk_size_respects_budget(monkeypatch):
 def test_tiles_are_balanced(monkeypatch, n, v, want):
     """The tokens are shared evenly among the fewest tiles the budget allows, in multiples of 128 rows: no
     thin remainder tile (16384 tokens under a 14128-row budget are not 14128 + 2256)."""
-    from grpo_fast.engine import chunk_loop, tile_size
+    from grpo_fast.engine import tile_size, tiles
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (130 * 2**30, 141 * 2**30))
     rows = tile_size.auto_chunk_size(n, v, torch.bfloat16, torch.device("cuda"), fp32_temps=0)
-    assert [e - s for s, e in chunk_loop._chunks(n, rows)] == want
+    assert [e - s for s, e in tiles.chunks(n, rows)] == want
     assert rows % 128 == 0 and rows * v * 2 <= 4 * 2**30
 
 

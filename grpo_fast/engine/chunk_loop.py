@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends.base import ChunkOps, Coefficients
@@ -31,6 +30,7 @@ from .objective import (
     zero_gradient_rows,
 )
 from .parallel import VocabShard, combine_stats
+from .tiles import chunks, logits_tile, padded, soft_cap_, uncap_
 from .validation import ValueChecks
 
 
@@ -51,60 +51,6 @@ def zero_split(zero: Tensor | None, live: int | None = None) -> tuple[Tensor, Te
 def on_host(x: Tensor) -> bool:
     """Whether reading ``x`` back costs no synchronization (CPU tensors)."""
     return x.device.type == "cpu"
-
-
-def _chunks(n: int, chunk: int):
-    for start in range(0, n, chunk):
-        yield start, min(start + chunk, n)
-
-
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, invariant_rows: int | None = None) -> Tensor:
-    """The ``[C, V]`` logits tile of ``h``; with ``invariant_rows`` (batch_invariant=True), computed as GEMMs
-    of exactly that many rows each (the last one padded with zero rows, so the tile has a multiple of
-    ``invariant_rows`` rows).
-
-    One GEMM shape whatever the tile is what makes a row's logits independent of the rows around it: GEMM
-    libraries pick their blocking and reduction order by shape (batch invariance)."""
-    if invariant_rows is None:
-        return F.linear(h, weight, bias)
-    c = h.shape[0]
-    rows = -(-c // invariant_rows) * invariant_rows
-    if rows != c:
-        padded = h.new_zeros(rows, h.shape[1])
-        padded[:c] = h
-        h = padded
-    out = h.new_empty(rows, weight.shape[0])
-    wt = weight.t()
-    for i in range(0, rows, invariant_rows):
-        if bias is None:
-            torch.mm(h[i : i + invariant_rows], wt, out=out[i : i + invariant_rows])
-        else:
-            torch.addmm(bias, h[i : i + invariant_rows], wt, out=out[i : i + invariant_rows])
-    return out
-
-
-def _soft_cap_(logits: Tensor, cap: float | None) -> Tensor | None:
-    """``logits = cap * tanh(logits / cap)`` in place (the kernels then see the capped logits, whatever the
-    backend); returns ``d capped / d logits = 1 - tanh^2`` (fp32, one more [C, V] buffer) to chain into
-    dlogits, None without a cap."""
-    if cap is None:
-        return None
-    th = logits.div_(cap).tanh_()
-    factor = 1.0 - th.float().square()
-    th.mul_(cap)
-    return factor
-
-
-def _uncap_(dlogits: Tensor, factor: Tensor | None) -> Tensor:
-    """dL/dlogits from dL/dcapped (in place)."""
-    return dlogits if factor is None else dlogits.mul_(factor)
-
-
-def _padded(x: Tensor | None, rows: int) -> Tensor | None:
-    """A per-row vector extended with zeros to ``rows`` (padding rows: target 0, no gradient)."""
-    if x is None or x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros(rows - x.shape[0])])
 
 
 def _stats(
@@ -140,11 +86,11 @@ def logprob_pass(
     n = hidden.shape[0]
     lse = torch.empty(n, dtype=torch.float64, device=hidden.device)
     out = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
-    for s, e in _chunks(n, chunk):
-        logits = _logits(hidden[s:e], weight, bias, invariant_rows)
-        _soft_cap_(logits, softcap)
+    for s, e in chunks(n, chunk):
+        logits = logits_tile(hidden[s:e], weight, bias, invariant_rows)
+        soft_cap_(logits, softcap)
         stats = _stats(
-            ops, logits, _padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
+            ops, logits, padded(targets[s:e], logits.shape[0]), temperature, shard, keep_tile=False
         )
         lse[s:e] = stats[0][: e - s]
         out[0, s:e], out[1, s:e] = stats[1][: e - s], stats[2][: e - s]
@@ -171,21 +117,21 @@ def grad_pass(
     ``stats``: (lse, entropy) of every row, ``coefs``: (g, e) with ``e`` None when the loss ignores H.
     """
     (lse, entropy), (g, e) = stats, coefs
-    for s, t in _chunks(hidden.shape[0], chunk):
+    for s, t in chunks(hidden.shape[0], chunk):
         h = hidden[s:t]
-        logits = _logits(h, weight, bias, invariant_rows)
-        factor = _soft_cap_(logits, softcap)
+        logits = logits_tile(h, weight, bias, invariant_rows)
+        factor = soft_cap_(logits, softcap)
         rows = logits.shape[0]
-        ent = (_padded(e[s:t], rows), _padded(entropy[s:t], rows)) if e is not None else (None, None)
+        ent = (padded(e[s:t], rows), padded(entropy[s:t], rows)) if e is not None else (None, None)
         dl = ops.grad_(
             logits,
-            _padded(targets[s:t], rows),
-            _padded(lse[s:t], rows),
-            _padded(g[s:t], rows),
+            padded(targets[s:t], rows),
+            padded(lse[s:t], rows),
+            padded(g[s:t], rows),
             temperature,
             *ent,
         )
-        grads.accumulate(_uncap_(dl, factor), h, weight, s, t)
+        grads.accumulate(uncap_(dl, factor), h, weight, s, t)
         del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
 
 
@@ -208,7 +154,29 @@ def nonzero_grad_pass(
     other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). ``live``: their number, when the
     caller read it (:func:`zero_coefficients`); else one host read here."""
     split = zero_split(zero_coefficients(coefs), live)
-    rows = None if split is None else split[0]
+    return rows_grad_pass(
+        hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, needs,
+        None if split is None else split[0], invariant_rows, softcap,
+    )  # fmt: skip
+
+
+def rows_grad_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    stats: tuple[Tensor, Tensor | None],
+    coefs: tuple[Tensor, Tensor | None],
+    temperature: float,
+    ops: ChunkOps,
+    chunk: int,
+    needs: tuple[bool, ...],
+    rows: Tensor | None,
+    invariant_rows: int | None = None,
+    softcap: float | None = None,
+) -> Grads:
+    """:func:`grad_pass` over ``rows`` of ``hidden`` (in that order; None: all), into new gradients (the
+    other rows' dL/dh is 0)."""
     grads = Grads.allocate(hidden, weight, bias, needs, rows=rows, invariant_rows=invariant_rows)
     if rows is not None:
         pick = lambda x: x.index_select(0, rows) if x is not None else None  # noqa: E731
@@ -243,8 +211,8 @@ class LossPlan:
     # From the rows' (logp, entropy): names a non-finite input (finite_check.FiniteResultCheck); None: the
     # inputs were checked up front.
     check_result: FiniteResultCheck | None = None
-    # Rows of a token-local objective with a gradient (the rest have g = e = 0), read with the plan's
-    # checks; None: not known before the pass.
+    # Rows the advantages leave a gradient (zero_gradient_rows: the rest have g = e = 0), read with the
+    # plan's checks; None: not counted (every row has one).
     live_rows: int | None = None
 
 
@@ -259,16 +227,19 @@ def run_grpo(
     tokens; one that couples the tokens of a sequence first walks them for the log-probs (no grad).
 
     Rows whose coefficients are exactly 0 take no part in dlogits and the gradient GEMMs (their dL/dh is
-    0): a token-local objective knows them from the batch before the walk (:func:`zero_gradient_rows`,
-    their number read with the plan's checks) and walks them for their statistics only; the two-walk
-    objective knows every zero coefficient before its gradient walk and leaves those rows out of it.
+    0). Those the advantages zero (:func:`zero_gradient_rows`) are known from the batch before the walk,
+    their number read with the plan's checks: a token-local objective walks them for their statistics
+    only, a two-walk one leaves them out of its gradient walk. A two-walk objective's clipped sequences
+    are known only after its log-prob walk, and counting them needs a host read: where that is free (the
+    CPU) they are left out of the gradient walk too; on CUDA they stay in it with their coefficients as
+    computed (exact zeros, so the same gradients) rather than stall the device.
 
-    Host reads: none here for a token-local objective (the plan's one read has the counts); the two-walk
-    objective reads the number of rows its gradient walk keeps, and the results' finiteness with it. On
-    the CPU a token-local objective reads its results' finiteness at once (free there). On CUDA it does
-    not synchronize for it: the check is deferred (:class:`PendingFiniteCheck`) and its error, naming the
-    bad input, lands with the call's backward when the flag has reached the host by then, at the latest
-    with the next ``grpo_loss`` or ``selective_logprobs`` call. The loss and metrics are NaN until then.
+    Host reads: none here on CUDA, for every objective (the plan's one read has the counts). On the CPU
+    the results' finiteness is read at once (free there), and a two-walk objective reads the number of
+    rows its gradient walk keeps with it. On CUDA the finiteness check is deferred
+    (:class:`PendingFiniteCheck`) and its error, naming the bad input, lands with the call's backward when
+    the flag has reached the host by then, at the latest with the next ``grpo_loss`` or
+    ``selective_logprobs`` call. The loss and metrics are NaN until then.
     """
     cfg, batch, ops, chunk, targets, shard, invariant_rows = (
         plan.cfg,
@@ -313,16 +284,23 @@ def run_grpo(
         batch = with_entropy_mask(entropy, batch, cfg, plan.entropy_gather)
         batch = with_group_totals(logp, batch, cfg)  # sequence parallel: the sums over the group's tokens
         coefs = coefficients(logp, entropy, batch, cfg)
-        reads = ValueChecks()  # the gradient walk's row count, and the results' finiteness with it
-        live_at = reads.count((~zero_coefficients(coefs)).sum())
-        flag = plan.check_result.bad(logp, entropy) if plan.check_result is not None else None
-        bad_at = reads.count(flag) if flag is not None else None
-        counts = reads.run()
-        bad = bool(counts[bad_at]) if bad_at is not None else False
-        grads = nonzero_grad_pass(
-            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
-            invariant_rows, cap, counts[live_at],
-        )  # fmt: skip
+        if on_host(logp):  # reads are free here: leave the clipped sequences out too, check at once
+            reads = ValueChecks()  # the gradient walk's row count, and the results' finiteness with it
+            live_at = reads.count((~zero_coefficients(coefs)).sum())
+            flag = plan.check_result.bad(logp, entropy) if plan.check_result is not None else None
+            bad_at = reads.count(flag) if flag is not None else None
+            counts = reads.run()
+            bad = bool(counts[bad_at]) if bad_at is not None else False
+            grads = nonzero_grad_pass(
+                hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
+                invariant_rows, cap, counts[live_at],
+            )  # fmt: skip
+        else:  # no read: the rows the advantages leave live (counted by the plan), clipped ones at g = e = 0
+            split = zero_split(zero_gradient_rows(batch, cfg), plan.live_rows)
+            grads = rows_grad_pass(
+                hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
+                None if split is None else split[0], invariant_rows, cap,
+            )  # fmt: skip
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
     if plan.check_result is not None:  # after final()'s collective: every rank gets through it
@@ -351,11 +329,11 @@ def _one_walk(
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp)
-    for s, e in _chunks(n, plan.chunk):
+    for s, e in chunks(n, plan.chunk):
         h, c = hidden[s:e], e - s
-        logits = _logits(h, weight, bias, plan.invariant_rows)
-        factor = _soft_cap_(logits, cfg.logit_softcap)
-        t = _padded(targets[s:e], logits.shape[0])
+        logits = logits_tile(h, weight, bias, plan.invariant_rows)
+        factor = soft_cap_(logits, cfg.logit_softcap)
+        t = padded(targets[s:e], logits.shape[0])
         coefs = _tile_coefficients(batch.rows(s, e), cfg, c)
         if shard is None:
             _, lp, ent, dl = ops.tile_pass_(logits, t, temperature, coefs)
@@ -364,7 +342,7 @@ def _one_walk(
             g, ec = coefs(lp, ent)
             dl = ops.grad_(logits, t, lse, g, temperature, ec, ent if ec is not None else None)
         logp[s:e], entropy[s:e] = lp[:c], ent[:c]
-        grads.accumulate(_uncap_(dl, factor), h, weight, s, e)
+        grads.accumulate(uncap_(dl, factor), h, weight, s, e)
         del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
     return logp, entropy
 
@@ -375,7 +353,7 @@ def _tile_coefficients(rows: TokenBatch, cfg: GRPOConfig, real: int) -> Coeffici
 
     def coefs(lp: Tensor, ent: Tensor) -> tuple[Tensor, Tensor | None]:
         g, e = coefficients(lp[:real], ent[:real], rows, cfg)
-        return _padded(g, lp.shape[0]), _padded(e, lp.shape[0])
+        return padded(g, lp.shape[0]), padded(e, lp.shape[0])
 
     return coefs
 

@@ -1,12 +1,12 @@
 """NaN and inf in ``hidden`` and the LM head ``weight``, found from the pass's own per-row results instead
 of a read of both on every call, then named with the error an up-front check gives.
 
-Where the results are on the host (CPU), or a host read happens anyway (the two-pass objectives), the
-check runs at once (:class:`FiniteResultCheck`). A token-local objective on CUDA reads the device once,
-before its pass: its check is deferred (:class:`PendingFiniteCheck`), a flag copied to pinned host memory
-behind a CUDA event, and lands at no synchronization of its own, with the call's backward when the event
-has completed by then, at the latest with the next ``grpo_loss`` / ``selective_logprobs`` call, after that
-call's own host read (which leaves the stream idle).
+Where the results are on the host (CPU), the check runs at once (:class:`FiniteResultCheck`). On CUDA a
+``grpo_loss`` call reads the device once, before its passes: its check is deferred
+(:class:`PendingFiniteCheck`), a flag copied to pinned host memory behind a CUDA event, and lands at no
+synchronization of its own, with the call's backward when the event has completed by then, at the latest
+with the next ``grpo_loss`` / ``selective_logprobs`` call, after that call's own host read (which leaves
+the stream idle).
 """
 
 from __future__ import annotations

@@ -102,13 +102,18 @@ def zero_gradient_rows(batch: TokenBatch, cfg: GRPOConfig) -> Tensor | None:
     Every loss type's policy term is its advantage times factors that are finite (ratios are capped, VESPO's
     phi is cleaned of NaN, the masks are 0/1), so a zero advantage zeroes it and its derivative; the KL
     term (beta) and the entropy bonus do not vanish with the advantage. Sequence-level ratios couple the
-    tokens of a sequence: there a token needs its whole sequence at advantage 0 (per-token advantages).
+    tokens of a sequence: there a token needs its whole sequence at advantage 0 (per-token advantages;
+    masked tokens, weighing 0 in the loss, do not count, so the rule gives the same rows before and after
+    they are dropped). With a sequence group the rest of a sequence is on other ranks: no row is known
+    zero there without a collective, so none is.
     """
     if cfg.beta != 0.0 or cfg.entropy_coef != 0.0:
         return None
     zero = batch.adv == 0
     if batch.token_adv and cfg.importance_sampling_level == "sequence":
-        live = segment_sum((~zero).float(), batch.seq_ids, batch.num_seqs)
+        if batch.group is not None:
+            return None
+        live = segment_sum((~zero & (batch.mask != 0)).float(), batch.seq_ids, batch.num_seqs)
         zero = live[batch.seq_ids] == 0
     return zero
 

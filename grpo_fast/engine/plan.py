@@ -27,7 +27,7 @@ from ..backends.base import ChunkOps
 from ..config import GRPOConfig
 from .chunk_loop import FusedGRPOLoss, FusedLogprobs, LogprobPlan, LossPlan
 from .finite_check import finite_result_check, settle_ready
-from .objective import TokenBatch, metric_names, needs_whole_sequences, segment_sum, zero_gradient_rows
+from .objective import TokenBatch, metric_names, segment_sum, zero_gradient_rows
 from .parallel import VocabShard, make_shard, shared_chunk_size
 from .sequence_group import open_sequence_group
 from .tile_size import resolve_chunk_size
@@ -215,7 +215,7 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     weight, bias, the plan) for :func:`run_loss_plan`.
 
     One host read for the whole set-up: the input value checks, the number of unmasked tokens (dropped
-    before the GEMMs) and, for a token-local objective, of tokens with a gradient (the others get their
+    before the GEMMs) and of tokens whose advantages give them a gradient (the others get their
     statistics only), all in one transfer."""
     cfg = call.config
     group = None if call.sequence_group is None else open_sequence_group(call.sequence_group)
@@ -259,8 +259,9 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     )
     unmasked = inputs.mask != 0
     kept_at = reads.count(unmasked.sum())
-    # Rows a token-local objective knows have no gradient (the two-pass ones learn theirs between passes).
-    zero = None if needs_whole_sequences(cfg) else zero_gradient_rows(full, cfg)
+    # Rows the advantages leave without a gradient (a two-pass objective's clipped sequences are known
+    # only after its log-prob pass: not here). None: every unmasked row has one.
+    zero = zero_gradient_rows(full, cfg)
     live_at = reads.count((unmasked & ~zero).sum()) if zero is not None else None
     counts = reads.run()  # the call's one host read: raises on bad input before any kernel on the head
     settle_ready()  # earlier calls' deferred finiteness checks: their flags are on the host after the read
