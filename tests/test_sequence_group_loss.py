@@ -193,6 +193,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         with pytest.raises(TypeError, match="sequence_group must be a torch.distributed ProcessGroup"):
             gf.grpo_loss(*args, batch["advantages"], sequence_group="sp", **kwargs)
+        if world == 2:
+            _refused_together(rank, args, batch["advantages"], cfg, kwargs)
         if world == 4:  # 2 x 2: two sequence groups side by side, each on its own sequences
             groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             group, sp_rank = groups[rank // 2], rank % 2
@@ -202,6 +204,32 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                 _check(batch, mine, gf.GRPOConfig(**options), "native", 1e-6, group=group)
     finally:
         dist.destroy_process_group()
+
+
+def _refused_together(rank: int, args: list, advantages: torch.Tensor, cfg: gf.GRPOConfig, kwargs: dict):
+    """Inputs refused on one rank, or unlike across the ranks, stop every rank of the group with an error
+    (none waits for the others in a collective); the group then works as before."""
+    group = dist.group.WORLD
+    nan_adv = advantages.clone()
+    nan_adv[0] = float("nan")
+    bad_targets = [args[0], args[1], args[2][:-1], args[3]]  # one target short: a shape error
+    cases = [  # (this rank's args, advantages, kwargs; rank 1's error, rank 0's)
+        (args, nan_adv, kwargs, "advantages must be finite", "another rank of the sequence group refused"),
+        (bad_targets, advantages, kwargs, "targets", "another rank of the sequence group refused"),
+        (args, advantages[:-1], kwargs, "seq_ids", "another rank of the sequence group refused"),
+        (
+            args,
+            advantages,
+            dict(kwargs, old_logp=None),
+            "old_logp is given on some ranks",
+            "old_logp is given on some ranks",
+        ),
+    ]
+    for theirs, adv, extra, rank1_error, rank0_error in cases:
+        mine = (theirs, adv, extra) if rank == 1 else (args, advantages, kwargs)
+        with pytest.raises(ValueError, match=rank1_error if rank == 1 else rank0_error):
+            gf.grpo_loss(*mine[0], mine[1], config=cfg, sequence_group=group, **mine[2])
+    assert torch.isfinite(gf.grpo_loss(*args, advantages, config=cfg, sequence_group=group, **kwargs)[0])
 
 
 @pytest.mark.parametrize("world", [2, 4])

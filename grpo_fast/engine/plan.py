@@ -29,7 +29,7 @@ from .chunk_loop import FusedGRPOLoss, FusedLogprobs, LogprobPlan, LossPlan
 from .finite_check import finite_result_check, settle_ready
 from .objective import TokenBatch, metric_names, segment_sum, zero_gradient_rows
 from .parallel import VocabShard, make_shard, shared_chunk_size
-from .sequence_group import open_sequence_group
+from .sequence_group import agree, check_agreement, open_sequence_group
 from .tile_size import resolve_chunk_size
 from .validation import (
     ValueChecks,
@@ -219,29 +219,33 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     statistics only), all in one transfer."""
     cfg = call.config
     group = None if call.sequence_group is None else open_sequence_group(call.sequence_group)
-    head = open_head(call.hidden, call.weight, call.bias, call.process_group, call.vocab_start)
     reads = ValueChecks()
-    inputs, weight, bias = validate_loss_inputs(
-        call.hidden,
-        head.weight,
-        call.targets,
-        call.mask,
-        call.advantages,
-        call.old_logp,
-        call.ref_logp,
-        head.bias,
-        cfg,
-        call.num_items_in_batch,
-        call.seq_ids,
-        vocab=head.vocab,
-        sampling_logp=call.sampling_logp,
-        importance_sampling_ratio=call.importance_sampling_ratio,
-        checks=reads,
-    )
+    try:
+        head = open_head(call.hidden, call.weight, call.bias, call.process_group, call.vocab_start)
+        inputs, weight, bias = validate_loss_inputs(
+            call.hidden,
+            head.weight,
+            call.targets,
+            call.mask,
+            call.advantages,
+            call.old_logp,
+            call.ref_logp,
+            head.bias,
+            cfg,
+            call.num_items_in_batch,
+            call.seq_ids,
+            vocab=head.vocab,
+            sampling_logp=call.sampling_logp,
+            importance_sampling_ratio=call.importance_sampling_ratio,
+            checks=reads,
+        )
+    except Exception:
+        if group is not None:  # the group's other ranks learn it in the collective they wait in
+            device = call.hidden.device if isinstance(call.hidden, Tensor) else torch.device("cpu")
+            agree(group, True, None, device)
+        raise
     num_seqs = inputs.advantages.shape[0]
     seq_len = segment_sum(inputs.mask, inputs.seq_ids, num_seqs)
-    if group is not None:  # the whole sequences' token counts: every denominator of the loss
-        group.all_reduce_(seq_len)
     token_adv = inputs.token_advantages
     full = TokenBatch(
         seq_ids=inputs.seq_ids,
@@ -263,7 +267,20 @@ def plan_loss(call: LossCall) -> tuple[Tensor, Tensor, Tensor | None, LossPlan]:
     # only after its log-prob pass: not here). None: every unmasked row has one.
     zero = zero_gradient_rows(full, cfg)
     live_at = reads.count((unmasked & ~zero).sum()) if zero is not None else None
+    agreed_at: list[int] = []
+    if group is not None:  # whether every rank's inputs passed and are alike, read with the checks
+        given = (inputs.old_logp, inputs.ref_logp, inputs.sampling_logp, inputs.is_ratio, inputs.num_items)
+        shared = [num_seqs, *(int(x is not None) for x in given), int(token_adv is not None)]
+        bad = reads.any_bad()
+        agreed_at = [
+            reads.count(x) for x in agree(group, bad if bad is not None else False, shared, seq_len.device)
+        ]
     counts = reads.run()  # the call's one host read: raises on bad input before any kernel on the head
+    if group is not None:
+        check_agreement([counts[i] for i in agreed_at])
+        group.all_reduce_(seq_len)  # the whole sequences' token counts: every denominator of the loss
+        if inputs.num_items is None:
+            full = dataclasses.replace(full, items=seq_len.sum())
     settle_ready()  # earlier calls' deferred finiteness checks: their flags are on the host after the read
     kept = counts[kept_at]
 

@@ -47,6 +47,10 @@ class SequenceGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_max_(self, x: Tensor) -> Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def with_totals(self, keys: tuple[str, ...], totals: Tensor) -> SequenceGroup:
         return replace(self, keys=keys, totals=totals)
 
@@ -84,6 +88,47 @@ class SequenceGroup:
             parts.append(flat[at : at + x.numel()].view_as(x))
             at += x.numel()
         return out, parts
+
+
+# What every rank of a sequence group must pass alike: the sequences' count and which inputs are given.
+_SHARED = ("B", "old_logp", "ref_logp", "sampling_logp", "importance_sampling_ratio",
+           "num_items_in_batch", "per-token advantages")  # fmt: skip
+_ABSENT = -(2**62)  # a rank whose inputs were refused contributes nothing to the max
+
+
+def agree(
+    group: SequenceGroup, failed: bool | Tensor | None, shared: list[int] | None, device: torch.device
+) -> Tensor:
+    """One all-reduce (max) of whether any rank refused its inputs and of what the ranks must share
+    (``shared``, in :data:`_SHARED` order; None on a rank that refused its inputs), so that every rank
+    raises together instead of one raising while the others wait in a later collective. Returns the
+    device vector :func:`check_agreement` reads (with the call's other checks: no extra read)."""
+    flag = failed.reshape(()).long() if isinstance(failed, Tensor) else torch.tensor(int(bool(failed)))
+    values = [_ABSENT] * (2 * len(_SHARED)) if shared is None else [v for x in shared for v in (x, -x)]
+    header = torch.cat([flag.reshape(1).to(device), torch.tensor(values, dtype=torch.int64, device=device)])
+    return group.all_reduce_max_(header)
+
+
+def check_agreement(header: list[int]) -> None:
+    """On a rank whose own inputs passed: raise when another rank of the group refused its inputs or the
+    ranks' inputs differ in kind."""
+    if header[0]:
+        raise ValueError(
+            "another rank of the sequence group refused its grpo_loss inputs (its error says why); every "
+            "rank of the group stops with it"
+        )
+    for k, name in enumerate(_SHARED):
+        high, low = header[1 + 2 * k], -header[2 + 2 * k]
+        if high == low:
+            continue
+        if k == 0:
+            raise ValueError(
+                f"every rank of the sequence group must pass the same sequences: the advantages' B ranges "
+                f"from {low} to {high} across its ranks"
+            )
+        raise ValueError(
+            f"{name} is given on some ranks of the sequence group only: pass it on every rank or on none"
+        )
 
 
 def open_sequence_group(group: object) -> SequenceGroup:

@@ -41,6 +41,12 @@ class ValueChecks:
         self._counts.append(value)
         return len(self._counts) - 1
 
+    def any_bad(self) -> Tensor | None:
+        """0-dim bool on the device: whether any check failed (no read); None without checks."""
+        if not self._items:
+            return None
+        return torch.stack([bad.reshape(()) for bad, _, _ in self._items]).any()
+
     def run(self) -> list[int]:
         """Raise the first failed check's error, else return the counts (as ints, in :meth:`count` order)."""
         if not self._items and not self._counts:
