@@ -179,49 +179,67 @@ class _InProcess:
         pass
 
 
-def largest_fits(rows: list[dict], budget_mb: float) -> dict[str, int | None]:
-    """Per implementation, the longest measured completion length whose step kept within the budget."""
+def largest_fits(rows: list[dict], budget_mb: float, key: str = "impl") -> dict[str, int | None]:
+    """Per ``row[key]`` (an implementation, a process count), the longest measured completion length whose
+    peak kept within the budget (None: none did)."""
     out: dict[str, int | None] = {}
     for row in rows:
+        name = str(row[key])
         fits = row.get("peak_mb") is not None and row["peak_mb"] <= budget_mb
-        best = out.get(row["impl"])
-        out[row["impl"]] = max(best or 0, row["completion_tokens"]) if fits else best
+        best = out.get(name)
+        out[name] = max(best or 0, row["completion_tokens"]) if fits else best
     return out
 
 
-def plot(record: dict, path: Path) -> None:
+def plot_steps(
+    record: dict,
+    path: Path,
+    series: dict[str, list[dict]],
+    memory: str,
+    budget: str,
+    title: str,
+    title_size: int = 9,
+) -> None:
+    """Peak memory and step time against the completion length, one line per ``series`` entry (its rows),
+    the record's ``budget_mb`` as a dashed line labelled ``budget``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for impl in IMPLS:
-        rows = [r for r in record["rows"] if r["impl"] == impl and r.get("peak_mb") is not None]
-        rows.sort(key=lambda r: r["completion_tokens"])  # --append adds lengths in any order
+    for label, rows in series.items():
+        rows = sorted(  # --append adds lengths in any order
+            (r for r in rows if r.get("peak_mb") is not None), key=lambda r: r["completion_tokens"]
+        )
         if not rows:
             continue
         x = [r["completion_tokens"] for r in rows]
-        mem.plot(x, [r["peak_mb"] for r in rows], marker="o", label=impl)
-        speed.plot(x, [r["step_s"] for r in rows], marker="o", label=impl)
+        mem.plot(x, [r["peak_mb"] for r in rows], marker="o", label=label)
+        speed.plot(x, [r["step_s"] for r in rows], marker="o", label=label)
     if record.get("budget_mb"):
-        mem.axhline(record["budget_mb"], color="grey", linestyle="--", linewidth=1, label="budget")
-    for ax, label in ((mem, "peak memory above start (MB)"), (speed, "step time (s)")):
+        mem.axhline(record["budget_mb"], color="grey", linestyle="--", linewidth=1, label=budget)
+    for ax, label in ((mem, memory), (speed, "step time (s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"longest completion (tokens; spread: {record['length_spread']})")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     mem.legend(fontsize=8)
-    shape = record["shape"]
-    fig.suptitle(
-        f"one GRPO step, {shape['completions']} completions; Qwen2 vocab {shape['vocab']}, hidden "
-        f"{shape['hidden']}, {shape['layers']} layers, {record['dtype']}; {record['device']}",
-        fontsize=10,
-    )
+    fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(record: dict, path: Path) -> None:
+    shape = record["shape"]
+    title = (
+        f"one GRPO step, {shape['completions']} completions; Qwen2 vocab {shape['vocab']}, hidden "
+        f"{shape['hidden']}, {shape['layers']} layers, {record['dtype']}; {record['device']}"
+    )
+    series = {impl: [r for r in record["rows"] if r["impl"] == impl] for impl in IMPLS}
+    plot_steps(record, path, series, "peak memory above start (MB)", "budget", title, title_size=10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ case (a length and a P) runs in P fresh processes (gloo on the CPU, NCCL on CUDA
 machine has too few GPUs for is on the record as skipped). P = 1 is one process, as a user runs it. The
 model is the long-context record's backbone-bound one unless the flags say otherwise: a Qwen2 with vocab
 16384, hidden 256, 8 layers, 4 heads and 2 key/value heads, sdpa attention (the Ulysses attention's inner
-kernel: sdpa with an explicit block-diagonal mask on the CPU, ``auto`` on CUDA), fp32 unless ``--bf16``.
+kernel: sdpa on each packed segment on the CPU, ``auto`` on CUDA), fp32 unless ``--bf16``.
 
 Peak memory of a rank: on the CPU the resident set's high-water mark above what the process held before
 the step; on CUDA torch's peak allocation above the allocation before it (step_timing.measure). The
@@ -36,7 +36,7 @@ import traceback
 from datetime import date
 from pathlib import Path
 
-from bench_longctx import PROMPT, _thin_step, completion_lengths
+from bench_longctx import PROMPT, _thin_step, completion_lengths, largest_fits, plot_steps
 from step_timing import measure
 
 TARGETS = {2: 0.6, 4: 0.35}  # peak(P) / peak(1) per rank, at the longest length P = 1 fits
@@ -109,17 +109,6 @@ def run_case(args, tokens: int, world: int) -> dict:
     return dict(peak_mb_ranks=peaks, peak_mb=max(peaks), step_s=max(r["step_s"] for r in results))
 
 
-def largest_fits(rows: list[dict], budget_mb: float) -> dict[str, int | None]:
-    """Per P, the longest measured completion length whose every rank kept within the budget."""
-    out: dict[str, int | None] = {}
-    for row in rows:
-        key = str(row["P"])
-        best = out.get(key)
-        fits = row.get("peak_mb") is not None and row["peak_mb"] <= budget_mb
-        out[key] = max(best or 0, row["completion_tokens"]) if fits else best
-    return out
-
-
 def ratios(rows: list[dict], budget_mb: float) -> dict:
     """peak(P) / peak(1) per rank: at the longest length P = 1 keeps within the budget (``at_tokens``;
     None when it fits none), and at every length where both were measured (``by_length``)."""
@@ -128,45 +117,22 @@ def ratios(rows: list[dict], budget_mb: float) -> dict:
     for (p, tokens), peak in sorted(peaks.items()):
         if p > 1 and (1, tokens) in peaks:
             by_length.setdefault(str(tokens), {})[str(p)] = round(peak / peaks[(1, tokens)], 3)
-    at = largest_fits(rows, budget_mb).get("1")
+    at = largest_fits(rows, budget_mb, key="P").get("1")
     at_fit = by_length.get(str(at), {})
     meets = {str(p): at_fit[str(p)] <= target for p, target in TARGETS.items() if str(p) in at_fit}
     return dict(at_tokens=at, at_fit=at_fit, by_length=by_length, targets=TARGETS, meets_targets=meets)
 
 
 def plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for size in sorted({r["P"] for r in record["rows"]}):
-        rows = [r for r in record["rows"] if r["P"] == size and r.get("peak_mb") is not None]
-        rows.sort(key=lambda r: r["completion_tokens"])
-        if not rows:
-            continue
-        x = [r["completion_tokens"] for r in rows]
-        mem.plot(x, [r["peak_mb"] for r in rows], marker="o", label=f"P={size}")
-        speed.plot(x, [r["step_s"] for r in rows], marker="o", label=f"P={size}")
-    mem.axhline(record["budget_mb"], color="grey", linestyle="--", linewidth=1, label="budget per rank")
-    for ax, label in ((mem, "peak memory per rank, max over ranks (MB)"), (speed, "step time (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(f"longest completion (tokens; spread: {record['length_spread']})")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    mem.legend(fontsize=8)
     shape = record["shape"]
-    fig.suptitle(
+    title = (
         f"one thin-trainer step, Ulysses over P ranks (FSDP2, padding-free), {shape['completions']} "
         f"completions; Qwen2 vocab {shape['vocab']}, hidden {shape['hidden']}, {shape['layers']} layers, "
-        f"{record['dtype']}; {record['device']}",
-        fontsize=9,
+        f"{record['dtype']}; {record['device']}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    sizes = sorted({r["P"] for r in record["rows"]})
+    series = {f"P={p}": [r for r in record["rows"] if r["P"] == p] for p in sizes}
+    plot_steps(record, path, series, "peak memory per rank, max over ranks (MB)", "budget per rank", title)
 
 
 def _device_name(device: str) -> str:
@@ -268,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(run_case(args, tokens, size))
             record["rows"] = [r for r in record["rows"] if (r["P"], r["completion_tokens"]) != (size, tokens)]
             record["rows"].append(row)
-            record["largest_fits"] = largest_fits(record["rows"], args.budget_mb)
+            record["largest_fits"] = largest_fits(record["rows"], args.budget_mb, key="P")
             record["ratios"] = ratios(record["rows"], args.budget_mb)
             print(json.dumps(row), flush=True)
             if args.out:
