@@ -139,10 +139,11 @@ def attend(
     softcap: float | None,
 ) -> Tensor:
     """Attention within segments: query ``[B, Hq, S, D]``, key/value ``[B, Hk, S, D]`` -> ``[B, S, Hq, D]``"""
-    if kernel == "segments":
-        return _segments(query, key, value, layout, scaling, dropout, softcap)
-    if kernel == "sdpa":
-        return _sdpa(query, key, value, layout, scaling, dropout, softcap)
+    if kernel in ("segments", "sdpa"):
+        if softcap is not None:
+            raise ValueError(f"the {kernel} kernel has no logit soft-capping; use kernel='flex' or 'flash'")
+        run = _segments if kernel == "segments" else _sdpa
+        return run(query, key, value, layout, scaling, dropout)
     if kernel == "flex":
         return _flex(query, key, value, layout, scaling, dropout, softcap)
     if kernel == "flash":
@@ -159,16 +160,8 @@ def _repeat_kv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tenso
 
 
 def _segments(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    layout: SegmentLayout,
-    scaling: float | None,
-    dropout: float,
-    softcap: float | None,
+    query: Tensor, key: Tensor, value: Tensor, layout: SegmentLayout, scaling: float | None, dropout: float
 ) -> Tensor:
-    if softcap is not None:
-        raise ValueError("the segments kernel has no logit soft-capping; use kernel='flex' or 'flash'")
     key, value = _repeat_kv(query, key, value)
     rows = []
     for b, spans in enumerate(layout.spans()):
@@ -189,16 +182,8 @@ def _segments(
 
 
 def _sdpa(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    layout: SegmentLayout,
-    scaling: float | None,
-    dropout: float,
-    softcap: float | None,
+    query: Tensor, key: Tensor, value: Tensor, layout: SegmentLayout, scaling: float | None, dropout: float
 ) -> Tensor:
-    if softcap is not None:
-        raise ValueError("the sdpa kernel has no logit soft-capping; use kernel='flex' or 'flash'")
     key, value = _repeat_kv(query, key, value)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=layout.mask(), dropout_p=dropout, scale=scaling
