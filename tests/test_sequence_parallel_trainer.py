@@ -24,26 +24,17 @@ from grpo_fast.trainer.sequence import SequenceSlice
 
 from .spawn import spawn
 from .test_distributed_trainer import TIMING, RaggedRowTrainer, _final_weights
+from .test_distributed_trainer import config as distributed_config
 from .test_trainer import one_thread  # noqa: F401 - autouse fixture
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 def config(run_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        output_dir=str(run_dir),
-        max_steps=3,
-        prompts_per_step=2,
-        num_generations=4,
-        learning_rate=1e-2,
-        progress=False,
-        print_completions_every=0,
-        save_every=0,
-        device="cpu",
-        padding_free=True,
-        parallelism="fsdp",
+    """The multi-process trainer tests' config, 3 steps on padding-free rows under FSDP2."""
+    return distributed_config(
+        run_dir, **{"max_steps": 3, "padding_free": True, "parallelism": "fsdp", **overrides}
     )
-    return TrainConfig.from_dict({**values, **overrides})
 
 
 def _cases() -> dict[str, dict]:
