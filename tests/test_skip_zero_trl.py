@@ -138,23 +138,35 @@ def binary(completions, **kwargs):
     return [float(len(c) % 2) for c in completions]
 
 
-def train(cls, path: str, out, reward=binary, batch: int = 8, **fast_options) -> list[dict]:
+def make_trainer(
+    cls, path: str, out, reward=binary, batch: int = 8, steps: int = 2, save_steps: int | None = None, **fast
+):
+    """A small TRL-configured trainer of ``cls`` on the demo rows: two iterations a batch, beta 0."""
+    saving = dict(save_strategy="no") if save_steps is None else dict(save_steps=save_steps)
     args = GRPOConfig(
-        output_dir=str(out), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, max_steps=2,
+        output_dir=str(out), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=steps,
         per_device_train_batch_size=batch, gradient_accumulation_steps=2, num_generations=4,
         max_completion_length=4, logging_steps=1, seed=0, bf16=False, learning_rate=1e-2, beta=0.0,
-        num_iterations=2, gradient_checkpointing=False,
+        num_iterations=2, gradient_checkpointing=False, **saving,
     )  # fmt: skip
-    trainer = cls(
+    return cls(
         model=AutoModelForCausalLM.from_pretrained(path),
         reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_list(demo.make_rows(16, seed=1)),
         processing_class=AutoTokenizer.from_pretrained(path),
-        **fast_options,
+        **fast,
     )
-    trainer.train()
+
+
+def logged(trainer) -> list[dict]:
     return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def train(cls, path: str, out, reward=binary, batch: int = 8, **fast_options) -> list[dict]:
+    trainer = make_trainer(cls, path, out, reward, batch, **fast_options)
+    trainer.train()
+    return logged(trainer)
 
 
 def test_training_run_matches_trl(model_dir, tmp_path):  # noqa: F811
@@ -208,22 +220,11 @@ def test_resume_mid_run_with_skipping(model_dir, tmp_path):  # noqa: F811
     batch serves two steps: num_iterations=2, so a checkpoint between them would regenerate in TRL too)."""
 
     def run(out, **extra) -> tuple[FastGRPOTrainer, list[dict]]:
-        args = GRPOConfig(
-            output_dir=str(out), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=4, save_steps=2,
-            per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
-            max_completion_length=4, logging_steps=1, seed=0, bf16=False, learning_rate=1e-2, beta=0.0,
-            num_iterations=2, gradient_checkpointing=False,
-        )  # fmt: skip
-        trainer = FastGRPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_dir),
-            reward_funcs=[binary],
-            args=args,
-            train_dataset=Dataset.from_list(demo.make_rows(16, seed=1)),
-            processing_class=AutoTokenizer.from_pretrained(model_dir),
-            grpo_fast_skip_zero_advantage=True,
+        trainer = make_trainer(
+            FastGRPOTrainer, model_dir, out, steps=4, save_steps=2, grpo_fast_skip_zero_advantage=True
         )
         trainer.train(**extra)
-        return trainer, [h for h in trainer.state.log_history if "loss" in h]
+        return trainer, logged(trainer)
 
     _, straight = run(tmp_path / "straight")
     checkpoint = str(tmp_path / "straight" / "checkpoint-2")
