@@ -181,18 +181,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 
 def test_a_second_ctrl_c_after_the_save_is_one_line_and_exits_130(tmp_path):
     """The second Ctrl-C lands once the checkpoint is written (while the plot is drawn): no traceback."""
-    proc = subprocess.Popen(
-        _command(tmp_path, "--save-every", "0"),
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not read_metrics(tmp_path / "metrics.jsonl"):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    proc, deadline = _running_until(tmp_path, 1, "--save-every", "0")
     proc.send_signal(signal.SIGINT)
     while latest_checkpoint(tmp_path) is None:
         assert proc.poll() is None and time.monotonic() < deadline
@@ -235,8 +224,9 @@ def _train(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _interrupt_after(run_dir: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    """Start ``_command(run_dir, *extra)`` and Ctrl-C it once ``steps`` steps are logged."""
+def _running_until(run_dir: Path, steps: int, *extra: str) -> tuple[subprocess.Popen, float]:
+    """Start ``_command(run_dir, *extra)`` and return once ``steps`` steps are logged: (the process, the
+    monotonic deadline its test keeps to)."""
     proc = subprocess.Popen(
         _command(run_dir, *extra),
         cwd=ROOT,
@@ -249,6 +239,12 @@ def _interrupt_after(run_dir: Path, steps: int, *extra: str) -> subprocess.Compl
     while len(read_metrics(run_dir / "metrics.jsonl")) < steps:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
+    return proc, deadline
+
+
+def _interrupt_after(run_dir: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """Start ``_command(run_dir, *extra)`` and Ctrl-C it once ``steps`` steps are logged."""
+    proc, _ = _running_until(run_dir, steps, *extra)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
