@@ -179,6 +179,19 @@ class _InProcess:
         pass
 
 
+def append_to(record: dict, out: Path) -> dict:
+    """--append: ``record`` takes the rows of the record at ``out`` (measured with the same settings, else
+    SystemExit) and both commits; returns that old record."""
+    old = json.loads(out.read_text())
+    same = ("shape", "length_spread", "dtype", "device")
+    if any(old.get(k) != record[k] for k in same):
+        raise SystemExit(f"--append: {out} was measured with other settings ({', '.join(same)})")
+    record["rows"] = old["rows"]
+    if old["commit"] != record["commit"]:
+        record["commit"] = f"{old['commit']}+{record['commit']}"
+    return old
+
+
 def largest_fits(rows: list[dict], budget_mb: float, key: str = "impl") -> dict[str, int | None]:
     """Per ``row[key]`` (an implementation, a process count), the longest measured completion length whose
     peak kept within the budget (None: none did)."""
@@ -312,14 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         rows=[],
     )
     if args.append and args.out and args.out.exists():
-        old = json.loads(args.out.read_text())
-        same = ("shape", "length_spread", "dtype", "device")
-        if any(old.get(k) != record[k] for k in same):
-            raise SystemExit(f"--append: {args.out} was measured with other settings ({', '.join(same)})")
-        record["rows"] = old["rows"]
-        record["commit"] = (
-            old["commit"] if old["commit"] == record["commit"] else f"{old['commit']}+{record['commit']}"
-        )
+        append_to(record, args.out)
     done = {(r["impl"], r["completion_tokens"]) for r in record["rows"]}
     impls = [i for i in IMPLS if i in (args.impl or IMPLS)]
     if trl_version is None:

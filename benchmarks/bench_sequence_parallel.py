@@ -36,7 +36,7 @@ import traceback
 from datetime import date
 from pathlib import Path
 
-from bench_longctx import PROMPT, _thin_step, completion_lengths, largest_fits, plot_steps
+from bench_longctx import PROMPT, _thin_step, append_to, completion_lengths, largest_fits, plot_steps
 from step_timing import measure
 
 TARGETS = {2: 0.6, 4: 0.35}  # peak(P) / peak(1) per rank, at the longest length P = 1 fits
@@ -206,15 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         rows=[],
     )
     if args.append and args.out and args.out.exists():
-        old = json.loads(args.out.read_text())
-        same = ("shape", "length_spread", "dtype", "device")
-        if any(old.get(k) != record[k] for k in same):
-            raise SystemExit(f"--append: {args.out} was measured with other settings ({', '.join(same)})")
-        record["rows"] = old["rows"]
+        old = append_to(record, args.out)
         record["threads_per_process"] = {**(old.get("threads_per_process") or {}),
                                          **(record["threads_per_process"] or {})} or None  # fmt: skip
-        if old["commit"] != record["commit"]:
-            record["commit"] = f"{old['commit']}+{record['commit']}"
     done = {(r["P"], r["completion_tokens"]) for r in record["rows"] if r.get("peak_mb") is not None}
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     cut = False
