@@ -31,6 +31,7 @@ from datetime import date
 from pathlib import Path
 
 import bench_sequence_parallel
+from step_timing import measure
 
 GPU_SEGMENTS, CPU_SEGMENTS = (1000, 37, 2048, 1011), (5, 11, 3, 13)  # one packed row, odd lengths
 FLOOR = {"float32": 1e-5, "bfloat16": 2e-3}  # relative error any kernel may have whatever sdpa's is
@@ -68,16 +69,9 @@ def _errors(got, truth) -> dict[str, float]:
     return errors
 
 
-def _median_ms(fn, sync, iters: int) -> float:
-    fn()  # warm-up: compiles
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 3)
+def _median_ms(fn, device: str, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls after a warm-up (which compiles): step_timing.measure's."""
+    return round(statistics.median(measure(fn, device, iters, warmup_in_peak=False)[0]) * 1e3, 3)
 
 
 def check_kernels(device: str, dry_run: bool, time_limit: float | None, iters: int = 5) -> list[dict]:
@@ -100,7 +94,6 @@ def check_kernels(device: str, dry_run: bool, time_limit: float | None, iters: i
     grad = grad.transpose(1, 2)  # the kernels return [B, S, H, D]
     layout = SegmentLayout(packed_positions(segments, device))
     truth = _run("sdpa", q, k, v, grad, layout, backward=True)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     kernels = ["flex"] + (["flash"] if device == "cuda" and flash_available() else [])
     dtypes = [torch.float32] if dry_run or device != "cuda" else [torch.float32, torch.bfloat16]
     rows = []
@@ -126,7 +119,7 @@ def check_kernels(device: str, dry_run: bool, time_limit: float | None, iters: i
                 for label, which, lay in (("", kernel, kernel_layout), ("sdpa_", "sdpa", layout)):
                     for suffix, back in (("fwd_ms", False), ("fwd_bwd_ms", True))[: 1 + backward]:
                         call = functools.partial(_run, which, *inputs, grad, lay, back)
-                        row[label + suffix] = _median_ms(call, sync, iters)
+                        row[label + suffix] = _median_ms(call, device, iters)
             except Exception as err:  # on the record, and the phase fails
                 row.update(ok=False, error=f"{type(err).__name__}: {err}"[:500])
             if not backward:
