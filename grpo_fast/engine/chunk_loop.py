@@ -48,6 +48,12 @@ def zero_split(zero: Tensor | None, live: int | None = None) -> tuple[Tensor, Te
     return order[:live], order[live:]
 
 
+def gradient_rows(zero: Tensor | None, live: int | None = None) -> Tensor | None:
+    """The rows with a gradient, in order (:func:`zero_split`'s first part); None when every row has one."""
+    split = zero_split(zero, live)
+    return None if split is None else split[0]
+
+
 def on_host(x: Tensor) -> bool:
     """Whether reading ``x`` back costs no synchronization (CPU tensors)."""
     return x.device.type == "cpu"
@@ -133,31 +139,6 @@ def grad_pass(
         )
         grads.accumulate(uncap_(dl, factor), h, weight, s, t)
         del logits, dl, factor  # freed before the next tile's GEMM: one tile alive, not two
-
-
-def nonzero_grad_pass(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
-    stats: tuple[Tensor, Tensor | None],
-    coefs: tuple[Tensor, Tensor | None],
-    temperature: float,
-    ops: ChunkOps,
-    chunk: int,
-    needs: tuple[bool, ...],
-    invariant_rows: int | None = None,
-    softcap: float | None = None,
-    live: int | None = None,
-) -> Grads:
-    """:func:`grad_pass` over the rows whose coefficients are not both exactly 0, into new gradients (the
-    other rows' dL/dh is 0; no tile, dlogits or GEMM row of theirs). ``live``: their number, when the
-    caller read it (:func:`zero_coefficients`); else one host read here."""
-    split = zero_split(zero_coefficients(coefs), live)
-    return rows_grad_pass(
-        hidden, weight, bias, targets, stats, coefs, temperature, ops, chunk, needs,
-        None if split is None else split[0], invariant_rows, softcap,
-    )  # fmt: skip
 
 
 def rows_grad_pass(
@@ -291,16 +272,13 @@ def run_grpo(
             bad_at = reads.count(flag) if flag is not None else None
             counts = reads.run()
             bad = bool(counts[bad_at]) if bad_at is not None else False
-            grads = nonzero_grad_pass(
-                hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
-                invariant_rows, cap, counts[live_at],
-            )  # fmt: skip
+            rows = gradient_rows(zero_coefficients(coefs), counts[live_at])
         else:  # no read: the rows the advantages leave live (counted by the plan), clipped ones at g = e = 0
-            split = zero_split(zero_gradient_rows(batch, cfg), plan.live_rows)
-            grads = rows_grad_pass(
-                hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs,
-                None if split is None else split[0], invariant_rows, cap,
-            )  # fmt: skip
+            rows = gradient_rows(zero_gradient_rows(batch, cfg), plan.live_rows)
+        grads = rows_grad_pass(
+            hidden, weight, bias, targets, (lse, entropy), coefs, temperature, ops, chunk, needs, rows,
+            invariant_rows, cap,
+        )  # fmt: skip
     loss, metrics = loss_and_metrics(logp, entropy, batch, cfg)
     out = grads.final(weight, bias, shard)
     if plan.check_result is not None:  # after final()'s collective: every rank gets through it
@@ -448,7 +426,7 @@ def logprob_grads(
     grad_logp, grad_entropy = grad_out
     g = grad_logp.float() if grad_logp is not None else torch.zeros_like(entropy)
     e = grad_entropy.float() if grad_entropy is not None else None
-    grads = nonzero_grad_pass(
+    grads = rows_grad_pass(
         hidden,
         weight,
         bias,
@@ -459,6 +437,7 @@ def logprob_grads(
         plan.ops,
         plan.chunk,
         needs,
+        gradient_rows(zero_coefficients((g, e))),  # rows whose incoming gradients are both 0: left out
         plan.invariant_rows,
         plan.softcap,
     )
